@@ -1,0 +1,100 @@
+//! Per-task limits. Every limit that can stop an attempt has a matching
+//! [`crate::FailureReason`] so the stop is never silent.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Limits on one attempt. Missing fields take the server's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Model turns (one request and its tool calls) before `max_turns`.
+    pub max_turns: u32,
+    /// Wall-clock seconds for the whole attempt before `timed_out`.
+    pub wall_time_secs: u64,
+    /// Seconds one tool command may run before it is killed.
+    pub command_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_turns: 50,
+            wall_time_secs: 3600,
+            command_timeout_secs: 300,
+        }
+    }
+}
+
+/// Limits as a client sends them: every field optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRequest {
+    /// See [`Limits::max_turns`].
+    pub max_turns: Option<u32>,
+    /// See [`Limits::wall_time_secs`].
+    pub wall_time_secs: Option<u64>,
+    /// See [`Limits::command_timeout_secs`].
+    pub command_timeout_secs: Option<u64>,
+}
+
+impl LimitsRequest {
+    /// Fills missing fields from `defaults` and checks the ranges; the
+    /// error names the field and the allowed range.
+    pub fn resolve(&self, defaults: &Limits) -> Result<Limits, String> {
+        let limits = Limits {
+            max_turns: self.max_turns.unwrap_or(defaults.max_turns),
+            wall_time_secs: self.wall_time_secs.unwrap_or(defaults.wall_time_secs),
+            command_timeout_secs: self
+                .command_timeout_secs
+                .unwrap_or(defaults.command_timeout_secs),
+        };
+        if !(1..=10_000).contains(&limits.max_turns) {
+            return Err(format!(
+                "limits.max_turns must be between 1 and 10000, got {}",
+                limits.max_turns
+            ));
+        }
+        if !(1..=7 * 24 * 3600).contains(&limits.wall_time_secs) {
+            return Err(format!(
+                "limits.wall_time_secs must be between 1 and 604800 (a week), got {}",
+                limits.wall_time_secs
+            ));
+        }
+        if !(1..=24 * 3600).contains(&limits.command_timeout_secs) {
+            return Err(format!(
+                "limits.command_timeout_secs must be between 1 and 86400, got {}",
+                limits.command_timeout_secs
+            ));
+        }
+        Ok(limits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_fields_take_defaults() {
+        let got = LimitsRequest {
+            max_turns: Some(3),
+            ..Default::default()
+        }
+        .resolve(&Limits::default())
+        .unwrap();
+        assert_eq!(got.max_turns, 3);
+        assert_eq!(got.wall_time_secs, Limits::default().wall_time_secs);
+    }
+
+    #[test]
+    fn out_of_range_limits_name_the_field() {
+        let err = LimitsRequest {
+            max_turns: Some(0),
+            ..Default::default()
+        }
+        .resolve(&Limits::default())
+        .unwrap_err();
+        assert!(err.contains("max_turns"), "{err}");
+    }
+}

@@ -1,0 +1,140 @@
+//! REST bodies under `/api/v1`.
+
+use backshift_core::limits::LimitsRequest;
+use backshift_core::{AttemptState, FailureReason, Limits};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `POST /api/v1/tasks`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTaskRequest {
+    /// What the agent should do.
+    pub prompt: String,
+    /// The repository: an absolute path on the server's host, or a git URL.
+    pub repo: String,
+    /// Branch, tag or commit to start from; the repository's HEAD if absent.
+    #[serde(default)]
+    pub base_ref: Option<String>,
+    /// Agent name; the server's default (`builtin`) if absent.
+    #[serde(default)]
+    pub agent: Option<String>,
+    /// Limits; the server's defaults fill what is absent.
+    #[serde(default)]
+    pub limits: Option<LimitsRequest>,
+}
+
+/// A task and its attempts.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TaskView {
+    /// Task id.
+    pub id: String,
+    /// What was asked.
+    pub prompt: String,
+    /// The repository as given.
+    pub repo: String,
+    /// The requested base ref, if any.
+    pub base_ref: Option<String>,
+    /// Agent name.
+    pub agent: String,
+    /// Effective limits.
+    pub limits: Limits,
+    /// When the task was created (RFC 3339).
+    pub created_at: String,
+    /// State of the latest attempt.
+    pub state: AttemptState,
+    /// Attempts, first to last.
+    pub attempts: Vec<AttemptView>,
+}
+
+/// One attempt.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AttemptView {
+    /// Attempt id (`TASKID-N`).
+    pub id: String,
+    /// Task id.
+    pub task_id: String,
+    /// Attempt number, from 1.
+    pub n: u32,
+    /// Lifecycle state.
+    pub state: AttemptState,
+    /// Why it failed, when `state` is `failed`.
+    pub reason: Option<FailureReason>,
+    /// What went wrong and what to do, for failed and timed-out attempts.
+    pub detail: Option<String>,
+    /// The attempt's branch.
+    pub branch: String,
+    /// The commit the branch starts from, once known.
+    pub base_commit: Option<String>,
+    /// The branch's tip, once published.
+    pub head_commit: Option<String>,
+    /// The agent's summary, once it finished.
+    pub summary: Option<String>,
+    /// Path of the git repository holding the branch, relative to the
+    /// server URL (`/git/<project>.git`), for `git fetch`.
+    pub git_path: String,
+    /// Seq of the attempt's last event.
+    pub last_seq: u64,
+    /// When the attempt was created (RFC 3339).
+    pub created_at: String,
+    /// When its state last changed (RFC 3339).
+    pub updated_at: String,
+}
+
+/// `201` answer to a created task.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TaskCreated {
+    /// The new task's id.
+    pub id: String,
+    /// Its attempts' ids.
+    pub attempts: Vec<String>,
+}
+
+/// Every error body: what went wrong, and what to do about it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// See [`ErrorBody`].
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code (`repo_not_found`, `unauthorized`...).
+    pub code: String,
+    /// What went wrong, and why.
+    pub message: String,
+    /// What to do about it, when we know.
+    pub hint: Option<String>,
+}
+
+/// `/readyz`: whether the server can run tasks now.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReadyView {
+    /// True when every check passed.
+    pub ready: bool,
+    /// Each check with its outcome.
+    pub checks: Vec<ReadyCheck>,
+}
+
+/// One readiness check.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReadyCheck {
+    /// What is checked (`database`, `docker`, `image`, `model`).
+    pub name: String,
+    /// Whether it passed.
+    pub ok: bool,
+    /// What was found.
+    pub message: String,
+    /// What to do when it failed.
+    pub fix: Option<String>,
+}
+
+/// `GET /api/v1/attempts/{id}/events` query (non-streaming form).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+pub struct EventsQuery {
+    /// Only events with a larger seq.
+    pub after: Option<u64>,
+    /// At most this many events (default 1000).
+    pub limit: Option<u32>,
+}

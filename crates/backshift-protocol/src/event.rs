@@ -1,0 +1,205 @@
+//! Events: the append-only, numbered record of everything that happened to
+//! an attempt. `(attempt_id, seq)` is unique and seqs start at 1 without gaps.
+
+use backshift_core::{AttemptState, FailureReason};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// One record in an attempt's event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    /// The attempt this event belongs to.
+    pub attempt_id: String,
+    /// Position in the attempt's log, from 1, without gaps.
+    pub seq: u64,
+    /// When it was recorded (RFC 3339, UTC).
+    pub ts: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// Token counts reported by the model for one response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TokenUsage {
+    /// Tokens in the request.
+    pub input_tokens: u64,
+    /// Tokens in the response.
+    pub output_tokens: u64,
+}
+
+/// A tool call as the model asked for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ToolCallRecord {
+    /// The model's id for the call, echoed in the result.
+    pub call_id: String,
+    /// Tool name.
+    pub name: String,
+    /// Arguments exactly as the model sent them (JSON text, maybe invalid).
+    pub arguments: String,
+}
+
+/// What happened. Serialized with a `type` field naming the variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// The attempt moved to another lifecycle state.
+    StateChanged {
+        /// Previous state; absent for the first event.
+        from: Option<AttemptState>,
+        /// New state.
+        to: AttemptState,
+        /// Why it failed, for `failed`.
+        reason: Option<FailureReason>,
+        /// Human-readable explanation, including what to do.
+        detail: Option<String>,
+    },
+    /// A progress line from backshift itself (creating sandbox, cloning...).
+    Progress {
+        /// The line.
+        message: String,
+    },
+    /// A request to the model is about to be sent.
+    ModelRequest {
+        /// Turn number, from 1.
+        turn: u32,
+        /// Messages in the conversation sent.
+        messages: usize,
+        /// Approximate size of the conversation in bytes.
+        bytes: usize,
+    },
+    /// The model answered.
+    ModelResponse {
+        /// Turn number, from 1.
+        turn: u32,
+        /// The assistant's text, if any.
+        text: Option<String>,
+        /// Tool calls requested in this turn, in order.
+        tool_calls: Vec<ToolCallRecord>,
+        /// The model's finish reason (`stop`, `tool_calls`, `length`...).
+        finish_reason: Option<String>,
+        /// Token counts, when the model reported them.
+        usage: Option<TokenUsage>,
+        /// Time from request to complete response.
+        latency_ms: u64,
+    },
+    /// A model request failed and will be retried.
+    ModelRetry {
+        /// Turn number, from 1.
+        turn: u32,
+        /// Which retry this is, from 1.
+        retry: u32,
+        /// What went wrong.
+        error: String,
+        /// How long backshift waits before retrying.
+        wait_ms: u64,
+    },
+    /// A tool call starts.
+    ToolCall {
+        /// The model's id for the call.
+        call_id: String,
+        /// Tool name.
+        name: String,
+        /// Parsed arguments (or the raw text under `raw` when invalid).
+        #[schema(value_type = Object)]
+        arguments: serde_json::Value,
+    },
+    /// Output of a running command, as it is produced.
+    CommandOutput {
+        /// The tool call that runs the command.
+        call_id: String,
+        /// stdout or stderr.
+        stream: OutputStream,
+        /// The text (lossy UTF-8).
+        text: String,
+    },
+    /// A tool call ended; `output` is what the model is told.
+    ToolResult {
+        /// The model's id for the call.
+        call_id: String,
+        /// Tool name.
+        name: String,
+        /// False when the tool failed (non-zero exit, missing file, bad arguments).
+        ok: bool,
+        /// Exit code of a command.
+        exit_code: Option<i64>,
+        /// The result as sent to the model.
+        output: String,
+        /// How long the call took.
+        duration_ms: u64,
+    },
+    /// The agent called `finish`.
+    AgentFinished {
+        /// The agent's summary of its work.
+        summary: String,
+    },
+    /// The attempt's branch holds this change.
+    DiffStat {
+        /// The branch.
+        branch: String,
+        /// Commit the branch starts from.
+        base_commit: String,
+        /// Commit at the branch's tip.
+        head_commit: String,
+        /// Files changed.
+        files_changed: u64,
+        /// Lines added.
+        insertions: u64,
+        /// Lines removed.
+        deletions: u64,
+        /// `git diff --stat` output.
+        stat: String,
+    },
+}
+
+impl EventKind {
+    /// The `type` name of the variant, as serialized.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            EventKind::StateChanged { .. } => "state_changed",
+            EventKind::Progress { .. } => "progress",
+            EventKind::ModelRequest { .. } => "model_request",
+            EventKind::ModelResponse { .. } => "model_response",
+            EventKind::ModelRetry { .. } => "model_retry",
+            EventKind::ToolCall { .. } => "tool_call",
+            EventKind::CommandOutput { .. } => "command_output",
+            EventKind::ToolResult { .. } => "tool_result",
+            EventKind::AgentFinished { .. } => "agent_finished",
+            EventKind::DiffStat { .. } => "diff_stat",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_serialize_flat_with_a_type_tag() {
+        let e = Event {
+            attempt_id: "k3f9x2m1-1".into(),
+            seq: 3,
+            ts: "2026-11-23T10:00:00Z".into(),
+            kind: EventKind::Progress {
+                message: "cloning".into(),
+            },
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["type"], "progress");
+        assert_eq!(v["message"], "cloning");
+        assert_eq!(v["seq"], 3);
+        let back: Event = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(e.kind.type_name(), "progress");
+    }
+}

@@ -1,0 +1,382 @@
+//! Persistence for tasks, attempts, events and API tokens.
+//!
+//! Architecture invariant: the store is the only writer of durable state
+//! and the source of truth for the work lifecycle. State changes are
+//! compare-and-set on the previous state and are written in the same
+//! transaction as their `state_changed` event, so a reader never sees one
+//! without the other. Queries are checked at run time (no build-time
+//! database), so PostgreSQL can join behind the same interface.
+
+mod rows;
+
+pub use rows::{AttemptRow, NewAttempt, NewTask, TaskRow};
+
+use backshift_core::{AttemptState, FailureReason};
+use backshift_protocol::{Event, EventKind};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed or refused the operation.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("database migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    /// A stored value could not be decoded (corruption or a newer schema).
+    #[error("stored data is not readable: {0}")]
+    Corrupt(String),
+}
+
+/// Result alias for store operations.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The database behind backshift.
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// A state change to record: compare-and-set from `from` to `to`.
+#[derive(Debug, Clone)]
+pub struct StateChange<'a> {
+    /// The attempt.
+    pub attempt_id: &'a str,
+    /// The state it must currently be in.
+    pub from: AttemptState,
+    /// The state it moves to.
+    pub to: AttemptState,
+    /// Failure reason, for `failed`.
+    pub reason: Option<FailureReason>,
+    /// Explanation, for failed, timed-out and cancelled attempts.
+    pub detail: Option<String>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database at `path` and brings
+    /// its schema up to date.
+    pub async fn open_sqlite(path: &Path) -> Result<Store> {
+        let url = format!("sqlite://{}", path.display());
+        let options = SqliteConnectOptions::from_str(&url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// A value from the `meta` table.
+    pub async fn meta_get(&self, key: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT value FROM meta WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Sets a value in the `meta` table only if it is not set yet; returns
+    /// the value that is stored afterwards.
+    pub async fn meta_init(&self, key: &str, value: &str) -> Result<String> {
+        sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        self.meta_get(key)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("meta key {key} vanished")))
+    }
+
+    /// Number of API tokens.
+    pub async fn token_count(&self) -> Result<i64> {
+        Ok(sqlx::query("SELECT COUNT(*) FROM api_tokens")
+            .fetch_one(&self.pool)
+            .await?
+            .get(0))
+    }
+
+    /// Stores a token by the SHA-256 of its value (never the value).
+    pub async fn insert_token(&self, id: &str, name: &str, sha256: &str, now: i64) -> Result<()> {
+        sqlx::query("INSERT INTO api_tokens (id, name, sha256, created_at) VALUES (?, ?, ?, ?)")
+            .bind(id)
+            .bind(name)
+            .bind(sha256)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The name of the token with this hash, if there is one.
+    pub async fn token_by_hash(&self, sha256: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT name FROM api_tokens WHERE sha256 = ?")
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// The project of a repository source, created with `new_id` if new.
+    pub async fn project_for_source(&self, source: &str, new_id: &str, now: i64) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO projects (id, source, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (source) DO NOTHING",
+        )
+        .bind(new_id)
+        .bind(source)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT id FROM projects WHERE source = ?")
+            .bind(source)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Creates a task and its attempts (all `queued`) in one transaction.
+    pub async fn create_task(&self, task: &NewTask, attempts: &[NewAttempt]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO tasks (id, project_id, prompt, repo, base_ref, agent, limits, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&task.id)
+        .bind(&task.project_id)
+        .bind(&task.prompt)
+        .bind(&task.repo)
+        .bind(&task.base_ref)
+        .bind(&task.agent)
+        .bind(serde_json::to_string(&task.limits).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+        .bind(task.created_at)
+        .execute(&mut *tx)
+        .await?;
+        for a in attempts {
+            sqlx::query(
+                "INSERT INTO attempts (id, task_id, n, state, branch, created_at, updated_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&a.id)
+            .bind(&task.id)
+            .bind(a.n)
+            .bind(AttemptState::Queued.as_str())
+            .bind(&a.branch)
+            .bind(task.created_at)
+            .bind(task.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Tasks, newest first.
+    pub async fn list_tasks(&self, limit: u32) -> Result<Vec<TaskRow>> {
+        let rows = sqlx::query(concat!(
+            rows::task_select!(),
+            " ORDER BY created_at DESC, id LIMIT ?"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(TaskRow::from_row).collect()
+    }
+
+    /// One task.
+    pub async fn task(&self, id: &str) -> Result<Option<TaskRow>> {
+        let row = sqlx::query(concat!(rows::task_select!(), " WHERE t.id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(TaskRow::from_row).transpose()
+    }
+
+    /// A task's attempts, first to last.
+    pub async fn attempts_of(&self, task_id: &str) -> Result<Vec<AttemptRow>> {
+        let rows = sqlx::query(concat!(
+            rows::attempt_select!(),
+            " WHERE task_id = ? ORDER BY n"
+        ))
+        .bind(task_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(AttemptRow::from_row).collect()
+    }
+
+    /// One attempt.
+    pub async fn attempt(&self, id: &str) -> Result<Option<AttemptRow>> {
+        let row = sqlx::query(concat!(rows::attempt_select!(), " WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(AttemptRow::from_row).transpose()
+    }
+
+    /// Attempts in any of `states`, oldest first.
+    pub async fn attempts_in_states(&self, states: &[AttemptState]) -> Result<Vec<AttemptRow>> {
+        let mut all = Vec::new();
+        for s in states {
+            let rows = sqlx::query(concat!(
+                rows::attempt_select!(),
+                " WHERE state = ? ORDER BY created_at, id"
+            ))
+            .bind(s.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+            for r in &rows {
+                all.push(AttemptRow::from_row(r)?);
+            }
+        }
+        all.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(all)
+    }
+
+    /// Moves an attempt from `change.from` to `change.to` and appends the
+    /// `state_changed` event `event` in one transaction. Returns `false`
+    /// (and writes nothing) when the attempt was no longer in `from`.
+    pub async fn record_transition(
+        &self,
+        change: &StateChange<'_>,
+        event: &Event,
+        now: i64,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE attempts SET state = ?, reason = COALESCE(?, reason), detail = COALESCE(?, detail), \
+             updated_at = ? WHERE id = ? AND state = ?",
+        )
+        .bind(change.to.as_str())
+        .bind(change.reason.map(|r| r.as_str()))
+        .bind(&change.detail)
+        .bind(now)
+        .bind(change.attempt_id)
+        .bind(change.from.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_event(&mut *tx, event, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Records facts learnt about an attempt; `None` fields are left alone.
+    pub async fn update_attempt(&self, id: &str, update: &AttemptUpdate<'_>) -> Result<()> {
+        sqlx::query(
+            "UPDATE attempts SET base_commit = COALESCE(?, base_commit), \
+             head_commit = COALESCE(?, head_commit), summary = COALESCE(?, summary), \
+             sandbox_id = COALESCE(?, sandbox_id) WHERE id = ?",
+        )
+        .bind(update.base_commit)
+        .bind(update.head_commit)
+        .bind(update.summary)
+        .bind(update.sandbox_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Appends an event. Idempotent on `(attempt_id, seq)`: writing the
+    /// same seq twice keeps the first.
+    pub async fn append_event(&self, event: &Event, now: i64) -> Result<()> {
+        insert_event(&self.pool, event, now).await
+    }
+
+    /// Events of an attempt with seq > `after`, in order, at most `limit`.
+    pub async fn events_after(
+        &self,
+        attempt_id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Event>> {
+        let rows = sqlx::query(
+            "SELECT seq, ts, body FROM events WHERE attempt_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(attempt_id)
+        .bind(after as i64)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let seq: i64 = r.get(0);
+                let ts: i64 = r.get(1);
+                let body: String = r.get(2);
+                let kind: EventKind = serde_json::from_str(&body)
+                    .map_err(|e| StoreError::Corrupt(format!("event {attempt_id}/{seq}: {e}")))?;
+                Ok(Event {
+                    attempt_id: attempt_id.to_owned(),
+                    seq: seq as u64,
+                    ts: backshift_protocol::format_ts(ts),
+                    kind,
+                })
+            })
+            .collect()
+    }
+
+    /// The seq of an attempt's last event (0 when it has none).
+    pub async fn last_seq(&self, attempt_id: &str) -> Result<u64> {
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM events WHERE attempt_id = ?")
+            .bind(attempt_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get::<i64, _>(0) as u64)
+    }
+}
+
+/// Facts learnt about an attempt while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct AttemptUpdate<'a> {
+    /// Commit the branch starts from.
+    pub base_commit: Option<&'a str>,
+    /// Commit at the branch's tip.
+    pub head_commit: Option<&'a str>,
+    /// The agent's summary.
+    pub summary: Option<&'a str>,
+    /// The sandbox serving the attempt.
+    pub sandbox_id: Option<&'a str>,
+}
+
+async fn insert_event<'e, E>(executor: E, event: &Event, now: i64) -> Result<()>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    let body =
+        serde_json::to_string(&event.kind).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO events (attempt_id, seq, ts, kind, body) VALUES (?, ?, ?, ?, ?) \
+         ON CONFLICT (attempt_id, seq) DO NOTHING",
+    )
+    .bind(&event.attempt_id)
+    .bind(event.seq as i64)
+    .bind(now)
+    .bind(event.kind.type_name())
+    .bind(body)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,150 @@
+//! Row types and their decoding.
+
+use crate::{Result, StoreError};
+use backshift_core::{AttemptState, FailureReason, Limits};
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+macro_rules! task_select {
+    () => {
+        "SELECT t.id, t.project_id, t.prompt, t.repo, t.base_ref, t.agent, t.limits, t.created_at FROM tasks t"
+    };
+}
+pub(crate) use task_select;
+
+macro_rules! attempt_select {
+    () => {
+        "SELECT id, task_id, n, state, reason, detail, branch, base_commit, head_commit, summary, \
+         sandbox_id, created_at, updated_at FROM attempts"
+    };
+}
+pub(crate) use attempt_select;
+
+/// A task to create.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    /// Task id.
+    pub id: String,
+    /// Project (repository) id.
+    pub project_id: String,
+    /// What was asked.
+    pub prompt: String,
+    /// Repository as given.
+    pub repo: String,
+    /// Requested base ref.
+    pub base_ref: Option<String>,
+    /// Agent name.
+    pub agent: String,
+    /// Effective limits.
+    pub limits: Limits,
+    /// Creation time, unix ms.
+    pub created_at: i64,
+}
+
+/// An attempt to create with its task.
+#[derive(Debug, Clone)]
+pub struct NewAttempt {
+    /// Attempt id.
+    pub id: String,
+    /// Number, from 1.
+    pub n: u32,
+    /// Branch name.
+    pub branch: String,
+}
+
+/// A stored task.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    /// Task id.
+    pub id: String,
+    /// Project id.
+    pub project_id: String,
+    /// What was asked.
+    pub prompt: String,
+    /// Repository as given.
+    pub repo: String,
+    /// Requested base ref.
+    pub base_ref: Option<String>,
+    /// Agent name.
+    pub agent: String,
+    /// Effective limits.
+    pub limits: Limits,
+    /// Creation time, unix ms.
+    pub created_at: i64,
+}
+
+impl TaskRow {
+    pub(crate) fn from_row(r: &SqliteRow) -> Result<Self> {
+        let limits: String = r.get(6);
+        Ok(TaskRow {
+            id: r.get(0),
+            project_id: r.get(1),
+            prompt: r.get(2),
+            repo: r.get(3),
+            base_ref: r.get(4),
+            agent: r.get(5),
+            limits: serde_json::from_str(&limits)
+                .map_err(|e| StoreError::Corrupt(format!("task limits: {e}")))?,
+            created_at: r.get(7),
+        })
+    }
+}
+
+/// A stored attempt.
+#[derive(Debug, Clone)]
+pub struct AttemptRow {
+    /// Attempt id.
+    pub id: String,
+    /// Task id.
+    pub task_id: String,
+    /// Number, from 1.
+    pub n: u32,
+    /// Lifecycle state.
+    pub state: AttemptState,
+    /// Failure reason.
+    pub reason: Option<FailureReason>,
+    /// Explanation of the end state.
+    pub detail: Option<String>,
+    /// Branch name.
+    pub branch: String,
+    /// Commit the branch starts from.
+    pub base_commit: Option<String>,
+    /// Commit at the branch's tip.
+    pub head_commit: Option<String>,
+    /// The agent's summary.
+    pub summary: Option<String>,
+    /// The sandbox serving the attempt.
+    pub sandbox_id: Option<String>,
+    /// Creation time, unix ms.
+    pub created_at: i64,
+    /// Last state change, unix ms.
+    pub updated_at: i64,
+}
+
+impl AttemptRow {
+    pub(crate) fn from_row(r: &SqliteRow) -> Result<Self> {
+        let state: String = r.get(3);
+        let reason: Option<String> = r.get(4);
+        Ok(AttemptRow {
+            id: r.get(0),
+            task_id: r.get(1),
+            n: r.get::<i64, _>(2) as u32,
+            state: AttemptState::parse(&state)
+                .ok_or_else(|| StoreError::Corrupt(format!("attempt state {state:?}")))?,
+            reason: reason
+                .map(|s| {
+                    FailureReason::parse(&s)
+                        .ok_or_else(|| StoreError::Corrupt(format!("failure reason {s:?}")))
+                })
+                .transpose()?,
+            detail: r.get(5),
+            branch: r.get(6),
+            base_commit: r.get(7),
+            head_commit: r.get(8),
+            summary: r.get(9),
+            sandbox_id: r.get(10),
+            created_at: r.get(11),
+            updated_at: r.get(12),
+        })
+    }
+}

@@ -1,0 +1,190 @@
+use super::*;
+use backshift_core::Limits;
+use backshift_protocol::format_ts;
+
+async fn store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
+        .await
+        .unwrap();
+    (dir, store)
+}
+
+async fn one_task(store: &Store) -> String {
+    let project = store.project_for_source("/repo", "p1", 1).await.unwrap();
+    store
+        .create_task(
+            &NewTask {
+                id: "aaaaaaaa".into(),
+                project_id: project,
+                prompt: "do it".into(),
+                repo: "/repo".into(),
+                base_ref: None,
+                agent: "builtin".into(),
+                limits: Limits::default(),
+                created_at: 10,
+            },
+            &[NewAttempt {
+                id: "aaaaaaaa-1".into(),
+                n: 1,
+                branch: "backshift/aaaaaaaa-do-it".into(),
+            }],
+        )
+        .await
+        .unwrap();
+    "aaaaaaaa-1".into()
+}
+
+fn event(attempt: &str, seq: u64, kind: EventKind) -> Event {
+    Event {
+        attempt_id: attempt.into(),
+        seq,
+        ts: format_ts(0),
+        kind,
+    }
+}
+
+fn state_event(attempt: &str, seq: u64, from: AttemptState, to: AttemptState) -> Event {
+    event(
+        attempt,
+        seq,
+        EventKind::StateChanged {
+            from: Some(from),
+            to,
+            reason: None,
+            detail: None,
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_created_task_reads_back_with_a_queued_attempt() {
+    let (_d, store) = store().await;
+    let attempt = one_task(&store).await;
+    let task = store.task("aaaaaaaa").await.unwrap().unwrap();
+    assert_eq!(task.prompt, "do it");
+    assert_eq!(task.limits, Limits::default());
+    let attempts = store.attempts_of("aaaaaaaa").await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].id, attempt);
+    assert_eq!(attempts[0].state, AttemptState::Queued);
+    assert_eq!(store.list_tasks(10).await.unwrap().len(), 1);
+    assert!(store.task("bbbbbbbb").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn projects_are_one_per_source() {
+    let (_d, store) = store().await;
+    let a = store.project_for_source("/repo", "p1", 1).await.unwrap();
+    let b = store.project_for_source("/repo", "p2", 2).await.unwrap();
+    let c = store.project_for_source("/other", "p3", 3).await.unwrap();
+    assert_eq!((a.as_str(), b.as_str(), c.as_str()), ("p1", "p1", "p3"));
+}
+
+#[tokio::test]
+async fn transitions_are_compare_and_set_and_carry_their_event() {
+    let (_d, store) = store().await;
+    let attempt = one_task(&store).await;
+    let change = StateChange {
+        attempt_id: &attempt,
+        from: AttemptState::Queued,
+        to: AttemptState::Provisioning,
+        reason: None,
+        detail: None,
+    };
+    let ev = state_event(
+        &attempt,
+        1,
+        AttemptState::Queued,
+        AttemptState::Provisioning,
+    );
+    assert!(store.record_transition(&change, &ev, 20).await.unwrap());
+    // The same change again finds the attempt no longer queued: refused,
+    // and no second event is written.
+    let ev2 = state_event(
+        &attempt,
+        2,
+        AttemptState::Queued,
+        AttemptState::Provisioning,
+    );
+    assert!(!store.record_transition(&change, &ev2, 21).await.unwrap());
+    assert_eq!(store.last_seq(&attempt).await.unwrap(), 1);
+    let row = store.attempt(&attempt).await.unwrap().unwrap();
+    assert_eq!(row.state, AttemptState::Provisioning);
+    assert_eq!(row.updated_at, 20);
+
+    let fail = StateChange {
+        attempt_id: &attempt,
+        from: AttemptState::Provisioning,
+        to: AttemptState::Failed,
+        reason: Some(FailureReason::ImageMissing),
+        detail: Some("run backshift image bootstrap".into()),
+    };
+    let ev3 = state_event(
+        &attempt,
+        2,
+        AttemptState::Provisioning,
+        AttemptState::Failed,
+    );
+    assert!(store.record_transition(&fail, &ev3, 22).await.unwrap());
+    let row = store.attempt(&attempt).await.unwrap().unwrap();
+    assert_eq!(row.reason, Some(FailureReason::ImageMissing));
+    assert_eq!(row.detail.as_deref(), Some("run backshift image bootstrap"));
+    let failed = store
+        .attempts_in_states(&[AttemptState::Failed])
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 1);
+}
+
+#[tokio::test]
+async fn events_are_idempotent_on_seq_and_read_in_order() {
+    let (_d, store) = store().await;
+    let attempt = one_task(&store).await;
+    for seq in [2, 1, 3] {
+        let e = event(
+            &attempt,
+            seq,
+            EventKind::Progress {
+                message: format!("m{seq}"),
+            },
+        );
+        store.append_event(&e, 30).await.unwrap();
+    }
+    // A replayed seq keeps the first body.
+    let dup = event(
+        &attempt,
+        2,
+        EventKind::Progress {
+            message: "other".into(),
+        },
+    );
+    store.append_event(&dup, 31).await.unwrap();
+    let all = store.events_after(&attempt, 0, 100).await.unwrap();
+    let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(
+        all[1].kind,
+        EventKind::Progress {
+            message: "m2".into()
+        }
+    );
+    let later = store.events_after(&attempt, 1, 1).await.unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].seq, 2);
+    assert_eq!(store.last_seq(&attempt).await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn tokens_are_found_by_hash_only() {
+    let (_d, store) = store().await;
+    assert_eq!(store.token_count().await.unwrap(), 0);
+    store.insert_token("t1", "admin", "abc", 1).await.unwrap();
+    assert_eq!(
+        store.token_by_hash("abc").await.unwrap().as_deref(),
+        Some("admin")
+    );
+    assert_eq!(store.token_by_hash("abd").await.unwrap(), None);
+    assert_eq!(store.meta_init("instance", "x").await.unwrap(), "x");
+    assert_eq!(store.meta_init("instance", "y").await.unwrap(), "x");
+}
