@@ -1,0 +1,312 @@
+//! The control plane's own git store: one bare repository per project
+//! under `<data>/git/<project>.git`.
+//!
+//! Repositories enter on the host (a sandbox cannot reach the user's path
+//! or the host's loopback): upstream is fetched into the store, a checkout
+//! is exported for the sandbox, and the attempt's branch comes back as a
+//! bundle. Clients fetch branches from the store over smart HTTP
+//! ([`http`]), never from the data directory.
+//!
+//! Architecture invariant: all git work runs the `git` program with an
+//! explicit repository (`-C`/`--git-dir`), no terminal prompts and no
+//! hooks, and every failure carries git's own message.
+
+pub mod http;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio::process::Command;
+
+/// What can go wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// git ran and failed.
+    #[error("git {args} failed: {stderr}")]
+    Failed {
+        /// The git arguments.
+        args: String,
+        /// git's stderr (trimmed).
+        stderr: String,
+    },
+    /// git could not be started.
+    #[error("cannot run git (is it installed?): {0}")]
+    Spawn(std::io::Error),
+    /// Local I/O failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, GitError>;
+
+/// Change summary between two commits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiffStat {
+    /// Files changed.
+    pub files_changed: u64,
+    /// Lines added.
+    pub insertions: u64,
+    /// Lines removed.
+    pub deletions: u64,
+    /// `git diff --stat` text.
+    pub stat: String,
+}
+
+/// The store of bare repositories.
+#[derive(Debug, Clone)]
+pub struct GitStore {
+    root: PathBuf,
+}
+
+impl GitStore {
+    /// A store rooted at `root` (created on first use).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        GitStore { root: root.into() }
+    }
+
+    /// Path of a project's bare repository.
+    pub fn repo_path(&self, project: &str) -> PathBuf {
+        self.root.join(format!("{project}.git"))
+    }
+
+    /// Creates the project's bare repository if it does not exist.
+    pub async fn ensure_repo(&self, project: &str) -> Result<PathBuf> {
+        let path = self.repo_path(project);
+        if !path.join("HEAD").exists() {
+            tokio::fs::create_dir_all(&self.root).await?;
+            git(None, &["init", "--quiet", "--bare"], Some(&path)).await?;
+        }
+        Ok(path)
+    }
+
+    /// Fetches `base_ref` (or the source's HEAD) from `source` (a path or
+    /// URL) into the project's repository, pins it at `pin_ref`, and
+    /// returns its commit.
+    pub async fn fetch_source(
+        &self,
+        project: &str,
+        source: &str,
+        base_ref: Option<&str>,
+        pin_ref: &str,
+    ) -> Result<String> {
+        let repo = self.ensure_repo(project).await?;
+        let want = base_ref.unwrap_or("HEAD");
+        git(
+            Some(&repo),
+            &[
+                "fetch",
+                "--quiet",
+                "--no-tags",
+                "--no-write-fetch-head",
+                source,
+                &format!("+{want}:{pin_ref}"),
+            ],
+            None,
+        )
+        .await?;
+        rev_parse(&repo, &format!("{pin_ref}^{{commit}}")).await
+    }
+
+    /// Writes a working tree of `commit` (pinned at `pin_ref`) into `dest`
+    /// with its own `.git` holding the history, checked out on a new
+    /// branch `branch`, and no remote.
+    pub async fn export_checkout(
+        &self,
+        project: &str,
+        pin_ref: &str,
+        commit: &str,
+        branch: &str,
+        dest: &Path,
+    ) -> Result<()> {
+        let repo = self.repo_path(project);
+        git(None, &["init", "--quiet"], Some(dest)).await?;
+        let url = format!("file://{}", repo.display());
+        git(
+            Some(dest),
+            &["fetch", "--quiet", "--no-tags", &url, pin_ref],
+            None,
+        )
+        .await?;
+        git(
+            Some(dest),
+            &["checkout", "--quiet", "-b", branch, commit],
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Imports `branch` from a bundle file into the project's repository
+    /// (replacing an earlier import of the same branch) and returns its tip.
+    pub async fn import_bundle(
+        &self,
+        project: &str,
+        bundle: &Path,
+        branch: &str,
+    ) -> Result<String> {
+        let repo = self.repo_path(project);
+        let bundle = bundle.to_string_lossy();
+        let refspec = format!("+refs/heads/{branch}:refs/heads/{branch}");
+        git(
+            Some(&repo),
+            &[
+                "-c",
+                "fetch.fsckObjects=true",
+                "fetch",
+                "--quiet",
+                "--no-write-fetch-head",
+                &bundle,
+                &refspec,
+            ],
+            None,
+        )
+        .await?;
+        rev_parse(&repo, &format!("refs/heads/{branch}^{{commit}}")).await
+    }
+
+    /// Points `branch` at `commit` (used when the agent changed nothing).
+    pub async fn set_branch(&self, project: &str, branch: &str, commit: &str) -> Result<()> {
+        let repo = self.repo_path(project);
+        git(
+            Some(&repo),
+            &["update-ref", &format!("refs/heads/{branch}"), commit],
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The unified diff from `base` to `head`.
+    pub async fn diff(&self, project: &str, base: &str, head: &str) -> Result<String> {
+        let repo = self.repo_path(project);
+        git(
+            Some(&repo),
+            &["diff", "--no-color", "--no-ext-diff", base, head],
+            None,
+        )
+        .await
+    }
+
+    /// The change summary from `base` to `head`.
+    pub async fn diff_stat(&self, project: &str, base: &str, head: &str) -> Result<DiffStat> {
+        let repo = self.repo_path(project);
+        let numstat = git(Some(&repo), &["diff", "--numstat", base, head], None).await?;
+        let mut stat = DiffStat::default();
+        for line in numstat.lines() {
+            let mut parts = line.split('\t');
+            let add = parts
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            let del = parts
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            stat.files_changed += 1;
+            stat.insertions += add;
+            stat.deletions += del;
+        }
+        stat.stat = git(
+            Some(&repo),
+            &["diff", "--stat", "--no-color", base, head],
+            None,
+        )
+        .await?;
+        Ok(stat)
+    }
+}
+
+/// Checks that `path` is a git repository and, when given, that `base_ref`
+/// names a commit in it. The error says which.
+pub async fn validate_local_repo(
+    path: &Path,
+    base_ref: Option<&str>,
+) -> std::result::Result<(), String> {
+    if !path.exists() {
+        return Err(format!("{} does not exist", path.display()));
+    }
+    if git(Some(path), &["rev-parse", "--git-dir"], None)
+        .await
+        .is_err()
+    {
+        return Err(format!("{} is not a git repository", path.display()));
+    }
+    let want = base_ref.unwrap_or("HEAD");
+    if git(
+        Some(path),
+        &[
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            &format!("{want}^{{commit}}"),
+        ],
+        None,
+    )
+    .await
+    .is_err()
+    {
+        return Err(match base_ref {
+            Some(r) => format!("{r} is not a branch, tag or commit in {}", path.display()),
+            None => format!("{} has no commits yet", path.display()),
+        });
+    }
+    Ok(())
+}
+
+/// Whether `s` looks like a git URL rather than a local path.
+pub fn is_url(s: &str) -> bool {
+    s.contains("://") || (s.contains('@') && s.contains(':') && !s.starts_with('/'))
+}
+
+async fn rev_parse(repo: &Path, rev: &str) -> Result<String> {
+    Ok(git(Some(repo), &["rev-parse", "--verify", rev], None)
+        .await?
+        .trim()
+        .to_owned())
+}
+
+/// Runs git in `cwd` (or with `--git-dir`), with an optional trailing path
+/// argument, and returns stdout.
+pub(crate) async fn git(
+    cwd: Option<&Path>,
+    args: &[&str],
+    path_arg: Option<&Path>,
+) -> Result<String> {
+    let mut cmd = base_command(cwd);
+    cmd.args(args);
+    if let Some(p) = path_arg {
+        cmd.arg(p);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(GitError::Spawn)?;
+    if !out.status.success() {
+        return Err(GitError::Failed {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub(crate) fn base_command(cwd: Option<&Path>) -> Command {
+    let mut cmd = Command::new("git");
+    if let Some(dir) = cwd {
+        cmd.arg("-C").arg(dir);
+    }
+    cmd.args([
+        "-c",
+        "core.hooksPath=/dev/null",
+        "-c",
+        "advice.detachedHead=false",
+    ])
+    .env("GIT_TERMINAL_PROMPT", "0")
+    .env("GIT_ASKPASS", "/bin/false")
+    .kill_on_drop(true);
+    cmd
+}
+
+#[cfg(test)]
+mod tests;

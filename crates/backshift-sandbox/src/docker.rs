@@ -1,0 +1,293 @@
+//! The Docker driver, on bollard. Works with engines from API 1.41 on: the
+//! client negotiates the version and uses no newer field.
+
+use crate::{
+    ExecSpec, OutputChunk, Result, SandboxDriver, SandboxError, SandboxId, SandboxInfo, SandboxSpec,
+};
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptions, DownloadFromContainerOptions, ListContainersOptions,
+    RemoveContainerOptions, UploadToContainerOptions,
+};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use rand::Rng;
+use std::collections::HashMap;
+use tokio::io::AsyncWriteExt;
+
+/// Sandboxes as Docker containers: non-root, all capabilities dropped,
+/// no-new-privileges, memory/CPU/pids limits, an init process, and no
+/// network at all (until the egress proxy gives them a fenced one). No
+/// host path and no Docker socket is ever mounted.
+#[derive(Clone)]
+pub struct DockerDriver {
+    docker: Docker,
+}
+
+impl DockerDriver {
+    /// Connects to the local daemon (`DOCKER_HOST` or the default socket)
+    /// and negotiates the API version.
+    pub async fn connect() -> Result<DockerDriver> {
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|e| SandboxError::Unreachable(e.to_string()))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| SandboxError::Unreachable(e.to_string()))?;
+        Ok(DockerDriver { docker })
+    }
+
+    /// The underlying client, for image management.
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// Checks that the daemon answers; returns its version.
+    pub async fn ping(&self) -> Result<String> {
+        let v = self
+            .docker
+            .version()
+            .await
+            .map_err(|e| SandboxError::Unreachable(e.to_string()))?;
+        Ok(format!(
+            "engine {} (API {})",
+            v.version.unwrap_or_default(),
+            v.api_version.unwrap_or_default()
+        ))
+    }
+
+    /// Whether `image` exists locally.
+    pub async fn image_exists(&self, image: &str) -> Result<bool> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(false),
+            Err(e) => Err(backend("inspect image", e)),
+        }
+    }
+}
+
+fn backend(op: &'static str, e: bollard::errors::Error) -> SandboxError {
+    match e {
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            message,
+        } => SandboxError::NotFound(message),
+        bollard::errors::Error::DockerResponseServerError { message, .. } => {
+            SandboxError::Backend { op, message }
+        }
+        other => {
+            let message = other.to_string();
+            if message.contains("connect") || message.contains("No such file") {
+                SandboxError::Unreachable(message)
+            } else {
+                SandboxError::Backend { op, message }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl SandboxDriver for DockerDriver {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn create(&self, spec: &SandboxSpec) -> Result<SandboxId> {
+        if !self.image_exists(&spec.image).await? {
+            return Err(SandboxError::ImageMissing(spec.image.clone()));
+        }
+        let suffix: u32 = rand::rng().random();
+        let name = format!("{}-{suffix:08x}", spec.name);
+        let host_config = HostConfig {
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            memory: Some(spec.limits.memory_bytes),
+            memory_swap: Some(spec.limits.memory_bytes),
+            nano_cpus: Some(spec.limits.nano_cpus),
+            pids_limit: Some(spec.limits.pids),
+            init: Some(true),
+            network_mode: Some("none".into()),
+            privileged: Some(false),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            user: Some(spec.user.clone()),
+            working_dir: Some(spec.workdir.clone()),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(spec.labels.clone().into_iter().collect::<HashMap<_, _>>()),
+            cmd: Some(vec!["sleep".into(), "infinity".into()]),
+            hostname: Some("sandbox".into()),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(name),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| backend("create container", e))?;
+        let id = SandboxId(created.id);
+        if let Err(e) = self.docker.start_container(&id.0, None).await {
+            let _ = self.destroy(&id).await;
+            return Err(backend("start container", e));
+        }
+        Ok(id)
+    }
+
+    async fn exec(
+        &self,
+        id: &SandboxId,
+        spec: &ExecSpec,
+        on_output: &mut (dyn FnMut(OutputChunk) + Send),
+    ) -> Result<i64> {
+        let options = CreateExecOptions {
+            cmd: Some(spec.argv.clone()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            attach_stdin: Some(spec.stdin.is_some()),
+            user: spec.user.clone(),
+            working_dir: spec.workdir.clone(),
+            env: (!spec.env.is_empty())
+                .then(|| spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            ..Default::default()
+        };
+        let exec = self
+            .docker
+            .create_exec(&id.0, options)
+            .await
+            .map_err(|e| backend("create exec", e))?;
+        match self
+            .docker
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(|e| backend("start exec", e))?
+        {
+            StartExecResults::Attached {
+                mut output,
+                mut input,
+            } => {
+                if let Some(data) = &spec.stdin {
+                    input.write_all(data).await?;
+                    input.shutdown().await?;
+                }
+                drop(input);
+                while let Some(item) = output.next().await {
+                    match item.map_err(|e| backend("read exec output", e))? {
+                        LogOutput::StdOut { message } => on_output(OutputChunk::Stdout(message)),
+                        LogOutput::StdErr { message } => on_output(OutputChunk::Stderr(message)),
+                        LogOutput::Console { message } => on_output(OutputChunk::Stdout(message)),
+                        LogOutput::StdIn { .. } => {}
+                    }
+                }
+            }
+            StartExecResults::Detached => {
+                return Err(SandboxError::Backend {
+                    op: "start exec",
+                    message: "the daemon detached an attached exec".into(),
+                });
+            }
+        }
+        // The output stream ends when the process exits; the daemon may
+        // record the exit code a moment later.
+        for _ in 0..50 {
+            let inspect = self
+                .docker
+                .inspect_exec(&exec.id)
+                .await
+                .map_err(|e| backend("inspect exec", e))?;
+            if inspect.running != Some(true)
+                && let Some(code) = inspect.exit_code
+            {
+                return Ok(code);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Err(SandboxError::Backend {
+            op: "inspect exec",
+            message: "the command's output ended but it never reported an exit code".into(),
+        })
+    }
+
+    async fn copy_in(&self, id: &SandboxId, dest: &str, tar: Bytes) -> Result<()> {
+        let options = UploadToContainerOptions {
+            path: dest.to_owned(),
+            ..Default::default()
+        };
+        self.docker
+            .upload_to_container(&id.0, Some(options), bollard::body_full(tar))
+            .await
+            .map_err(|e| backend("copy into sandbox", e))
+    }
+
+    async fn copy_out(&self, id: &SandboxId, path: &str) -> Result<Bytes> {
+        let options = DownloadFromContainerOptions {
+            path: path.to_owned(),
+        };
+        let chunks: Vec<Bytes> = self
+            .docker
+            .download_from_container(&id.0, Some(options))
+            .try_collect()
+            .await
+            .map_err(|e| backend("copy out of sandbox", e))?;
+        Ok(chunks.concat().into())
+    }
+
+    async fn destroy(&self, id: &SandboxId) -> Result<()> {
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        };
+        match self.docker.remove_container(&id.0, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            // Removal already under way (e.g. a concurrent destroy).
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
+            Err(e) => Err(backend("remove container", e)),
+        }
+    }
+
+    async fn list(&self, labels: &[(&str, &str)]) -> Result<Vec<SandboxInfo>> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
+        )]);
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let list = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| backend("list containers", e))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                Some(SandboxInfo {
+                    id: SandboxId(c.id?),
+                    labels: c.labels.unwrap_or_default().into_iter().collect(),
+                    running: c.state.map(|s| s.to_string() == "running").unwrap_or(false),
+                })
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,246 @@
+//! Conformance of the Docker driver against a real daemon and the real
+//! default image. Needs dockerd running and the image built: `cargo xtask
+//! test` sets both up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use backshift_sandbox::docker::DockerDriver;
+use backshift_sandbox::image::{SANDBOX_UID, default_image_tag};
+use backshift_sandbox::tarball::{Owner, archive_dir, archive_file, first_file};
+use backshift_sandbox::{
+    ExecSpec, OutputChunk, ResourceLimits, SandboxDriver, SandboxId, SandboxSpec, labels,
+};
+use std::collections::BTreeMap;
+
+struct Sandbox {
+    driver: DockerDriver,
+    id: SandboxId,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let driver = self.driver.clone();
+        let id = self.id.clone();
+        // Clean up even when the test panicked.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(driver.destroy(&id))
+        })
+        .join();
+    }
+}
+
+async fn driver() -> DockerDriver {
+    let driver = DockerDriver::connect().await.unwrap_or_else(|e| {
+        panic!("these tests need a running Docker daemon ({e}); run `cargo xtask test`, which installs and starts it")
+    });
+    let image = default_image_tag();
+    assert!(
+        driver.image_exists(&image).await.unwrap(),
+        "the default image {image} is missing; run `cargo xtask test` or `backshift image bootstrap`"
+    );
+    driver
+}
+
+fn spec(test: &str) -> SandboxSpec {
+    SandboxSpec {
+        image: default_image_tag(),
+        name: format!("bs-test-{test}"),
+        labels: BTreeMap::from([
+            (labels::MANAGED.to_owned(), "true".to_owned()),
+            ("dev.backshift.test".to_owned(), test.to_owned()),
+        ]),
+        limits: ResourceLimits {
+            memory_bytes: 256 * 1024 * 1024,
+            nano_cpus: 500_000_000,
+            pids: 128,
+        },
+        user: format!("{SANDBOX_UID}:{SANDBOX_UID}"),
+        workdir: "/workspace".into(),
+        env: vec![("BACKSHIFT_TEST".into(), "1".into())],
+    }
+}
+
+async fn sandbox(test: &str) -> Sandbox {
+    let driver = driver().await;
+    let id = driver.create(&spec(test)).await.unwrap();
+    Sandbox { driver, id }
+}
+
+async fn sh(sb: &Sandbox, script: &str) -> (i64, String, String) {
+    let out = sb
+        .driver
+        .exec_collect(&sb.id, &ExecSpec::new(["bash", "-c", script]))
+        .await
+        .unwrap();
+    (
+        out.exit_code,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn exec_streams_output_in_order_and_reports_exit_codes() {
+    let sb = sandbox("exec").await;
+    let mut chunks = Vec::new();
+    let code = sb
+        .driver
+        .exec(
+            &sb.id,
+            &ExecSpec::new([
+                "bash",
+                "-c",
+                "echo one; echo two >&2; sleep 0.2; echo three; exit 7",
+            ]),
+            &mut |c| chunks.push(c),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 7);
+    let text: String = chunks
+        .iter()
+        .map(|c| match c {
+            OutputChunk::Stdout(b) => format!("out:{}", String::from_utf8_lossy(b)),
+            OutputChunk::Stderr(b) => format!("err:{}", String::from_utf8_lossy(b)),
+        })
+        .collect();
+    assert!(text.contains("out:one"), "{text}");
+    assert!(text.contains("err:two"), "{text}");
+    assert!(text.find("one").unwrap() < text.find("three").unwrap());
+    let (code, out, _) = sh(&sb, "echo $BACKSHIFT_TEST; pwd").await;
+    assert_eq!((code, out.as_str()), (0, "1\n/workspace\n"));
+}
+
+#[tokio::test]
+async fn stdin_is_delivered_and_closed() {
+    let sb = sandbox("stdin").await;
+    let mut spec = ExecSpec::new(["bash", "-c", "cat > /tmp/in.txt && wc -c < /tmp/in.txt"]);
+    spec.stdin = Some(vec![b'x'; 100_000].into());
+    let out = sb.driver.exec_collect(&sb.id, &spec).await.unwrap();
+    assert_eq!(out.exit_code, 0);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000");
+}
+
+#[tokio::test]
+async fn files_go_in_owned_by_the_sandbox_user_and_come_back_out() {
+    let sb = sandbox("files").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("sub/a.txt"), "hello").unwrap();
+    let owner = Owner {
+        uid: SANDBOX_UID,
+        gid: SANDBOX_UID,
+    };
+    let tar = archive_dir(dir.path(), "workspace", owner).unwrap();
+    sb.driver.copy_in(&sb.id, "/", tar.into()).await.unwrap();
+    let (code, out, err) = sh(
+        &sb,
+        "stat -c '%u %n' /workspace /workspace/sub/a.txt && echo more >> sub/a.txt",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "1000 /workspace\n1000 /workspace/sub/a.txt\n");
+    let back = sb
+        .driver
+        .copy_out(&sb.id, "/workspace/sub/a.txt")
+        .await
+        .unwrap();
+    assert_eq!(first_file(&back).unwrap(), b"hellomore\n");
+    let one = archive_file("note.txt", b"n", 0o644, owner).unwrap();
+    sb.driver.copy_in(&sb.id, "/tmp", one.into()).await.unwrap();
+    assert_eq!(sh(&sb, "cat /tmp/note.txt").await.1, "n");
+    assert!(sb.driver.copy_out(&sb.id, "/nope").await.is_err());
+}
+
+/// The hardening, read from inside the sandbox as the agent would see it.
+#[tokio::test]
+async fn sandboxes_are_hardened_as_seen_from_inside() {
+    let sb = sandbox("hardening").await;
+    let (_, status, _) = sh(&sb, "cat /proc/self/status").await;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_else(|| panic!("{name} missing from /proc/self/status"))
+            .to_owned()
+    };
+    assert_ne!(field("Uid:"), "0", "runs as non-root");
+    assert_eq!(
+        field("CapEff:"),
+        "0000000000000000",
+        "no effective capabilities"
+    );
+    assert_eq!(
+        field("CapPrm:"),
+        "0000000000000000",
+        "no permitted capabilities"
+    );
+    assert_eq!(field("CapBnd:"), "0000000000000000", "empty bounding set");
+    assert_eq!(field("NoNewPrivs:"), "1", "no-new-privileges");
+
+    // cgroup v1 or v2, whichever the host runs.
+    let (_, mem, _) = sh(&sb, "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes").await;
+    assert_eq!(mem.trim(), (256 * 1024 * 1024).to_string(), "memory limit");
+    let (_, pids, _) = sh(
+        &sb,
+        "cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max",
+    )
+    .await;
+    assert_eq!(pids.trim(), "128", "pids limit");
+    let (_, cpu, _) = sh(&sb, "cat /sys/fs/cgroup/cpu.max 2>/dev/null || echo $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us) $(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)").await;
+    let parts: Vec<f64> = cpu.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert!(
+        (parts[0] / parts[1] - 0.5).abs() < 0.01,
+        "cpu limit 0.5, got {cpu}"
+    );
+
+    let (code, _, _) = sh(&sb, "ls /var/run/docker.sock /run/docker.sock").await;
+    assert_ne!(code, 0, "no Docker socket inside");
+    let (_, mounts, _) = sh(&sb, "cat /proc/self/mounts").await;
+    assert!(!mounts.contains("docker.sock"), "{mounts}");
+    let (_, ifaces, _) = sh(&sb, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '").await;
+    assert_eq!(ifaces.trim(), "lo", "no network interface but loopback");
+    let (code, _, _) = sh(&sb, "sudo true || su -c true").await;
+    assert_ne!(code, 0, "cannot become root");
+}
+
+#[tokio::test]
+async fn sandboxes_are_listed_by_label_and_destroyed() {
+    let sb = sandbox("listing").await;
+    let found = sb
+        .driver
+        .list(&[("dev.backshift.test", "listing")])
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, sb.id);
+    assert!(found[0].running);
+    assert_eq!(
+        found[0].labels.get(labels::MANAGED).map(String::as_str),
+        Some("true")
+    );
+    sb.driver.destroy(&sb.id).await.unwrap();
+    sb.driver.destroy(&sb.id).await.unwrap(); // idempotent
+    assert!(
+        sb.driver
+            .list(&[("dev.backshift.test", "listing")])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_missing_image_is_reported_as_such() {
+    let driver = driver().await;
+    let mut s = spec("noimage");
+    s.image = "backshift-missing:nope".into();
+    match driver.create(&s).await {
+        Err(backshift_sandbox::SandboxError::ImageMissing(i)) => {
+            assert_eq!(i, "backshift-missing:nope")
+        }
+        other => panic!("expected ImageMissing, got {other:?}"),
+    }
+}
