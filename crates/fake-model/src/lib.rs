@@ -1,0 +1,374 @@
+//! A scripted OpenAI-compatible chat-completions server, the one fake in
+//! backshift's tests (DESIGN §8). Real clients talk to it over a real
+//! socket; it replays a [`Script`] and checks every request it receives,
+//! so a misbehaving agent fails the test instead of passing by accident.
+
+pub mod script;
+
+pub use script::{Contains, Expect, Reply, Script, ScriptedCall, Step};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+/// What the server has seen.
+#[derive(Debug, Default)]
+struct Inner {
+    script: Script,
+    next: usize,
+    requests: Vec<Value>,
+    failures: Vec<String>,
+    last_call_ids: Vec<String>,
+    call_counter: u64,
+}
+
+/// A running fake model server. Dropping it stops the server.
+pub struct FakeModel {
+    addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeModel {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeModel {
+    /// Starts serving `script` on a free loopback port.
+    pub async fn start(script: Script) -> anyhow::Result<FakeModel> {
+        Self::start_on("127.0.0.1:0".parse()?, script).await
+    }
+
+    /// Starts serving `script` on `addr`.
+    pub async fn start_on(addr: SocketAddr, script: Script) -> anyhow::Result<FakeModel> {
+        let inner = Arc::new(Mutex::new(Inner {
+            script,
+            ..Default::default()
+        }));
+        let app = router(inner.clone());
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(FakeModel { addr, inner, task })
+    }
+
+    /// The OpenAI base URL to configure clients with (`http://.../v1`).
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Every request body received, in order.
+    pub fn requests(&self) -> Vec<Value> {
+        self.lock().requests.clone()
+    }
+
+    /// Every check that failed, in order. Empty when the client behaved.
+    pub fn failures(&self) -> Vec<String> {
+        self.lock().failures.clone()
+    }
+
+    /// Steps not consumed yet.
+    pub fn remaining(&self) -> usize {
+        let inner = self.lock();
+        inner.script.steps.len().saturating_sub(inner.next)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The server's routes, for embedding.
+fn router(inner: Arc<Mutex<Inner>>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(completions))
+        .route("/chat/completions", post(completions))
+        .route("/_fake/status", get(status))
+        .with_state(inner)
+}
+
+async fn status(State(inner): State<Arc<Mutex<Inner>>>) -> impl IntoResponse {
+    let inner = inner.lock().unwrap_or_else(|p| p.into_inner());
+    axum::Json(json!({
+        "served": inner.requests.len(),
+        "remaining": inner.script.steps.len().saturating_sub(inner.next),
+        "failures": inner.failures,
+    }))
+}
+
+async fn completions(State(inner): State<Arc<Mutex<Inner>>>, body: String) -> Response {
+    let (reply, stream, model, call_ids, prompt_tokens) = {
+        let mut guard = inner.lock().unwrap_or_else(|p| p.into_inner());
+        let request: Value = match serde_json::from_str(&body) {
+            Ok(v) => v,
+            Err(e) => return fail(&mut guard, format!("request is not JSON: {e}")),
+        };
+        guard.requests.push(request.clone());
+        let Some(step) = guard.script.steps.get(guard.next).cloned() else {
+            let n = guard.requests.len();
+            return fail(
+                &mut guard,
+                format!("request {n} arrived but the script has no steps left"),
+            );
+        };
+        guard.next += 1;
+        let problems = check(&request, &step.expect, &guard.last_call_ids);
+        if !problems.is_empty() {
+            let n = guard.requests.len();
+            return fail(&mut guard, format!("request {n}: {}", problems.join("; ")));
+        }
+        let ids: Vec<String> = step
+            .reply
+            .tool_calls
+            .iter()
+            .map(|_| {
+                guard.call_counter += 1;
+                format!("call_{}", guard.call_counter)
+            })
+            .collect();
+        if step.reply.status.is_none() {
+            guard.last_call_ids = ids.clone();
+        }
+        let stream = request
+            .get("stream")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let model = request
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("fake")
+            .to_owned();
+        (step.reply, stream, model, ids, (body.len() / 4) as u64)
+    };
+    if let Some(ms) = reply.delay_ms {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    if let Some(status) = reply.status {
+        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let msg = reply
+            .error
+            .clone()
+            .unwrap_or_else(|| "scripted error".into());
+        return (
+            code,
+            axum::Json(json!({"error": {"message": msg, "type": "scripted"}})),
+        )
+            .into_response();
+    }
+    let calls: Vec<Value> = reply
+        .tool_calls
+        .iter()
+        .zip(&call_ids)
+        .map(|(c, id)| {
+            let args = c
+                .raw_arguments
+                .clone()
+                .unwrap_or_else(|| c.arguments.to_string());
+            json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": args}})
+        })
+        .collect();
+    let finish = reply.finish_reason.clone().unwrap_or_else(|| {
+        if calls.is_empty() {
+            "stop".into()
+        } else {
+            "tool_calls".into()
+        }
+    });
+    let completion_tokens =
+        (reply.content.as_deref().unwrap_or("").len() / 4 + calls.len() * 10) as u64;
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                       "total_tokens": prompt_tokens + completion_tokens});
+    if stream {
+        return sse(&model, reply.content.as_deref(), &calls, &finish, usage);
+    }
+    let mut message = json!({"role": "assistant", "content": reply.content});
+    if !calls.is_empty() {
+        message["tool_calls"] = Value::Array(calls);
+    }
+    axum::Json(json!({
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "usage": usage,
+    }))
+    .into_response()
+}
+
+/// The always-made checks plus the step's own.
+fn check(request: &Value, expect: &Expect, last_call_ids: &[String]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let empty = Vec::new();
+    let messages = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
+    if messages.is_empty() {
+        problems.push("no messages".to_owned());
+    }
+    let tools: Vec<&str> = request
+        .get("tools")
+        .and_then(Value::as_array)
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    for want in &expect.tools_include {
+        if !tools.contains(&want.as_str()) {
+            problems.push(format!("tool {want} not offered (offered: {tools:?})"));
+        }
+    }
+    // The tool messages after the last assistant message must answer
+    // every call of the previous reply, by id, in order.
+    let tail_start = messages
+        .iter()
+        .rposition(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+        .map(|i| i + 1)
+        .unwrap_or(messages.len());
+    let results: Vec<&Value> = messages[tail_start..]
+        .iter()
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("tool"))
+        .collect();
+    let answered: Vec<&str> = results
+        .iter()
+        .filter_map(|m| m.get("tool_call_id").and_then(Value::as_str))
+        .collect();
+    for id in last_call_ids {
+        if !answered.contains(&id.as_str()) {
+            problems.push(format!(
+                "tool call {id} of the previous reply got no tool message (got {answered:?})"
+            ));
+        }
+    }
+    for (i, want) in expect.tool_results.iter().enumerate() {
+        let got = results
+            .get(i)
+            .and_then(|m| m.get("content"))
+            .map(content_text)
+            .unwrap_or_default();
+        if !got.contains(&want.contains) {
+            problems.push(format!(
+                "tool result {} should contain {:?} but is {:?}",
+                i + 1,
+                want.contains,
+                clip(&got)
+            ));
+        }
+    }
+    if let Some(want) = &expect.user_contains {
+        let found = messages.iter().any(|m| {
+            m.get("role").and_then(Value::as_str) == Some("user")
+                && m.get("content")
+                    .map(content_text)
+                    .unwrap_or_default()
+                    .contains(want.as_str())
+        });
+        if !found {
+            problems.push(format!("no user message contains {want:?}"));
+        }
+    }
+    problems
+}
+
+fn content_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+fn clip(s: &str) -> String {
+    if s.len() > 300 {
+        let mut end = 300;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &s[..end])
+    } else {
+        s.to_owned()
+    }
+}
+
+fn fail(inner: &mut Inner, message: String) -> Response {
+    inner.failures.push(message.clone());
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({"error": {"message": format!("fake-model: {message}"), "type": "script_mismatch"}})),
+    )
+        .into_response()
+}
+
+/// A streamed answer in OpenAI's SSE chunk format: role, content in
+/// pieces, each tool call's name then its arguments in pieces, the finish
+/// reason, usage, then `[DONE]`.
+fn sse(
+    model: &str,
+    content: Option<&str>,
+    calls: &[Value],
+    finish: &str,
+    usage: Value,
+) -> Response {
+    let chunk = |delta: Value, finish: Option<&str>| {
+        let c = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {c}\n\n")
+    };
+    let mut out = chunk(json!({"role": "assistant", "content": ""}), None);
+    if let Some(text) = content {
+        for piece in pieces(text, 7) {
+            out.push_str(&chunk(json!({"content": piece}), None));
+        }
+    }
+    for (i, call) in calls.iter().enumerate() {
+        let name = call
+            .pointer("/function/name")
+            .cloned()
+            .unwrap_or(Value::Null);
+        let id = call.get("id").cloned().unwrap_or(Value::Null);
+        out.push_str(&chunk(
+            json!({"tool_calls": [{"index": i, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]}),
+            None,
+        ));
+        let args = call
+            .pointer("/function/arguments")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        for piece in pieces(args, 9) {
+            out.push_str(&chunk(
+                json!({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}),
+                None,
+            ));
+        }
+    }
+    out.push_str(&chunk(json!({}), Some(finish)));
+    let usage_chunk = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
+                             "model": model, "choices": [], "usage": usage});
+    out.push_str(&format!("data: {usage_chunk}\n\n"));
+    out.push_str("data: [DONE]\n\n");
+    ([("content-type", "text/event-stream")], out).into_response()
+}
+
+fn pieces(s: &str, n: usize) -> Vec<String> {
+    let chars: Vec<char> = s.chars().collect();
+    chars.chunks(n).map(|c| c.iter().collect()).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,136 @@
+use super::*;
+
+fn script(v: Value) -> Script {
+    serde_json::from_value(v).unwrap()
+}
+
+async fn post(url: &str, body: Value) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn user(text: &str) -> Value {
+    json!({"model": "m", "messages": [{"role": "user", "content": text}],
+           "tools": [{"type": "function", "function": {"name": "run_command"}}]})
+}
+
+#[tokio::test]
+async fn replays_tool_calls_and_requires_their_results() {
+    let fake = FakeModel::start(script(json!({"steps": [
+        {"expect": {"user_contains": "hello", "tools_include": ["run_command"]},
+         "reply": {"content": "ok", "tool_calls": [{"name": "run_command", "arguments": {"command": "ls"}}]}},
+        {"expect": {"tool_results": [{"contains": "README"}]}, "reply": {"content": "done"}}
+    ]})))
+    .await
+    .unwrap();
+    let (code, body) = post(&fake.base_url(), user("hello")).await;
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "run_command");
+    assert_eq!(call["function"]["arguments"], r#"{"command":"ls"}"#);
+    // A follow-up that forgets the tool result is refused and recorded.
+    let (code, body) = post(&fake.base_url(), user("hello")).await;
+    assert_eq!(code, 400, "{body}");
+    let failures = fake.failures();
+    assert_eq!(failures.len(), 1);
+    assert!(failures[0].contains("got no tool message"), "{failures:?}");
+    assert!(
+        failures[0].contains("should contain \"README\""),
+        "{failures:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_well_behaved_client_passes_every_check() {
+    let fake = FakeModel::start(script(json!({"steps": [
+        {"reply": {"tool_calls": [{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}]}},
+        {"expect": {"tool_results": [{"contains": "A"}, {"contains": "B"}]}, "reply": {"content": "fine"}}
+    ]})))
+    .await
+    .unwrap();
+    let (_, body) = post(&fake.base_url(), user("x")).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let msg = v["choices"][0]["message"].clone();
+    let ids: Vec<String> = msg["tool_calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect();
+    let follow = json!({"model": "m", "messages": [
+        {"role": "user", "content": "x"}, msg,
+        {"role": "tool", "tool_call_id": ids[0], "content": "A out"},
+        {"role": "tool", "tool_call_id": ids[1], "content": "B out"}]});
+    let (code, body) = post(&fake.base_url(), follow).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+    assert_eq!(fake.remaining(), 0);
+    assert_eq!(fake.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn scripted_errors_and_exhaustion() {
+    let fake = FakeModel::start(script(
+        json!({"steps": [{"reply": {"status": 503, "error": "overloaded"}}]}),
+    ))
+    .await
+    .unwrap();
+    let (code, body) = post(&fake.base_url(), user("x")).await;
+    assert_eq!((code, body.contains("overloaded")), (503, true));
+    let (code, _) = post(&fake.base_url(), user("x")).await;
+    assert_eq!(code, 400);
+    assert!(fake.failures()[0].contains("no steps left"));
+}
+
+#[tokio::test]
+async fn streams_in_openai_chunk_format() {
+    let fake = FakeModel::start(script(json!({"steps": [
+        {"reply": {"content": "Hello there, world", "tool_calls": [{"name": "write_file", "arguments": {"path": "a.txt", "content": "x"}}]}}
+    ]})))
+    .await
+    .unwrap();
+    let mut req = user("x");
+    req["stream"] = json!(true);
+    let (code, body) = post(&fake.base_url(), req).await;
+    assert_eq!(code, 200);
+    // Reassemble as a client would.
+    let (mut text, mut args, mut finish, mut saw_done, mut usage) =
+        (String::new(), String::new(), None, false, None);
+    for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            saw_done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).unwrap();
+        if let Some(u) = v.get("usage") {
+            usage = Some(u.clone());
+        }
+        let Some(choice) = v["choices"].get(0) else {
+            continue;
+        };
+        if let Some(c) = choice["delta"]["content"].as_str() {
+            text.push_str(c);
+        }
+        if let Some(a) = choice["delta"]["tool_calls"][0]["function"]["arguments"].as_str() {
+            args.push_str(a);
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = Some(f.to_owned());
+        }
+    }
+    assert_eq!(text, "Hello there, world");
+    assert_eq!(
+        serde_json::from_str::<Value>(&args).unwrap()["path"],
+        "a.txt"
+    );
+    assert_eq!(finish.as_deref(), Some("tool_calls"));
+    assert!(saw_done);
+    assert!(usage.unwrap()["prompt_tokens"].as_u64().unwrap() > 0);
+}
