@@ -1,0 +1,285 @@
+//! The loop: ask the model, run the tools it calls, feed the results back,
+//! until it calls `finish` or a limit ends it.
+
+use crate::EventSink;
+use crate::model::{ModelClient, ModelFailure, elapsed_ms};
+use crate::tools::SandboxTools;
+use backshift_core::FailureReason;
+use backshift_protocol::EventKind;
+use serde_json::{Value, json};
+use std::time::Instant;
+
+/// How the agent's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentOutcome {
+    /// It called `finish` (or stopped talking after a reminder).
+    Finished {
+        /// Its summary of the work.
+        summary: String,
+    },
+    /// A limit or an error stopped it.
+    Stopped {
+        /// Machine-readable reason.
+        reason: FailureReason,
+        /// What happened and what to do.
+        detail: String,
+    },
+}
+
+/// Conversations larger than this have old tool output elided.
+const CONTEXT_BUDGET_BYTES: usize = 400 * 1024;
+/// The newest messages never elided.
+const KEEP_RECENT: usize = 8;
+
+const SYSTEM_PROMPT: &str = "You are backshift's coding agent, working unattended in an isolated \
+sandbox on a git checkout of the user's repository (the current directory, {workdir}), on a branch \
+of its own. Do the task with the tools: inspect the code, make focused changes, and run commands \
+(tests, builds) to check them. Commands have no network access. Do not commit: backshift commits \
+your changes when you finish. When the work is done, call `finish` with a short summary of what you \
+changed and why; its first line becomes the commit subject.";
+
+/// Runs the agent on `prompt` with at most `max_turns` model requests.
+pub async fn run_agent(
+    model: &ModelClient,
+    tools: &SandboxTools,
+    sink: &dyn EventSink,
+    prompt: &str,
+    workdir: &str,
+    max_turns: u32,
+) -> AgentOutcome {
+    let definitions = SandboxTools::definitions();
+    let mut messages = vec![
+        json!({"role": "system", "content": SYSTEM_PROMPT.replace("{workdir}", workdir)}),
+        json!({"role": "user", "content": prompt}),
+    ];
+    let mut plain_replies = 0;
+    for turn in 1..=max_turns {
+        elide_old_output(&mut messages);
+        let bytes: usize = messages.iter().map(|m| m.to_string().len()).sum();
+        sink.emit(EventKind::ModelRequest {
+            turn,
+            messages: messages.len(),
+            bytes,
+        })
+        .await;
+        let started = Instant::now();
+        let mut retries = Vec::new();
+        let result = model
+            .complete(&messages, &definitions, &mut |r| retries.push(r))
+            .await;
+        // Retries are reported after the fact, in order; the request's
+        // latency includes their waits.
+        for r in retries {
+            sink.emit(EventKind::ModelRetry {
+                turn,
+                retry: r.retry,
+                error: r.error,
+                wait_ms: r.wait.as_millis() as u64,
+            })
+            .await;
+        }
+        let completion = match result {
+            Ok(c) => c,
+            Err(e @ ModelFailure::Unreachable { .. }) => {
+                return AgentOutcome::Stopped {
+                    reason: FailureReason::ModelUnreachable,
+                    detail: format!(
+                        "{e}. Check that the model endpoint in the server config ([model] base_url) is up and reachable from the server."
+                    ),
+                };
+            }
+            Err(e @ ModelFailure::Rejected { .. }) => {
+                return AgentOutcome::Stopped {
+                    reason: FailureReason::ModelError,
+                    detail: format!(
+                        "{e}. Check the model name and API key in the server config ([model])."
+                    ),
+                };
+            }
+        };
+        sink.emit(EventKind::ModelResponse {
+            turn,
+            text: completion.text.clone(),
+            tool_calls: completion.tool_calls.clone(),
+            finish_reason: completion.finish_reason.clone(),
+            usage: completion.usage,
+            latency_ms: elapsed_ms(started),
+        })
+        .await;
+
+        let mut assistant =
+            json!({"role": "assistant", "content": completion.text.clone().unwrap_or_default()});
+        if !completion.tool_calls.is_empty() {
+            assistant["tool_calls"] = Value::Array(
+                completion
+                    .tool_calls
+                    .iter()
+                    .map(|c| json!({"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                    .collect(),
+            );
+        }
+        messages.push(assistant);
+
+        if completion.tool_calls.is_empty() {
+            let truncated = completion.finish_reason.as_deref() == Some("length");
+            if truncated {
+                messages.push(json!({"role": "user", "content":
+                    "Your reply was cut off at the output token limit. Continue with smaller steps: one tool call at a time, shorter file contents."}));
+                continue;
+            }
+            plain_replies += 1;
+            if plain_replies >= 2 {
+                let summary = completion
+                    .text
+                    .unwrap_or_else(|| "The agent stopped without a summary.".into());
+                sink.emit(EventKind::AgentFinished {
+                    summary: summary.clone(),
+                })
+                .await;
+                return AgentOutcome::Finished { summary };
+            }
+            messages.push(json!({"role": "user", "content":
+                "Use the tools to work on the task. If the task is complete, call `finish` with a summary."}));
+            continue;
+        }
+        plain_replies = 0;
+
+        let mut finished = None;
+        for call in &completion.tool_calls {
+            let started = Instant::now();
+            let parsed: Result<Value, String> = if call.arguments.trim().is_empty() {
+                Ok(json!({}))
+            } else {
+                serde_json::from_str::<Value>(&call.arguments)
+                    .map_err(|e| e.to_string())
+                    .and_then(|v| {
+                        if v.is_object() {
+                            Ok(v)
+                        } else {
+                            Err("arguments must be a JSON object".into())
+                        }
+                    })
+            };
+            let shown = parsed
+                .clone()
+                .unwrap_or_else(|_| json!({"raw": call.arguments}));
+            sink.emit(EventKind::ToolCall {
+                call_id: call.call_id.clone(),
+                name: call.name.clone(),
+                arguments: shown,
+            })
+            .await;
+            let (ok, exit_code, output) = match (&parsed, call.name.as_str()) {
+                (Err(e), _) => (
+                    false,
+                    None,
+                    format!(
+                        "error: the arguments are not valid JSON ({e}); send the call again with a valid JSON object"
+                    ),
+                ),
+                (Ok(args), "finish") => {
+                    let summary = args
+                        .get("summary")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .trim()
+                        .to_owned();
+                    if summary.is_empty() {
+                        (
+                            false,
+                            None,
+                            "error: finish needs a non-empty `summary`".to_owned(),
+                        )
+                    } else {
+                        finished = Some(summary);
+                        (true, None, "finished".to_owned())
+                    }
+                }
+                (Ok(args), name) => {
+                    let out = tools.call(&call.call_id, name, args, sink).await;
+                    (out.ok, out.exit_code, out.output)
+                }
+            };
+            sink.emit(EventKind::ToolResult {
+                call_id: call.call_id.clone(),
+                name: call.name.clone(),
+                ok,
+                exit_code,
+                output: output.clone(),
+                duration_ms: elapsed_ms(started),
+            })
+            .await;
+            messages.push(json!({"role": "tool", "tool_call_id": call.call_id, "content": output}));
+        }
+        if let Some(summary) = finished {
+            sink.emit(EventKind::AgentFinished {
+                summary: summary.clone(),
+            })
+            .await;
+            return AgentOutcome::Finished { summary };
+        }
+    }
+    AgentOutcome::Stopped {
+        reason: FailureReason::MaxTurns,
+        detail: format!(
+            "the agent used all {max_turns} turns without finishing; retry with a larger limits.max_turns or a narrower task"
+        ),
+    }
+}
+
+/// Keeps the conversation under budget by replacing the content of old
+/// tool results (the bulk of any conversation) with a note.
+fn elide_old_output(messages: &mut [Value]) {
+    let mut total: usize = messages.iter().map(|m| m.to_string().len()).sum();
+    // First the old results; then, if the recent ones alone are too big,
+    // all but the newest result.
+    let newest_tool = messages
+        .iter()
+        .rposition(|m| m.get("role").and_then(Value::as_str) == Some("tool"));
+    let protect_from = messages.len().saturating_sub(KEEP_RECENT);
+    for limit in [protect_from, newest_tool.unwrap_or(0)] {
+        for m in messages[..limit].iter_mut() {
+            if total <= CONTEXT_BUDGET_BYTES {
+                return;
+            }
+            if m.get("role").and_then(Value::as_str) == Some("tool") {
+                let len = m.get("content").and_then(Value::as_str).map_or(0, str::len);
+                if len > 200 {
+                    m["content"] = json!(ELIDED);
+                    total -= len;
+                }
+            }
+        }
+    }
+}
+
+const ELIDED: &str =
+    "[backshift: output elided to keep the conversation small; run the tool again if you need it]";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_tool_output_is_elided_first_and_recent_kept() {
+        let big = "x".repeat(100 * 1024);
+        let mut messages = vec![
+            json!({"role": "system", "content": "s"}),
+            json!({"role": "user", "content": "u"}),
+        ];
+        for i in 0..12 {
+            messages.push(json!({"role": "assistant", "content": format!("a{i}")}));
+            messages.push(json!({"role": "tool", "tool_call_id": i.to_string(), "content": big}));
+        }
+        elide_old_output(&mut messages);
+        let total: usize = messages.iter().map(|m| m.to_string().len()).sum();
+        assert!(total <= CONTEXT_BUDGET_BYTES, "{total}");
+        assert_eq!(
+            messages.last().unwrap()["content"],
+            big,
+            "the newest result is intact"
+        );
+        assert_eq!(messages[1]["content"], "u", "the task is never elided");
+        assert!(messages[3]["content"].as_str().unwrap().contains("elided"));
+    }
+}
