@@ -189,6 +189,7 @@ impl SandboxTools {
         let spec = ExecSpec {
             argv: vec![
                 "setsid".into(),
+                "--wait".into(),
                 "bash".into(),
                 "-c".into(),
                 script,

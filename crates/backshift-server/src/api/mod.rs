@@ -1,0 +1,108 @@
+//! The REST API under `/api/v1`, the git endpoint under `/git`, and the
+//! unauthenticated `/healthz`, `/readyz` and `/openapi.json`.
+
+mod attempts;
+mod error;
+mod git;
+mod health;
+mod tasks;
+
+pub use error::ApiError;
+
+use crate::auth::{hash_token, token_from_header};
+use crate::serve::App;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use std::sync::Arc;
+use utoipa::OpenApi;
+
+/// The OpenAPI description of the API.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "backshift", description = "A self-hosted runtime for background coding agents."),
+    paths(
+        tasks::create_task, tasks::list_tasks, tasks::get_task, tasks::cancel_task,
+        attempts::get_attempt, attempts::list_events, attempts::stream_events, attempts::get_diff,
+        health::healthz, health::readyz,
+    ),
+    components(schemas(
+        backshift_protocol::CreateTaskRequest, backshift_protocol::TaskView, backshift_protocol::AttemptView,
+        backshift_protocol::TaskCreated, backshift_protocol::ErrorBody, backshift_protocol::ReadyView,
+        backshift_protocol::Event, backshift_protocol::EventKind,
+    )),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// All routes.
+pub fn router(app: Arc<App>) -> Router {
+    let protected = Router::new()
+        .route(
+            "/api/v1/tasks",
+            post(tasks::create_task).get(tasks::list_tasks),
+        )
+        .route("/api/v1/tasks/{id}", get(tasks::get_task))
+        .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel_task))
+        .route("/api/v1/attempts/{id}", get(attempts::get_attempt))
+        .route("/api/v1/attempts/{id}/events", get(attempts::list_events))
+        .route(
+            "/api/v1/attempts/{id}/events/stream",
+            get(attempts::stream_events),
+        )
+        .route("/api/v1/attempts/{id}/diff", get(attempts::get_diff))
+        .route("/git/{repo}/info/refs", get(git::info_refs))
+        .route("/git/{repo}/git-upload-pack", post(git::upload_pack))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(openapi))
+        .merge(protected)
+        .fallback(|| async { ApiError::not_found("route", "this path") })
+        .with_state(app)
+}
+
+async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}
+
+async fn require_token(
+    State(app): State<Arc<App>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let git = req.uri().path().starts_with("/git/");
+    let token = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(token_from_header);
+    let Some(token) = token else {
+        return Err(ApiError::unauthorized(git, "no API token was sent"));
+    };
+    match app.store.token_by_hash(&hash_token(&token)).await {
+        Ok(Some(_)) => Ok(next.run(req).await),
+        Ok(None) => Err(ApiError::unauthorized(
+            git,
+            "the API token is not valid for this server",
+        )),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}

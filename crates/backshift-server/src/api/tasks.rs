@@ -1,0 +1,251 @@
+//! Tasks: create, list, show, cancel.
+
+use super::ApiError;
+use crate::serve::App;
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use backshift_core::limits::LimitsRequest;
+use backshift_core::slug::branch_name;
+use backshift_core::{AttemptId, AttemptState, TaskId, Transition};
+use backshift_protocol::{
+    AttemptView, CreateTaskRequest, TaskCreated, TaskView, format_ts, now_ms,
+};
+use backshift_store::{AttemptRow, NewAttempt, NewTask, TaskRow};
+use std::sync::Arc;
+
+const AGENTS: &[&str] = &["builtin"];
+
+/// Hand a task to backshift.
+#[utoipa::path(post, path = "/api/v1/tasks", request_body = CreateTaskRequest, responses(
+    (status = 201, description = "Created; its attempt is queued", body = TaskCreated),
+    (status = 400, description = "Bad input: the error says which field and why", body = backshift_protocol::ErrorBody)))]
+pub async fn create_task(
+    State(app): State<Arc<App>>,
+    body: Result<Json<CreateTaskRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<TaskCreated>), ApiError> {
+    let Json(req) = body.map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!("the request body is not a valid task: {}", e.body_text()),
+            Some("send JSON with `prompt` and `repo` (see /openapi.json)"),
+        )
+    })?;
+    let prompt = req.prompt.trim();
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request(
+            "prompt_empty",
+            "the prompt is empty",
+            Some("say what the agent should do"),
+        ));
+    }
+    let agent = req.agent.clone().unwrap_or_else(|| "builtin".into());
+    if !AGENTS.contains(&agent.as_str()) {
+        return Err(ApiError::bad_request(
+            "unknown_agent",
+            format!("unknown agent {agent:?}; available: {}", AGENTS.join(", ")),
+            Some("omit `agent` for the built-in agent"),
+        ));
+    }
+    let limits = req
+        .limits
+        .unwrap_or(LimitsRequest::default())
+        .resolve(&app.config.limits)
+        .map_err(|e| ApiError::bad_request("invalid_limits", e, None))?;
+    app.model_config().map_err(|e| {
+        ApiError::bad_request(
+            "model_not_configured",
+            e,
+            Some("see `backshift serve --help` and README: Configuration"),
+        )
+    })?;
+    let repo = resolve_repo(&req.repo, req.base_ref.as_deref()).await?;
+
+    let now = now_ms();
+    let project = app
+        .store
+        .project_for_source(&repo, TaskId::generate().as_str(), now)
+        .await?;
+    let id = TaskId::generate();
+    let attempt = AttemptId::new(&id, 1);
+    app.store
+        .create_task(
+            &NewTask {
+                id: id.to_string(),
+                project_id: project,
+                prompt: prompt.to_owned(),
+                repo,
+                base_ref: req.base_ref.clone(),
+                agent,
+                limits,
+                created_at: now,
+            },
+            &[NewAttempt {
+                id: attempt.to_string(),
+                n: 1,
+                branch: branch_name(&id, prompt, 1),
+            }],
+        )
+        .await?;
+    app.supervisor.wake();
+    Ok((
+        StatusCode::CREATED,
+        Json(TaskCreated {
+            id: id.to_string(),
+            attempts: vec![attempt.to_string()],
+        }),
+    ))
+}
+
+/// A local path must be an absolute path to a git repository holding the
+/// base ref; URLs are checked when the attempt fetches them.
+async fn resolve_repo(repo: &str, base_ref: Option<&str>) -> Result<String, ApiError> {
+    let repo = repo.trim();
+    if repo.is_empty() {
+        return Err(ApiError::bad_request(
+            "repo_missing",
+            "`repo` is empty",
+            Some("give a local path or a git URL"),
+        ));
+    }
+    if backshift_git::is_url(repo) {
+        return Ok(repo.to_owned());
+    }
+    let path = std::path::Path::new(repo);
+    if !path.is_absolute() {
+        return Err(ApiError::bad_request(
+            "repo_not_absolute",
+            format!("{repo} is a relative path; the server cannot know what it is relative to"),
+            Some("send an absolute path (the CLI does this for you)"),
+        ));
+    }
+    backshift_git::validate_local_repo(path, base_ref)
+        .await
+        .map_err(|e| {
+            ApiError::bad_request(
+                "repo_invalid",
+                e,
+                Some("point `repo` at a git repository on the server's host, or use a git URL"),
+            )
+        })?;
+    let canonical = tokio::fs::canonicalize(path)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(canonical.to_string_lossy().into_owned())
+}
+
+/// Tasks, newest first.
+#[utoipa::path(get, path = "/api/v1/tasks", responses((status = 200, body = [TaskView])))]
+pub async fn list_tasks(State(app): State<Arc<App>>) -> Result<Json<Vec<TaskView>>, ApiError> {
+    let mut out = Vec::new();
+    for t in app.store.list_tasks(200).await? {
+        out.push(task_view(&app, t).await?);
+    }
+    Ok(Json(out))
+}
+
+/// One task with its attempts.
+#[utoipa::path(get, path = "/api/v1/tasks/{id}", params(("id" = String, Path, description = "Task id")),
+    responses((status = 200, body = TaskView), (status = 404, body = backshift_protocol::ErrorBody)))]
+pub async fn get_task(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    let task = app
+        .store
+        .task(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("task", &id))?;
+    Ok(Json(task_view(&app, task).await?))
+}
+
+/// Cancels every active attempt of a task.
+#[utoipa::path(post, path = "/api/v1/tasks/{id}/cancel", params(("id" = String, Path, description = "Task id")),
+    responses((status = 200, body = TaskView), (status = 404, body = backshift_protocol::ErrorBody)))]
+pub async fn cancel_task(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    let task = app
+        .store
+        .task(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("task", &id))?;
+    for a in app.store.attempts_of(&id).await? {
+        if a.state.is_terminal() {
+            continue;
+        }
+        if !app.supervisor.cancel(&a.id) && a.state == AttemptState::Queued {
+            // Not started: cancel it in place. If it started meanwhile, the
+            // compare-and-set fails and the runner's token is used instead.
+            if app
+                .hub
+                .transition(
+                    &a.id,
+                    AttemptState::Queued,
+                    Transition::Cancel,
+                    Some("cancelled before it started".into()),
+                )
+                .await
+                .is_err()
+            {
+                app.supervisor.cancel(&a.id);
+            }
+        }
+    }
+    // Give a running attempt a moment to record its end.
+    for _ in 0..50 {
+        let attempts = app.store.attempts_of(&id).await?;
+        if attempts.iter().all(|a| a.state.is_terminal()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(Json(task_view(&app, task).await?))
+}
+
+pub(super) async fn task_view(app: &App, t: TaskRow) -> Result<TaskView, ApiError> {
+    let mut attempts = Vec::new();
+    for a in app.store.attempts_of(&t.id).await? {
+        attempts.push(attempt_view(app, &t, a).await?);
+    }
+    Ok(TaskView {
+        state: attempts
+            .last()
+            .map(|a| a.state)
+            .unwrap_or(AttemptState::Queued),
+        id: t.id,
+        prompt: t.prompt,
+        repo: t.repo,
+        base_ref: t.base_ref,
+        agent: t.agent,
+        limits: t.limits,
+        created_at: format_ts(t.created_at),
+        attempts,
+    })
+}
+
+pub(super) async fn attempt_view(
+    app: &App,
+    t: &TaskRow,
+    a: AttemptRow,
+) -> Result<AttemptView, ApiError> {
+    let last_seq = app.store.last_seq(&a.id).await?;
+    Ok(AttemptView {
+        id: a.id,
+        task_id: a.task_id,
+        n: a.n,
+        state: a.state,
+        reason: a.reason,
+        detail: a.detail,
+        branch: a.branch,
+        base_commit: a.base_commit,
+        head_commit: a.head_commit,
+        summary: a.summary,
+        git_path: format!("/git/{}.git", t.project_id),
+        last_seq,
+        created_at: format_ts(a.created_at),
+        updated_at: format_ts(a.updated_at),
+    })
+}

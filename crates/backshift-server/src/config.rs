@@ -1,0 +1,194 @@
+//! The server's configuration: one TOML file, every key overridable by an
+//! environment variable `BACKSHIFT_<SECTION>__<KEY>` (e.g.
+//! `BACKSHIFT_MODEL__BASE_URL`, `BACKSHIFT_LISTEN`).
+
+use backshift_core::Limits;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything the server reads at start-up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on (`127.0.0.1:7777`; port 0 picks a free one).
+    pub listen: String,
+    /// Where the database and git store live; the user's data directory
+    /// (`~/.local/share/backshift`) when absent.
+    pub data_dir: Option<PathBuf>,
+    /// Attempts that may be active at once; more wait in `queued`.
+    pub max_concurrent_attempts: usize,
+    /// Sandbox settings.
+    pub sandbox: SandboxConfig,
+    /// The model the built-in agent talks to.
+    pub model: ModelSection,
+    /// Default limits of a task.
+    pub limits: Limits,
+    /// Identity of the commits backshift makes.
+    pub git: GitSection,
+}
+
+/// `[sandbox]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Image of every sandbox; the bootstrapped default image when absent.
+    pub image: Option<String>,
+    /// Memory limit per sandbox, MiB.
+    pub memory_mb: i64,
+    /// CPU limit per sandbox, in CPUs.
+    pub cpus: f64,
+    /// Process limit per sandbox.
+    pub pids: i64,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// OpenAI-compatible base URL (up to, not including, `/chat/completions`).
+    pub base_url: Option<String>,
+    /// Model name.
+    pub model: String,
+    /// Name of the environment variable holding the API key. The key
+    /// itself never goes in the file.
+    pub api_key_env: Option<String>,
+    /// Retries of a failed request (connection errors, 429, 5xx).
+    pub max_retries: u32,
+    /// First retry wait, ms; doubles each retry.
+    pub retry_base_ms: u64,
+    /// Timeout of one request, seconds.
+    pub request_timeout_secs: u64,
+    /// Maximum output tokens per response, when set.
+    pub max_tokens: Option<u32>,
+}
+
+/// `[git]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitSection {
+    /// Author and committer name of backshift's commits.
+    pub author_name: String,
+    /// Author and committer email.
+    pub author_email: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:7777".into(),
+            data_dir: None,
+            max_concurrent_attempts: 4,
+            sandbox: SandboxConfig::default(),
+            model: ModelSection::default(),
+            limits: Limits::default(),
+            git: GitSection::default(),
+        }
+    }
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            image: None,
+            memory_mb: 2048,
+            cpus: 1.0,
+            pids: 512,
+        }
+    }
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            base_url: None,
+            model: "gpt-4.1".into(),
+            api_key_env: None,
+            max_retries: 4,
+            retry_base_ms: 500,
+            request_timeout_secs: 300,
+            max_tokens: None,
+        }
+    }
+}
+
+impl Default for GitSection {
+    fn default() -> Self {
+        GitSection {
+            author_name: "backshift".into(),
+            author_email: "backshift@localhost".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (when given; it must exist), then the
+    /// environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                anyhow::bail!("config file {} does not exist", path.display());
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed("BACKSHIFT_").split("__").ignore(&[
+            "TOKEN",
+            "URL",
+            "CONFIG_DIR",
+            "CONFIG",
+            "LOG",
+        ]));
+        figment
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+    }
+
+    /// The data directory in effect.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .or_else(|| dirs::data_dir().map(|d| d.join("backshift")))
+            .unwrap_or_else(|| PathBuf::from(".backshift"))
+    }
+
+    /// The sandbox image in effect.
+    pub fn image(&self) -> String {
+        self.sandbox
+            .image
+            .clone()
+            .unwrap_or_else(backshift_sandbox::image::default_image_tag)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:1\"\n[model]\nbase_url = \"http://m.invalid/v1\"\n[limits]\nmax_turns = 7\nwall_time_secs = 60\ncommand_timeout_secs = 5\n").unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("BACKSHIFT_MODEL__MODEL", "from-env");
+            let c = Config::load(Some(&file)).map_err(|e| e.to_string())?;
+            assert_eq!(c.listen, "127.0.0.1:1");
+            assert_eq!(c.model.base_url.as_deref(), Some("http://m.invalid/v1"));
+            assert_eq!(c.model.model, "from-env");
+            assert_eq!(c.limits.max_turns, 7);
+            assert_eq!(c.sandbox.memory_mb, 2048);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "lissten = \"x\"\n").unwrap();
+        let e = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(e.contains("lissten"), "{e}");
+    }
+}

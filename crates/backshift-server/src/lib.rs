@@ -1,0 +1,18 @@
+//! The control plane: configuration, the REST API with its event streams,
+//! and the supervisor that drives each attempt through its lifecycle.
+//!
+//! Data flows one way (DESIGN §4): API → store (intent) → supervisor
+//! (drives the state machine) → sandbox driver / agent / git (effects) →
+//! events → store → API streams. Handlers never act on sandboxes
+//! themselves; they record intent and wake the supervisor.
+
+pub mod api;
+pub mod attempt;
+pub mod auth;
+pub mod config;
+pub mod events;
+pub mod serve;
+pub mod supervisor;
+
+pub use config::Config;
+pub use serve::{Server, start};

@@ -1,0 +1,182 @@
+//! Start-up: open the data directory, settle the previous run, create the
+//! first API token, start the supervisor and the HTTP server.
+
+use crate::auth::{generate_token, hash_token};
+use crate::config::Config;
+use crate::events::EventHub;
+use crate::supervisor::{self, Supervisor};
+use backshift_agent::ModelConfig;
+use backshift_core::TaskId;
+use backshift_git::GitStore;
+use backshift_protocol::now_ms;
+use backshift_sandbox::docker::DockerDriver;
+use backshift_store::Store;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+/// Everything the handlers and the supervisor share.
+pub struct App {
+    /// Configuration in effect.
+    pub config: Config,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The database.
+    pub store: Store,
+    /// Event numbering, persistence and broadcast.
+    pub hub: EventHub,
+    /// The git store.
+    pub git: GitStore,
+    /// This server's identity on the Docker host (labels its sandboxes).
+    pub instance: String,
+    /// Running attempts.
+    pub supervisor: Supervisor,
+    docker: Mutex<Option<Arc<DockerDriver>>>,
+}
+
+impl App {
+    /// The Docker driver, connecting on first use (so a daemon started
+    /// after the server is picked up).
+    pub async fn docker(&self) -> Result<Arc<DockerDriver>, String> {
+        let mut slot = self.docker.lock().await;
+        if let Some(d) = slot.as_ref() {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(DockerDriver::connect().await.map_err(|e| e.to_string())?);
+        d.ping().await.map_err(|e| e.to_string())?;
+        *slot = Some(d.clone());
+        Ok(d)
+    }
+
+    /// The built-in agent's model settings, or what is missing.
+    pub fn model_config(&self) -> Result<ModelConfig, String> {
+        let m = &self.config.model;
+        let base_url = m.base_url.clone().ok_or_else(|| {
+            "no model is configured: set [model] base_url in the config file (or BACKSHIFT_MODEL__BASE_URL)".to_owned()
+        })?;
+        let api_key = match &m.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                format!("the model API key variable {var} ([model] api_key_env) is not set in the server's environment")
+            })?),
+            None => None,
+        };
+        Ok(ModelConfig {
+            base_url,
+            model: m.model.clone(),
+            api_key,
+            max_retries: m.max_retries,
+            retry_base: Duration::from_millis(m.retry_base_ms),
+            request_timeout: Duration::from_secs(m.request_timeout_secs),
+            max_tokens: m.max_tokens,
+        })
+    }
+}
+
+/// A started server.
+pub struct Server {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// A token created at this start (first start only), to show once.
+    pub new_token: Option<String>,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Shared state.
+    pub app: Arc<App>,
+    shutdown: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Server {
+    /// Stops accepting requests, cancels running attempts (their sandboxes
+    /// are removed) and waits for everything to end.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Resolves when the server has been asked to stop.
+    pub async fn stopped(&self) {
+        self.shutdown.cancelled().await
+    }
+}
+
+/// Starts the server described by `config`.
+pub async fn start(config: Config) -> anyhow::Result<Server> {
+    let data_dir = config.data_dir();
+    for sub in ["", "git", "tmp"] {
+        tokio::fs::create_dir_all(data_dir.join(sub))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create the data directory {}: {e}",
+                    data_dir.display()
+                )
+            })?;
+    }
+    let store = Store::open_sqlite(&data_dir.join("backshift.db"))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the database in {}: {e}", data_dir.display()))?;
+    let instance = store
+        .meta_init("instance_id", TaskId::generate().as_str())
+        .await?;
+    let new_token = if store.token_count().await? == 0 {
+        let token = generate_token();
+        store
+            .insert_token(
+                TaskId::generate().as_str(),
+                "admin",
+                &hash_token(&token),
+                now_ms(),
+            )
+            .await?;
+        Some(token)
+    } else {
+        None
+    };
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {}: {e} (is another server running? set listen or --listen)",
+                config.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let app = Arc::new(App {
+        git: GitStore::new(data_dir.join("git")),
+        hub: EventHub::new(store.clone()),
+        store,
+        instance,
+        supervisor: Supervisor::default(),
+        docker: Mutex::new(None),
+        data_dir: data_dir.clone(),
+        config,
+    });
+    supervisor::recover(&app).await?;
+
+    let shutdown = CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(supervisor::run(app.clone(), shutdown.clone()));
+    let router = crate::api::router(app.clone());
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!("HTTP server failed: {e}");
+        }
+    });
+    Ok(Server {
+        addr,
+        new_token,
+        data_dir,
+        app,
+        shutdown,
+        tasks,
+    })
+}

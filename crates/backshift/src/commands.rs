@@ -1,0 +1,485 @@
+//! The subcommands.
+
+use crate::client::Client;
+use crate::render::event_lines;
+use crate::{Cli, Command, ImageCommand};
+use anyhow::{Context, bail};
+use backshift_core::AttemptId;
+use backshift_core::limits::LimitsRequest;
+use backshift_protocol::{AttemptView, CreateTaskRequest, Event, TaskCreated, TaskView};
+use futures::StreamExt;
+use reqwest::Method;
+use std::io::Write;
+use std::time::Duration;
+
+/// Runs the command; returns the process exit code.
+pub async fn dispatch(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => serve(config, listen, data_dir).await,
+        Command::Image { command } => image(command).await,
+        other => client_command(&cli.server, other).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
+    let client = Client::new(server)?;
+    match command {
+        Command::Run {
+            prompt,
+            repo,
+            base,
+            agent,
+            max_turns,
+            timeout,
+            follow,
+        } => {
+            let repo = if backshift_git_is_url(&repo) {
+                repo
+            } else {
+                std::fs::canonicalize(&repo)
+                    .with_context(|| format!("repository {repo} does not exist"))?
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            let limits = (max_turns.is_some() || timeout.is_some()).then_some(LimitsRequest {
+                max_turns,
+                wall_time_secs: timeout,
+                command_timeout_secs: None,
+            });
+            let req = CreateTaskRequest {
+                prompt,
+                repo,
+                base_ref: base,
+                agent,
+                limits,
+            };
+            let created: TaskCreated = client
+                .send(client.request(Method::POST, "/api/v1/tasks").json(&req))
+                .await?;
+            let task: TaskView = client
+                .send(client.request(Method::GET, &format!("/api/v1/tasks/{}", created.id)))
+                .await?;
+            let branch = task
+                .attempts
+                .first()
+                .map(|a| a.branch.clone())
+                .unwrap_or_default();
+            println!(
+                "task {} created: attempt {} on branch {branch}",
+                created.id,
+                created.attempts.join(", ")
+            );
+            if !follow {
+                println!("follow it with: backshift logs -f {}", created.id);
+                return Ok(0);
+            }
+            let attempt = created
+                .attempts
+                .first()
+                .cloned()
+                .context("the server created no attempt")?;
+            follow_events(&client, &attempt, 0, false).await?;
+            finish_report(&client, &attempt).await
+        }
+        Command::Ls => {
+            let tasks: Vec<TaskView> = client
+                .send(client.request(Method::GET, "/api/v1/tasks"))
+                .await?;
+            if tasks.is_empty() {
+                println!("no tasks yet; start one with: backshift run \"PROMPT\" --repo PATH");
+                return Ok(0);
+            }
+            println!("{:<10} {:<18} {:<24} PROMPT", "TASK", "STATE", "CREATED");
+            for t in tasks {
+                let prompt: String = t
+                    .prompt
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(60)
+                    .collect();
+                println!(
+                    "{:<10} {:<18} {:<24} {prompt}",
+                    t.id,
+                    t.state.as_str(),
+                    t.created_at
+                );
+            }
+            Ok(0)
+        }
+        Command::Show { id, json } => {
+            let task_id = id.split('-').next().unwrap_or(&id).to_owned();
+            let task: TaskView = client
+                .send(client.request(Method::GET, &format!("/api/v1/tasks/{task_id}")))
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&task)?);
+                return Ok(0);
+            }
+            println!(
+                "task     {}\nstate    {}\nrepo     {}\nagent    {}\ncreated  {}\nprompt   {}",
+                task.id, task.state, task.repo, task.agent, task.created_at, task.prompt
+            );
+            for a in &task.attempts {
+                println!("\nattempt  {} ({})\nbranch   {}", a.id, a.state, a.branch);
+                if let Some(r) = a.reason {
+                    println!("reason   {r}");
+                }
+                if let Some(d) = &a.detail {
+                    println!("detail   {d}");
+                }
+                if let Some(h) = &a.head_commit {
+                    println!("head     {h}");
+                }
+                if let Some(s) = &a.summary {
+                    println!(
+                        "summary  {}",
+                        s.lines().collect::<Vec<_>>().join("\n         ")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Logs { id, follow, json } => {
+            let attempt = resolve_attempt(&client, &id).await?;
+            if follow {
+                follow_events(&client, &attempt.id, 0, json).await?;
+                return Ok(0);
+            }
+            let mut after = 0;
+            loop {
+                let page: Vec<Event> = client
+                    .send(client.request(
+                        Method::GET,
+                        &format!(
+                            "/api/v1/attempts/{}/events?after={after}&limit=1000",
+                            attempt.id
+                        ),
+                    ))
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                for e in &page {
+                    print_event(e, json);
+                }
+            }
+            Ok(0)
+        }
+        Command::Diff { id } => {
+            let attempt = resolve_attempt(&client, &id).await?;
+            let resp = client
+                .send_raw(client.request(
+                    Method::GET,
+                    &format!("/api/v1/attempts/{}/diff", attempt.id),
+                ))
+                .await?;
+            print!("{}", resp.text().await?);
+            Ok(0)
+        }
+        Command::Checkout {
+            id,
+            repo,
+            no_switch,
+        } => checkout(&client, &id, &repo, no_switch).await,
+        Command::Cancel { id } => {
+            let task: TaskView = client
+                .send(client.request(Method::POST, &format!("/api/v1/tasks/{id}/cancel")))
+                .await?;
+            println!("task {} is {}", task.id, task.state);
+            Ok(0)
+        }
+        Command::Serve { .. } | Command::Image { .. } => bail!("not a client command"),
+    }
+}
+
+fn backshift_git_is_url(s: &str) -> bool {
+    s.contains("://") || (s.contains('@') && s.contains(':') && !s.starts_with('/'))
+}
+
+/// A task id means its latest attempt.
+async fn resolve_attempt(client: &Client, id: &str) -> anyhow::Result<AttemptView> {
+    if AttemptId::parse(id).is_some() {
+        return client
+            .send(client.request(Method::GET, &format!("/api/v1/attempts/{id}")))
+            .await;
+    }
+    let task: TaskView = client
+        .send(client.request(Method::GET, &format!("/api/v1/tasks/{id}")))
+        .await?;
+    task.attempts
+        .into_iter()
+        .last()
+        .context("the task has no attempts")
+}
+
+fn print_event(e: &Event, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(e).unwrap_or_default());
+    } else {
+        println!("{}", event_lines(e));
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// Follows the SSE stream until the server sends `end`, reconnecting with
+/// `Last-Event-ID` if the connection drops.
+async fn follow_events(
+    client: &Client,
+    attempt: &str,
+    mut last: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut failures = 0;
+    loop {
+        let req = client
+            .request(
+                Method::GET,
+                &format!("/api/v1/attempts/{attempt}/events/stream"),
+            )
+            .header("last-event-id", last.to_string())
+            .header("accept", "text/event-stream");
+        let resp = match client.send_raw(req).await {
+            Ok(r) => r,
+            Err(e) if failures < 30 => {
+                failures += 1;
+                eprintln!("(connection lost: {e}; reconnecting)");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut stream = resp.bytes_stream();
+        let mut buf = String::new();
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else { break };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let (mut kind, mut data) = (String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        kind = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                    }
+                }
+                if kind == "end" {
+                    return Ok(());
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                if let Ok(e) = serde_json::from_str::<Event>(&data)
+                    && e.seq > last
+                {
+                    last = e.seq;
+                    failures = 0;
+                    print_event(&e, json);
+                }
+            }
+        }
+        failures += 1;
+        if failures > 30 {
+            bail!("lost the event stream of {attempt} and could not reconnect");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn finish_report(client: &Client, attempt: &str) -> anyhow::Result<i32> {
+    let a: AttemptView = client
+        .send(client.request(Method::GET, &format!("/api/v1/attempts/{attempt}")))
+        .await?;
+    if a.state == backshift_core::AttemptState::Succeeded {
+        println!(
+            "\nsucceeded: branch {} — see it with `backshift diff {}`, fetch it with `backshift checkout {}`",
+            a.branch, a.task_id, a.task_id
+        );
+        Ok(0)
+    } else {
+        let reason = a.reason.map(|r| format!(" ({r})")).unwrap_or_default();
+        println!("\n{}{reason}: {}", a.state, a.detail.unwrap_or_default());
+        Ok(1)
+    }
+}
+
+async fn checkout(
+    client: &Client,
+    id: &str,
+    repo: &std::path::Path,
+    no_switch: bool,
+) -> anyhow::Result<i32> {
+    let a = resolve_attempt(client, id).await?;
+    if a.head_commit.is_none() {
+        bail!(
+            "attempt {} is {} and has no branch to check out yet",
+            a.id,
+            a.state
+        );
+    }
+    let url = format!("{}{}", client.url, a.git_path);
+    let refspec = format!("+refs/heads/{0}:refs/heads/{0}", a.branch);
+    // The token travels in git's environment, not its arguments, so it
+    // never shows up in the process list.
+    let status = tokio::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["fetch", "--no-tags", &url, &refspec])
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+        .env(
+            "GIT_CONFIG_VALUE_0",
+            format!("Authorization: Bearer {}", client.token),
+        )
+        .status()
+        .await
+        .context("cannot run git")?;
+    if !status.success() {
+        bail!("git fetch of {} from {url} failed ({status})", a.branch);
+    }
+    println!(
+        "fetched {} ({})",
+        a.branch,
+        a.head_commit.as_deref().unwrap_or("")
+    );
+    if no_switch {
+        return Ok(0);
+    }
+    let status = tokio::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["switch", "--quiet", &a.branch])
+        .status()
+        .await
+        .context("cannot run git")?;
+    if !status.success() {
+        bail!(
+            "the branch was fetched but `git switch {}` failed (uncommitted changes?); switch by hand",
+            a.branch
+        );
+    }
+    println!("switched to {}", a.branch);
+    Ok(0)
+}
+
+async fn serve(
+    config: Option<std::path::PathBuf>,
+    listen: Option<String>,
+    data_dir: Option<std::path::PathBuf>,
+) -> anyhow::Result<i32> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BACKSHIFT_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = backshift_server::Config::load(config.as_deref())?;
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    if let Some(d) = data_dir {
+        cfg.data_dir = Some(d);
+    }
+    let server = backshift_server::start(cfg).await?;
+    let url = format!("http://{}", server.addr);
+    println!("backshift listening on {url}");
+    println!("data directory: {}", server.data_dir.display());
+    if let Some(token) = &server.new_token {
+        let path = crate::credentials::save(&url, token)?;
+        println!(
+            "first start: created an admin API token (shown once, saved for the CLI in {}):\n  {token}",
+            path.display()
+        );
+    } else if crate::credentials::load(&url).is_none() {
+        println!(
+            "note: no token for {url} in {}; use BACKSHIFT_TOKEN",
+            crate::credentials::path().display()
+        );
+    }
+    let _ = std::io::stdout().flush();
+    let ready = reqwest::get(format!("{url}/readyz")).await;
+    if let Ok(resp) = ready
+        && let Ok(view) = resp.json::<backshift_protocol::ReadyView>().await
+    {
+        for c in &view.checks {
+            let fix = c
+                .fix
+                .as_ref()
+                .map(|f| format!(" — {f}"))
+                .unwrap_or_default();
+            println!(
+                "  [{}] {}: {}{fix}",
+                if c.ok { "ok" } else { "!!" },
+                c.name,
+                c.message
+            );
+        }
+        println!(
+            "{}",
+            if view.ready {
+                "ready for tasks"
+            } else {
+                "NOT ready for tasks yet (see above)"
+            }
+        );
+    }
+    let _ = std::io::stdout().flush();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = server.stopped() => {}
+    }
+    println!("shutting down: cancelling running attempts");
+    server.shutdown().await;
+    Ok(0)
+}
+
+async fn image(command: ImageCommand) -> anyhow::Result<i32> {
+    use backshift_sandbox::image::{BootstrapOptions, bootstrap, default_image_tag};
+    match command {
+        ImageCommand::Tag => {
+            println!("{}", default_image_tag());
+            Ok(0)
+        }
+        ImageCommand::Bootstrap { mirror, force } => {
+            let driver = backshift_sandbox::docker::DockerDriver::connect()
+                .await
+                .context("Docker is needed to build the image")?;
+            driver
+                .ping()
+                .await
+                .context("the Docker daemon does not answer; start it first")?;
+            let tag = default_image_tag();
+            if !force && driver.image_exists(&tag).await? {
+                println!("image {tag} already exists (use --force to rebuild)");
+                return Ok(0);
+            }
+            let options = BootstrapOptions {
+                tag,
+                mirror,
+                work_dir: std::env::temp_dir(),
+            };
+            let started = std::time::Instant::now();
+            bootstrap(&driver, &options, &mut |line| {
+                println!("  {line}");
+                let _ = std::io::stdout().flush();
+            })
+            .await?;
+            println!("done in {:.0?}", started.elapsed());
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! `backshift`: the server (`serve`) and the CLI that talks to it.
+
+mod client;
+mod commands;
+mod credentials;
+mod render;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "backshift",
+    version,
+    about = "A self-hosted runtime for background coding agents"
+)]
+struct Cli {
+    /// The server's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "BACKSHIFT_URL",
+        default_value = "http://127.0.0.1:7777"
+    )]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: API, event streams and the supervisor.
+    Serve {
+        /// Config file (TOML); every key can also be set as BACKSHIFT_<SECTION>__<KEY>.
+        #[arg(long, env = "BACKSHIFT_CONFIG")]
+        config: Option<PathBuf>,
+        /// Address to listen on (overrides the config).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Data directory (overrides the config).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Hand a task to backshift.
+    Run {
+        /// What the agent should do.
+        prompt: String,
+        /// Repository: a local path or a git URL.
+        #[arg(long, default_value = ".")]
+        repo: String,
+        /// Branch, tag or commit to start from (default: HEAD).
+        #[arg(long)]
+        base: Option<String>,
+        /// Agent (default: builtin).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Model turns before the agent is stopped.
+        #[arg(long)]
+        max_turns: Option<u32>,
+        /// Wall-time limit in seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Follow the events until the task ends; exit 0 only if it succeeded.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// List tasks.
+    Ls,
+    /// Show a task (or attempt).
+    Show {
+        /// Task or attempt id.
+        id: String,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a task's events.
+    Logs {
+        /// Task or attempt id.
+        id: String,
+        /// Keep following new events until the attempt ends.
+        #[arg(long, short)]
+        follow: bool,
+        /// Print raw JSON events, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the change an attempt made.
+    Diff {
+        /// Task or attempt id.
+        id: String,
+    },
+    /// Fetch an attempt's branch into a local clone and switch to it.
+    Checkout {
+        /// Task or attempt id.
+        id: String,
+        /// The local clone (default: the current directory).
+        #[arg(long, default_value = ".")]
+        repo: PathBuf,
+        /// Only fetch the branch; do not switch to it.
+        #[arg(long)]
+        no_switch: bool,
+    },
+    /// Cancel a task.
+    Cancel {
+        /// Task id.
+        id: String,
+    },
+    /// Manage sandbox images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build the default sandbox image without a registry (debootstrap + import; needs root).
+    Bootstrap {
+        /// Debian mirror (default: the one in this host's apt sources).
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Rebuild even if the image exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the default image's tag.
+    Tag,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(commands::dispatch(cli));
+    std::process::exit(code);
+}

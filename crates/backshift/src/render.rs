@@ -1,0 +1,129 @@
+//! Human-readable event lines for `logs` and `run --follow`.
+
+use backshift_protocol::{Event, EventKind, OutputStream};
+
+/// One event as lines for a terminal.
+pub fn event_lines(e: &Event) -> String {
+    let time = e.ts.get(11..19).unwrap_or(&e.ts);
+    let line = |s: String| format!("{time} {s}");
+    match &e.kind {
+        EventKind::StateChanged {
+            from,
+            to,
+            reason,
+            detail,
+        } => {
+            let from = from.map(|f| format!("{f} → ")).unwrap_or_default();
+            let mut s = line(format!("■ {from}{to}"));
+            if let Some(r) = reason {
+                s.push_str(&format!(" ({r})"));
+            }
+            if let Some(d) = detail {
+                s.push_str(&format!("\n         {d}"));
+            }
+            s
+        }
+        EventKind::Progress { message } => line(format!("· {message}")),
+        EventKind::ModelRequest { turn, messages, .. } => line(format!(
+            "… turn {turn}: asking the model ({messages} messages)"
+        )),
+        EventKind::ModelResponse {
+            text,
+            usage,
+            latency_ms,
+            ..
+        } => {
+            let tokens = usage
+                .map(|u| format!(", {} in / {} out tokens", u.input_tokens, u.output_tokens))
+                .unwrap_or_default();
+            let mut s = line(format!("◆ model answered in {latency_ms} ms{tokens}"));
+            if let Some(t) = text {
+                for l in t.lines() {
+                    s.push_str(&format!("\n         {l}"));
+                }
+            }
+            s
+        }
+        EventKind::ModelRetry {
+            retry,
+            error,
+            wait_ms,
+            ..
+        } => line(format!(
+            "! model request failed ({error}); retry {retry} in {wait_ms} ms"
+        )),
+        EventKind::ToolCall {
+            name, arguments, ..
+        } => line(format!("→ {name} {}", short_args(name, arguments))),
+        EventKind::CommandOutput { stream, text, .. } => {
+            let bar = if *stream == OutputStream::Stderr {
+                "!"
+            } else {
+                "|"
+            };
+            text.trim_end_matches('\n')
+                .lines()
+                .map(|l| format!("         {bar} {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        EventKind::ToolResult {
+            name,
+            ok,
+            exit_code,
+            output,
+            duration_ms,
+            ..
+        } => {
+            let mark = if *ok { "✓" } else { "✗" };
+            let code = exit_code.map(|c| format!(" exit {c}")).unwrap_or_default();
+            let mut s = line(format!("{mark} {name}{code} ({duration_ms} ms)"));
+            if name != "run_command" && !ok {
+                s.push_str(&format!("\n         {}", first_line(output)));
+            }
+            s
+        }
+        EventKind::AgentFinished { summary } => {
+            let mut s = line("✔ agent finished:".to_owned());
+            for l in summary.lines() {
+                s.push_str(&format!("\n         {l}"));
+            }
+            s
+        }
+        EventKind::DiffStat {
+            branch,
+            files_changed,
+            insertions,
+            deletions,
+            ..
+        } => line(format!(
+            "± {branch}: {files_changed} file(s) changed, +{insertions} -{deletions}"
+        )),
+    }
+}
+
+fn short_args(name: &str, args: &serde_json::Value) -> String {
+    let get = |k: &str| args.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    match name {
+        "run_command" => format!("$ {}", get("command")),
+        "read_file" | "list_files" => get("path").to_owned(),
+        "write_file" => format!("{} ({} bytes)", get("path"), get("content").len()),
+        "replace_in_file" => get("path").to_owned(),
+        "finish" => String::new(),
+        _ => {
+            let s = args.to_string();
+            if s.len() > 120 {
+                format!(
+                    "{}…",
+                    &s[..s.char_indices().nth(119).map_or(s.len(), |(i, _)| i)]
+                )
+            } else {
+                s
+            }
+        }
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}

@@ -1,0 +1,180 @@
+//! A world per test: a scripted model, a `backshift serve` process on a
+//! free port with its own data and config directories, a temp git repo.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use fake_model::{FakeModel, Script};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub fake: Option<FakeModel>,
+    pub repo: PathBuf,
+    server: tokio::process::Child,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = self.server.start_kill();
+    }
+}
+
+pub fn script(v: Value) -> Script {
+    serde_json::from_value(v).unwrap()
+}
+
+pub async fn sh(dir: &Path, script: &str) -> String {
+    let out = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Dev")
+        .env("GIT_AUTHOR_EMAIL", "dev@example.invalid")
+        .env("GIT_COMMITTER_NAME", "Dev")
+        .env("GIT_COMMITTER_EMAIL", "dev@example.invalid")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+impl World {
+    /// Starts a server whose config is `extra` TOML appended to the basics.
+    pub async fn start(script: Option<Script>, extra: &str) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = match script {
+            Some(s) => Some(FakeModel::start(s).await.unwrap()),
+            None => None,
+        };
+        let model_url = fake.as_ref().map(|f| f.base_url()).unwrap_or_default();
+        let mut config = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            dir.path().join("data").display()
+        );
+        if !extra.contains("[model]") {
+            config.push_str(&format!("[model]\nbase_url = \"{model_url}\"\nmodel = \"scripted\"\nmax_retries = 1\nretry_base_ms = 50\n"));
+        }
+        config.push_str(extra);
+        let config_path = dir.path().join("backshift.toml");
+        std::fs::write(&config_path, config).unwrap();
+
+        let repo = dir.path().join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        sh(&repo, "git init -q -b main && printf '# Demo\\n' > README.md && mkdir src && printf 'x = 1\\n' > src/app.py && git add . && git commit -qm init").await;
+
+        let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_backshift"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("BACKSHIFT_CONFIG_DIR", dir.path().join("config"))
+            .env("BACKSHIFT_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = server.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let mut url = None;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while let Ok(Ok(Some(line))) = tokio::time::timeout_at(deadline, lines.next_line()).await {
+            if let Some(u) = line.strip_prefix("backshift listening on ") {
+                url = Some(u.trim().to_owned());
+            }
+            if line.contains("ready for tasks") {
+                break;
+            }
+        }
+        // Keep draining the server's stdout so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let url = url.expect("the server did not say where it listens");
+        World {
+            dir,
+            url,
+            fake,
+            repo,
+            server,
+        }
+    }
+
+    /// Runs the CLI; returns (exit code, stdout, stderr).
+    pub async fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_backshift"))
+            .args(args)
+            .current_dir(&self.repo)
+            .env("BACKSHIFT_URL", &self.url)
+            .env("BACKSHIFT_CONFIG_DIR", self.dir.path().join("config"))
+            .env_remove("BACKSHIFT_TOKEN")
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn token(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("config/credentials.toml")).unwrap();
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        v["servers"][&self.url]["token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(self.token());
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Submits a task through the CLI and waits for it to end.
+    pub async fn run_task(&self, prompt: &str, extra: &[&str]) -> (String, Value) {
+        let repo = self.repo.to_string_lossy().into_owned();
+        let mut args = vec!["run", prompt, "--repo", &repo];
+        args.extend_from_slice(extra);
+        let (code, out, err) = self.cli(&args).await;
+        assert_eq!(code, 0, "run failed: {out}\n{err}");
+        let id = out.split_whitespace().nth(1).unwrap().to_owned();
+        (id.clone(), self.wait(&id).await)
+    }
+
+    pub async fn wait(&self, task: &str) -> Value {
+        for _ in 0..600 {
+            let (_, v) = self
+                .api(reqwest::Method::GET, &format!("/api/v1/tasks/{task}"), None)
+                .await;
+            let state = v["state"].as_str().unwrap_or("");
+            if ["succeeded", "failed", "cancelled", "timed_out"].contains(&state) {
+                return v;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        panic!("task {task} did not end in 120 s");
+    }
+}
