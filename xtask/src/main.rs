@@ -1,1 +1,175 @@
-fn main() {}
+//! Project automation. `cargo xtask test` sets up what the tests need
+//! (Docker engine, dockerd, the default sandbox image) and runs the whole
+//! suite; `cargo xtask up` does the same setup, builds a release binary and
+//! starts the server; `cargo xtask ci` is what `.ci/run` runs.
+
+use anyhow::{Context, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => setup().and_then(|()| test(&args[1..])),
+        Some("up") => setup().and_then(|()| up(&args[1..])),
+        Some("setup") => setup(),
+        Some("ci") => ci(),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <test|up|setup|ci> [args]\n  test  set up Docker and the sandbox image, run the whole suite\n  up    set up, build release, start `backshift serve` (args are passed on)\n  setup only the setup\n  ci    fmt --check, clippy -D warnings, then test"
+            );
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn step(msg: &str) {
+    println!("==> {msg}");
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Installs missing Debian packages (one `apt-get update` first).
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!("installing {} from apt", missing.join(" ")));
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn docker_answers() -> bool {
+    Command::new("/usr/bin/docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .env("DOCKER_API_VERSION", "1.41")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Docker engine installed and running, default image present.
+fn setup() -> anyhow::Result<()> {
+    apt_install(&["docker.io", "debootstrap", "git", "procps"])?;
+    if docker_answers() {
+        step("Docker engine is running");
+    } else {
+        step("starting dockerd (log: /var/log/backshift-dockerd.log)");
+        let log = std::fs::File::create("/var/log/backshift-dockerd.log")?;
+        Command::new("setsid")
+            .arg("dockerd")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start dockerd")?;
+        let started = Instant::now();
+        while !docker_answers() {
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("dockerd did not answer within 60 s; see /var/log/backshift-dockerd.log");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        step(&format!("dockerd is up ({:.1?})", started.elapsed()));
+    }
+    step("building backshift");
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["build", "-q", "-p", "backshift"]))?;
+    // The image tag carries a hash of its recipe: bootstrap builds it only
+    // when this recipe's image is missing.
+    step("ensuring the default sandbox image");
+    run(Command::new(root().join("target/debug/backshift")).args(["image", "bootstrap"]))
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    step("running the test suite");
+    let nextest = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root());
+    if nextest {
+        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    run(cmd.args(extra))
+}
+
+fn up(extra: &[String]) -> anyhow::Result<()> {
+    step("building backshift (release)");
+    run(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "backshift",
+    ]))?;
+    step("starting backshift serve");
+    let err = exec(
+        Command::new(root().join("target/release/backshift"))
+            .arg("serve")
+            .args(extra),
+    );
+    Err(err)
+}
+
+fn exec(cmd: &mut Command) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    anyhow::anyhow!("cannot start {cmd:?}: {}", cmd.exec())
+}
+
+fn ci() -> anyhow::Result<()> {
+    step("cargo fmt --check");
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["fmt", "--all", "--", "--check"]))?;
+    step("cargo clippy --all-targets -- -D warnings");
+    run(Command::new("cargo").current_dir(root()).args([
+        "clippy",
+        "-q",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    setup()?;
+    test(&[])
+}

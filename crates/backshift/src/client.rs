@@ -47,10 +47,9 @@ impl Client {
         req: reqwest::RequestBuilder,
     ) -> anyhow::Result<T> {
         let resp = self.send_raw(req).await?;
-        Ok(resp
-            .json()
+        resp.json()
             .await
-            .context("the server's answer is not what this CLI expects")?)
+            .context("the server's answer is not what this CLI expects")
     }
 
     /// Sends and checks the status.
