@@ -232,6 +232,11 @@ impl SandboxTools {
             stream.push(chunk).await;
         }
         stream.flush().await;
+        if !matches!(result, Some(Ok(code)) if code != 124 && code != 137) {
+            // Timed out (or killed): take down whatever is left of its
+            // session, background children included.
+            self.kill_session(&pidfile).await;
+        }
         let (exit_code, note) = match result {
             Some(Ok(124)) => (
                 Some(124),
@@ -243,10 +248,9 @@ impl SandboxTools {
             ),
             Some(Ok(code)) => (Some(code), String::new()),
             Some(Err(e)) => return ToolOutput::err(format!("the command could not be run: {e}")),
-            None => {
-                self.kill_session(&pidfile).await;
-                (None, format!("\n[backshift: the command was killed after its {secs}s timeout; its output stayed open]"))
-            }
+            None => (
+                None, format!("\n[backshift: the command was killed after its {secs}s timeout; its output stayed open]"),
+            ),
         };
         let _ = self
             .driver
