@@ -35,6 +35,13 @@ fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => root().join(d),
+        None => root().join("target"),
+    }
+}
+
 fn step(msg: &str) {
     println!("==> {msg}");
 }
@@ -112,7 +119,7 @@ fn setup() -> anyhow::Result<()> {
     // The image tag carries a hash of its recipe: bootstrap builds it only
     // when this recipe's image is missing.
     step("ensuring the default sandbox image");
-    run(Command::new(root().join("target/debug/backshift")).args(["image", "bootstrap"]))
+    run(Command::new(target_dir().join("debug/backshift")).args(["image", "bootstrap"]))
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
@@ -143,7 +150,7 @@ fn up(extra: &[String]) -> anyhow::Result<()> {
     ]))?;
     step("starting backshift serve");
     let err = exec(
-        Command::new(root().join("target/release/backshift"))
+        Command::new(target_dir().join("release/backshift"))
             .arg("serve")
             .args(extra),
     );
