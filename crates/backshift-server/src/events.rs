@@ -66,14 +66,13 @@ impl EventHub {
         map.entry(attempt.to_owned()).or_default().clone()
     }
 
-    /// Appends an event to `attempt`'s log.
-    pub async fn emit(
+    /// The attempt's next event (seq after the last stored one) and its
+    /// time. Callers hold the attempt's writer lock.
+    async fn next_event(
         &self,
         attempt: &str,
         kind: EventKind,
-    ) -> Result<Event, backshift_store::StoreError> {
-        let lock = self.writer(attempt);
-        let _guard = lock.lock().await;
+    ) -> Result<(Event, i64), backshift_store::StoreError> {
         let seq = self.store.last_seq(attempt).await? + 1;
         let now = now_ms();
         let event = Event {
@@ -82,6 +81,18 @@ impl EventHub {
             ts: format_ts(now),
             kind,
         };
+        Ok((event, now))
+    }
+
+    /// Appends an event to `attempt`'s log.
+    pub async fn emit(
+        &self,
+        attempt: &str,
+        kind: EventKind,
+    ) -> Result<Event, backshift_store::StoreError> {
+        let lock = self.writer(attempt);
+        let _guard = lock.lock().await;
+        let (event, now) = self.next_event(attempt, kind).await?;
         self.store.append_event(&event, now).await?;
         let _ = self.sender(attempt).send(event.clone());
         Ok(event)
@@ -103,19 +114,13 @@ impl EventHub {
         };
         let lock = self.writer(attempt);
         let _guard = lock.lock().await;
-        let seq = self.store.last_seq(attempt).await? + 1;
-        let now = now_ms();
-        let event = Event {
-            attempt_id: attempt.to_owned(),
-            seq,
-            ts: format_ts(now),
-            kind: EventKind::StateChanged {
-                from: Some(from),
-                to,
-                reason,
-                detail: detail.clone(),
-            },
+        let kind = EventKind::StateChanged {
+            from: Some(from),
+            to,
+            reason,
+            detail: detail.clone(),
         };
+        let (event, now) = self.next_event(attempt, kind).await?;
         let change = StateChange {
             attempt_id: attempt,
             from,

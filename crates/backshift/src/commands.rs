@@ -44,7 +44,7 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             timeout,
             follow,
         } => {
-            let repo = if backshift_git_is_url(&repo) {
+            let repo = if backshift_git::is_url(&repo) {
                 repo
             } else {
                 std::fs::canonicalize(&repo)
@@ -202,10 +202,6 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
         }
         Command::Serve { .. } | Command::Image { .. } => bail!("not a client command"),
     }
-}
-
-fn backshift_git_is_url(s: &str) -> bool {
-    s.contains("://") || (s.contains('@') && s.contains(':') && !s.starts_with('/'))
 }
 
 /// A task id means its latest attempt.
