@@ -14,10 +14,11 @@ fn main() {
         Some("test") => setup().and_then(|()| test(&args[1..])),
         Some("up") => setup().and_then(|()| up(&args[1..])),
         Some("setup") => setup(),
+        Some("bench") => setup().and_then(|()| bench(&args[1..])),
         Some("ci") => ci(),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|up|setup|ci> [args]\n  test  set up Docker and the sandbox image, run the whole suite\n  up    set up, build release, start `backshift serve` (args are passed on)\n  setup only the setup\n  ci    fmt --check, clippy -D warnings, then test"
+                "usage: cargo xtask <test|up|setup|bench|ci> [args]\n  test  set up Docker and the sandbox image, run the whole suite\n  up    set up, build release, start `backshift serve` (args are passed on)\n  setup only the setup\n  bench set up, run the benchmarks (args are passed on, e.g. --iterations 50)\n  ci    fmt --check, clippy -D warnings, then test"
             );
             std::process::exit(2);
         }
@@ -137,6 +138,24 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         cmd.args(["test", "--workspace", "--no-fail-fast"]);
     }
     run(cmd.args(extra))
+}
+
+/// The benchmark harnesses, each printing its figures beside a baseline
+/// measured in the same run. Medians go into BENCHMARKS.md.
+fn bench(extra: &[String]) -> anyhow::Result<()> {
+    step("sandbox start (backshift-sandbox/benches/sandbox_start.rs)");
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args([
+            "bench",
+            "-q",
+            "-p",
+            "backshift-sandbox",
+            "--bench",
+            "sandbox_start",
+            "--",
+        ])
+        .args(extra))
 }
 
 fn up(extra: &[String]) -> anyhow::Result<()> {
