@@ -92,7 +92,13 @@ fn docker_answers() -> bool {
 
 /// Docker engine installed and running, default image present.
 fn setup() -> anyhow::Result<()> {
-    apt_install(&["docker.io", "debootstrap", "git", "procps"])?;
+    apt_install(&[
+        "docker.io",
+        "debootstrap",
+        "docker-registry",
+        "git",
+        "procps",
+    ])?;
     if docker_answers() {
         step("Docker engine is running");
     } else {

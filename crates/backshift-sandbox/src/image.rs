@@ -237,6 +237,90 @@ async fn build(
     Ok(())
 }
 
+/// A registry image reference split into what the pull API takes: the
+/// repository and its tag (`latest` when none is given) or digest.
+pub fn split_reference(reference: &str) -> (String, String) {
+    if let Some((name, digest)) = reference.split_once('@') {
+        return (name.to_owned(), digest.to_owned());
+    }
+    // A colon after the last slash separates the tag; one before it is a
+    // registry port (`127.0.0.1:5000/team/image`).
+    let last_slash = reference.rfind('/').map_or(0, |i| i + 1);
+    match reference[last_slash..].rfind(':') {
+        Some(i) => {
+            let at = last_slash + i;
+            (reference[..at].to_owned(), reference[at + 1..].to_owned())
+        }
+        None => (reference.to_owned(), "latest".to_owned()),
+    }
+}
+
+/// Pulls `reference` from its registry, reporting progress: one line per
+/// layer whenever its status changes (not every byte count), plus the
+/// registry's own status lines.
+pub async fn pull(
+    driver: &DockerDriver,
+    reference: &str,
+    progress: &mut (dyn FnMut(String) + Send),
+) -> Result<()> {
+    let (name, tag) = split_reference(reference);
+    if name.is_empty() || tag.is_empty() {
+        return Err(SandboxError::Backend {
+            op: "image pull",
+            message: format!("{reference:?} is not an image reference (NAME[:TAG] or NAME@DIGEST)"),
+        });
+    }
+    progress(format!("pulling {reference}"));
+    let options = CreateImageOptions {
+        from_image: Some(name),
+        tag: Some(tag),
+        ..Default::default()
+    };
+    let mut stream = driver.client().create_image(Some(options), None, None);
+    let mut layers: std::collections::HashMap<String, String> = Default::default();
+    while let Some(item) = stream.next().await {
+        let info = item.map_err(|e| SandboxError::Backend {
+            op: "image pull",
+            message: format!("cannot pull {reference}: {}", pull_error(e)),
+        })?;
+        if let Some(err) = info.error_detail.and_then(|d| d.message) {
+            return Err(SandboxError::Backend {
+                op: "image pull",
+                message: format!("cannot pull {reference}: {err}"),
+            });
+        }
+        let Some(status) = info.status else { continue };
+        match info.id {
+            Some(layer) if !layer.is_empty() && layer != tag_of(reference) => {
+                if layers.get(&layer) != Some(&status) {
+                    progress(format!("layer {layer}: {status}"));
+                    layers.insert(layer, status);
+                }
+            }
+            _ => progress(status),
+        }
+    }
+    if !driver.image_exists(reference).await? {
+        return Err(SandboxError::Backend {
+            op: "image pull",
+            message: format!("the pull of {reference} finished but the image is not there"),
+        });
+    }
+    progress(format!("image {reference} is ready"));
+    Ok(())
+}
+
+fn tag_of(reference: &str) -> String {
+    split_reference(reference).1
+}
+
+fn pull_error(e: bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message,
+        other => other.to_string(),
+    }
+}
+
 async fn run_streamed(cmd: &mut Command, progress: &mut (dyn FnMut(String) + Send)) -> Result<()> {
     let program = format!("{:?}", cmd.as_std().get_program());
     let mut child = cmd
@@ -314,6 +398,33 @@ mod tests {
             mirror_from_sources("deb http://x.invalid/ubuntu jammy main"),
             None
         );
+    }
+
+    #[test]
+    fn references_split_into_repository_and_tag() {
+        let cases = [
+            ("debian", ("debian", "latest")),
+            ("debian:bookworm", ("debian", "bookworm")),
+            (
+                "127.0.0.1:5000/team/img",
+                ("127.0.0.1:5000/team/img", "latest"),
+            ),
+            (
+                "127.0.0.1:5000/team/img:v2",
+                ("127.0.0.1:5000/team/img", "v2"),
+            ),
+            (
+                "reg.invalid/img@sha256:abc",
+                ("reg.invalid/img", "sha256:abc"),
+            ),
+        ];
+        for (reference, (name, tag)) in cases {
+            assert_eq!(
+                split_reference(reference),
+                (name.to_owned(), tag.to_owned()),
+                "{reference}"
+            );
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use backshift_agent::{AgentOutcome, EventSink, ModelClient, SandboxTools, run_agent};
 use backshift_core::{AttemptState, FailureReason, Transition};
 use backshift_protocol::EventKind;
+use backshift_sandbox::docker::DockerDriver;
 use backshift_sandbox::image::SANDBOX_UID;
 use backshift_sandbox::tarball::{Owner, archive_dir, first_file};
 use backshift_sandbox::{
@@ -179,6 +180,9 @@ async fn provision(run: &mut Run) -> Result<(), Failure> {
         )
     })?;
     let image = app.config.image();
+    if app.config.pulls_image() {
+        ensure_pulled(run, &driver, &image).await?;
+    }
     run.progress(format!("creating sandbox from {image}")).await;
     let spec = SandboxSpec {
         image: image.clone(),
@@ -206,7 +210,8 @@ async fn provision(run: &mut Run) -> Result<(), Failure> {
         SandboxError::ImageMissing(image) => Failure(
             FailureReason::ImageMissing,
             format!(
-                "the sandbox image {image} does not exist on this Docker host. Build it with `backshift image bootstrap` (about a minute, needs root and debootstrap), then submit the task again."
+                "the sandbox image {image} does not exist on this Docker host: {}, then submit the task again.",
+                app.config.missing_image_fix()
             ),
         ),
         other => Failure(FailureReason::SandboxFailed, format!("cannot create the sandbox: {other}")),
@@ -225,6 +230,44 @@ async fn provision(run: &mut Run) -> Result<(), Failure> {
         .await;
     run.sandbox = Some((driver, id));
     Ok(())
+}
+
+/// A configured image that is not on the Docker host is pulled from its
+/// registry, its progress streamed as events. (The default image is never
+/// pulled: it is built locally by `backshift image bootstrap`.)
+async fn ensure_pulled(run: &Run, driver: &DockerDriver, image: &str) -> Result<(), Failure> {
+    let missing = |message: String| Failure(FailureReason::ImageMissing, message);
+    match driver.image_exists(image).await {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        Err(e) => {
+            return Err(missing(format!(
+                "cannot check the sandbox image {image}: {e}"
+            )));
+        }
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let pull = async move {
+        let mut send = |line: String| {
+            let _ = tx.send(line);
+        };
+        backshift_sandbox::image::pull(driver, image, &mut send).await
+    };
+    tokio::pin!(pull);
+    let result = loop {
+        tokio::select! {
+            r = &mut pull => break r,
+            Some(line) = rx.recv() => run.progress(line).await,
+        }
+    };
+    while let Ok(line) = rx.try_recv() {
+        run.progress(line).await;
+    }
+    result.map_err(|e| {
+        missing(format!(
+            "the sandbox image {image} ([sandbox] image) is not on this Docker host and could not be pulled: {e}. Check the reference and that its registry is reachable from the Docker host, or unset [sandbox] image to use the bootstrapped default image."
+        ))
+    })
 }
 
 async fn prepare(run: &mut Run) -> Result<(), Failure> {

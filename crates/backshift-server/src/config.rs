@@ -35,12 +35,27 @@ pub struct Config {
 pub struct SandboxConfig {
     /// Image of every sandbox; the bootstrapped default image when absent.
     pub image: Option<String>,
+    /// Whether a configured `image` missing on the Docker host is pulled
+    /// from its registry (`missing`, the default) or not (`never`, for
+    /// hosts whose images are loaded by hand).
+    pub pull: PullPolicy,
     /// Memory limit per sandbox, MiB.
     pub memory_mb: i64,
     /// CPU limit per sandbox, in CPUs.
     pub cpus: f64,
     /// Process limit per sandbox.
     pub pids: i64,
+}
+
+/// When a configured sandbox image is pulled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// Pulled when it is not on the Docker host.
+    #[default]
+    Missing,
+    /// Never pulled.
+    Never,
 }
 
 /// `[model]`.
@@ -92,6 +107,7 @@ impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
             image: None,
+            pull: PullPolicy::Missing,
             memory_mb: 2048,
             cpus: 1.0,
             pids: 512,
@@ -160,6 +176,27 @@ impl Config {
             .clone()
             .unwrap_or_else(backshift_sandbox::image::default_image_tag)
     }
+
+    /// Whether the image in effect is pulled from its registry when it is
+    /// missing. The default image never is: it is built locally.
+    pub fn pulls_image(&self) -> bool {
+        self.sandbox.image.is_some() && self.sandbox.pull == PullPolicy::Missing
+    }
+
+    /// What to do when the image in effect is not on the Docker host.
+    pub fn missing_image_fix(&self) -> &'static str {
+        match (&self.sandbox.image, self.sandbox.pull) {
+            (None, _) => {
+                "build it with `backshift image bootstrap` (as root, about a minute), or set [sandbox] image"
+            }
+            (Some(_), PullPolicy::Missing) => {
+                "backshift pulls it at startup and before each task, so check the reference and that its registry is reachable from the Docker host (`backshift image pull IMAGE` shows the registry's answer), or unset [sandbox] image to use the bootstrapped default"
+            }
+            (Some(_), PullPolicy::Never) => {
+                "load or build it on the Docker host (docker load, docker build), set [sandbox] pull = \"missing\" to pull it, or unset [sandbox] image to use the bootstrapped default"
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -182,6 +219,19 @@ mod tests {
             assert_eq!(c.sandbox.memory_mb, 2048);
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_missing_image_fix_fits_where_the_image_comes_from() {
+        let mut c = Config::default();
+        assert!(!c.pulls_image(), "the default image is built, not pulled");
+        assert!(c.missing_image_fix().contains("backshift image bootstrap"));
+        c.sandbox.image = Some("127.0.0.1:5000/team/img:v1".into());
+        assert!(c.pulls_image());
+        assert!(c.missing_image_fix().contains("backshift image pull"));
+        c.sandbox.pull = PullPolicy::Never;
+        assert!(!c.pulls_image());
+        assert!(c.missing_image_fix().contains("docker load"));
     }
 
     #[test]

@@ -105,6 +105,26 @@ impl Server {
 }
 
 /// Starts the server described by `config`.
+/// Pulls the configured sandbox image at startup when it is missing, so
+/// the first task does not wait for it (a task that comes first pulls it
+/// too; the daemon joins the two pulls).
+async fn prepull(app: Arc<App>) {
+    let image = app.config.image();
+    let Ok(driver) = app.docker().await else {
+        return;
+    };
+    if !matches!(driver.image_exists(&image).await, Ok(false)) {
+        return;
+    }
+    let mut log = |line: String| tracing::info!(target: "backshift::image", "{line}");
+    match backshift_sandbox::image::pull(&driver, &image, &mut log).await {
+        Ok(()) => tracing::info!("sandbox image {image} pulled"),
+        Err(e) => tracing::warn!(
+            "cannot pull the sandbox image {image}: {e}; tasks will fail with image_missing until it is there"
+        ),
+    }
+}
+
 pub async fn start(config: Config) -> anyhow::Result<Server> {
     let data_dir = config.data_dir();
     for sub in ["", "git", "tmp"] {
@@ -157,6 +177,9 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         config,
     });
     supervisor::recover(&app).await?;
+    if app.config.pulls_image() {
+        tokio::spawn(prepull(app.clone()));
+    }
 
     let shutdown = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();

@@ -443,6 +443,18 @@ async fn serve(
     Ok(0)
 }
 
+/// The local Docker daemon, answering, or why not.
+async fn docker(purpose: &str) -> anyhow::Result<backshift_sandbox::docker::DockerDriver> {
+    let driver = backshift_sandbox::docker::DockerDriver::connect()
+        .await
+        .with_context(|| format!("Docker is needed to {purpose}"))?;
+    driver
+        .ping()
+        .await
+        .context("the Docker daemon does not answer; start it first (`cargo xtask setup` does)")?;
+    Ok(driver)
+}
+
 async fn image(command: ImageCommand) -> anyhow::Result<i32> {
     use backshift_sandbox::image::{BootstrapOptions, bootstrap, default_image_tag};
     match command {
@@ -450,14 +462,19 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
             println!("{}", default_image_tag());
             Ok(0)
         }
+        ImageCommand::Pull { reference } => {
+            let driver = docker("pull the image").await?;
+            let started = std::time::Instant::now();
+            backshift_sandbox::image::pull(&driver, &reference, &mut |line| {
+                println!("  {line}");
+                let _ = std::io::stdout().flush();
+            })
+            .await?;
+            println!("done in {:.1?}", started.elapsed());
+            Ok(0)
+        }
         ImageCommand::Bootstrap { mirror, force } => {
-            let driver = backshift_sandbox::docker::DockerDriver::connect()
-                .await
-                .context("Docker is needed to build the image")?;
-            driver
-                .ping()
-                .await
-                .context("the Docker daemon does not answer; start it first")?;
+            let driver = docker("build the image").await?;
             let tag = default_image_tag();
             if !force && driver.image_exists(&tag).await? {
                 println!("image {tag} already exists (use --force to rebuild)");

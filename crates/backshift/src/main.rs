@@ -124,6 +124,11 @@ enum ImageCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Pull an image from its registry, with progress (for `[sandbox] image`).
+    Pull {
+        /// Image reference, e.g. registry.example:5000/team/sandbox:v3.
+        reference: String,
+    },
     /// Print the default image's tag.
     Tag,
 }

@@ -170,7 +170,7 @@ async fn the_turn_limit_ends_with_max_turns() {
 async fn a_missing_image_is_reported_by_readyz_and_fails_the_task() {
     let w = World::start(
         Some(script(json!({"steps": []}))),
-        "[sandbox]\nimage = \"backshift-missing:none\"\n",
+        "[sandbox]\nimage = \"backshift-missing:none\"\npull = \"never\"\n",
     )
     .await;
     let resp = reqwest::get(format!("{}/readyz", w.url)).await.unwrap();
@@ -184,10 +184,7 @@ async fn a_missing_image_is_reported_by_readyz_and_fails_the_task() {
         .unwrap();
     assert_eq!(image["ok"], false);
     assert!(
-        image["fix"]
-            .as_str()
-            .unwrap()
-            .contains("backshift image bootstrap"),
+        image["fix"].as_str().unwrap().contains("docker load"),
         "{image}"
     );
     let (_, view) = w.run_task("x", &[]).await;
@@ -197,11 +194,11 @@ async fn a_missing_image_is_reported_by_readyz_and_fails_the_task() {
         (Some("failed"), Some("image_missing")),
         "{view}"
     );
+    let detail = a["detail"].as_str().unwrap();
     assert!(
-        a["detail"]
-            .as_str()
-            .unwrap()
-            .contains("backshift image bootstrap")
+        detail.contains("backshift-missing:none does not exist on this Docker host")
+            && detail.contains("docker load"),
+        "{detail}"
     );
 }
 

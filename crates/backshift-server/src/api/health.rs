@@ -39,12 +39,17 @@ pub async fn readyz(State(app): State<Arc<App>>) -> (StatusCode, Json<ReadyView>
                 None,
             ));
             checks.push(match d.image_exists(&image).await {
-                Ok(true) => check("image", true, format!("sandbox image {image} present"), None),
+                Ok(true) => check(
+                    "image",
+                    true,
+                    format!("sandbox image {image} present"),
+                    None,
+                ),
                 Ok(false) => check(
                     "image",
                     false,
-                    format!("sandbox image {image} is missing"),
-                    Some("run `backshift image bootstrap` (as root, about a minute), or set [sandbox] image"),
+                    format!("sandbox image {image} is not on the Docker host"),
+                    Some(app.config.missing_image_fix()),
                 ),
                 Err(e) => check("image", false, e.to_string(), None),
             });

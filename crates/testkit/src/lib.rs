@@ -1,0 +1,124 @@
+//! Fixtures for tests that start real parts, all on loopback. Each one
+//! fails with what to install when its part is missing; none skips.
+
+use anyhow::{Context, bail};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A private image registry (Debian's `docker-registry`) on a free loopback
+/// port, storing into a temporary directory; stopped when dropped. Docker
+/// treats registries on 127.0.0.0/8 as insecure-allowed, so no TLS is
+/// needed.
+pub struct Registry {
+    child: Child,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+impl Registry {
+    /// Starts the registry and waits until it accepts connections.
+    pub fn start() -> anyhow::Result<Registry> {
+        if !Path::new(REGISTRY_BIN).exists() {
+            bail!(
+                "{REGISTRY_BIN} is missing: install Debian's docker-registry (`apt-get install docker-registry`; `cargo xtask setup` does)"
+            );
+        }
+        let dir = tempfile::tempdir()?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.path().join("registry.log"))?;
+        let child = Command::new(REGISTRY_BIN)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {REGISTRY_BIN}"))?;
+        let mut registry = Registry { child, addr, dir };
+        let started = Instant::now();
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Some(status) = registry.child.try_wait()? {
+                bail!("docker-registry exited ({status}): {}", registry.log());
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "docker-registry did not listen on {addr} within 20 s: {}",
+                    registry.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(registry)
+    }
+
+    /// `127.0.0.1:PORT`, the prefix of image references in this registry.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Pushes local image `local` into the registry as `name:tag`
+    /// (`name` without host) and removes the local alias the push needed,
+    /// so the reference exists only in the registry. Returns the full
+    /// reference.
+    pub fn push(&self, local: &str, name: &str, tag: &str) -> anyhow::Result<String> {
+        let reference = format!("{}/{name}:{tag}", self.host());
+        docker(&["tag", local, &reference])?;
+        let pushed = docker(&["push", "-q", &reference]);
+        docker(&["rmi", &reference])?;
+        pushed.with_context(|| format!("registry log: {}", self.log()))?;
+        Ok(reference)
+    }
+
+    /// What the registry logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs Debian's docker CLI against the engine's API version (1.41; the
+/// newer CLI some machines carry refuses to talk to it) and returns its
+/// stdout.
+pub fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let cli = if Path::new("/usr/bin/docker").exists() {
+        "/usr/bin/docker"
+    } else {
+        "docker"
+    };
+    let out = Command::new(cli)
+        .args(args)
+        .env("DOCKER_API_VERSION", "1.41")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| {
+            format!("cannot run {cli}; install docker.io (`cargo xtask setup` does)")
+        })?;
+    if !out.status.success() {
+        bail!(
+            "docker {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
