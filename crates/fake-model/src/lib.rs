@@ -5,7 +5,7 @@
 
 pub mod script;
 
-pub use script::{Contains, Expect, Reply, Script, ScriptedCall, Step};
+pub use script::{Contains, Expect, Mode, Reply, Script, ScriptedCall, Step};
 
 use axum::Router;
 use axum::extract::State;
@@ -113,28 +113,41 @@ async fn completions(State(inner): State<Arc<Mutex<Inner>>>, body: String) -> Re
             Err(e) => return fail(&mut guard, format!("request is not JSON: {e}")),
         };
         guard.requests.push(request.clone());
-        let Some(step) = guard.script.steps.get(guard.next).cloned() else {
-            let n = guard.requests.len();
+        let n = guard.requests.len();
+        let (index, expected_ids) = match guard.script.mode {
+            Mode::Sequence => (guard.next, guard.last_call_ids.clone()),
+            Mode::Turn => conversation_turn(&request),
+        };
+        let total = guard.script.steps.len();
+        let Some(step) = guard.script.steps.get(index).cloned() else {
             return fail(
                 &mut guard,
-                format!("request {n} arrived but the script has no steps left"),
+                format!(
+                    "request {n} asks for step {} but the script has {total} steps",
+                    index + 1
+                ),
             );
         };
-        guard.next += 1;
-        let problems = check(&request, &step.expect, &guard.last_call_ids);
+        guard.next = guard.next.max(index + 1);
+        let problems = check(&request, &step.expect, &expected_ids);
         if !problems.is_empty() {
-            let n = guard.requests.len();
             return fail(&mut guard, format!("request {n}: {}", problems.join("; ")));
         }
-        let ids: Vec<String> = step
-            .reply
-            .tool_calls
-            .iter()
-            .map(|_| {
-                guard.call_counter += 1;
-                format!("call_{}", guard.call_counter)
-            })
-            .collect();
+        let ids: Vec<String> = match guard.script.mode {
+            Mode::Sequence => step
+                .reply
+                .tool_calls
+                .iter()
+                .map(|_| {
+                    guard.call_counter += 1;
+                    format!("call_{}", guard.call_counter)
+                })
+                .collect(),
+            // The same step always answers with the same ids.
+            Mode::Turn => (0..step.reply.tool_calls.len())
+                .map(|i| format!("call_{}_{}", index + 1, i + 1))
+                .collect(),
+        };
         if step.reply.status.is_none() {
             guard.last_call_ids = ids.clone();
         }
@@ -203,6 +216,32 @@ async fn completions(State(inner): State<Arc<Mutex<Inner>>>, body: String) -> Re
         "usage": usage,
     }))
     .into_response()
+}
+
+/// The number of assistant messages in a request, and the tool call ids
+/// of the last one (which the request must answer).
+fn conversation_turn(request: &Value) -> (usize, Vec<String>) {
+    let empty = Vec::new();
+    let messages = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
+    let assistants: Vec<&Value> = messages
+        .iter()
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+        .collect();
+    let ids = assistants
+        .last()
+        .and_then(|m| m.get("tool_calls"))
+        .and_then(Value::as_array)
+        .map(|calls| {
+            calls
+                .iter()
+                .filter_map(|c| c.get("id").and_then(Value::as_str).map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    (assistants.len(), ids)
 }
 
 /// The always-made checks plus the step's own.

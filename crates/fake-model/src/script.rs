@@ -15,8 +15,26 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Script {
+    /// How a request finds its step.
+    #[serde(default)]
+    pub mode: Mode,
     /// Steps, in the order requests consume them.
     pub steps: Vec<Step>,
+}
+
+/// How a request finds its step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Each request takes the next step.
+    #[default]
+    Sequence,
+    /// A request takes step N, where N is the number of assistant messages
+    /// it carries: the same conversation state always gets the same
+    /// answer. For agents that are interrupted and resume from a
+    /// checkpoint (they send an earlier state again), and for many
+    /// conversations sharing one script.
+    Turn,
 }
 
 /// One request's worth of script.

@@ -86,7 +86,7 @@ async fn scripted_errors_and_exhaustion() {
     assert_eq!((code, body.contains("overloaded")), (503, true));
     let (code, _) = post(&fake.base_url(), user("x")).await;
     assert_eq!(code, 400);
-    assert!(fake.failures()[0].contains("no steps left"));
+    assert!(fake.failures()[0].contains("but the script has"));
 }
 
 #[tokio::test]
@@ -133,4 +133,41 @@ async fn streams_in_openai_chunk_format() {
     assert_eq!(finish.as_deref(), Some("tool_calls"));
     assert!(saw_done);
     assert!(usage.unwrap()["prompt_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn turn_mode_answers_a_conversation_state_the_same_way_every_time() {
+    let fake = FakeModel::start(script(json!({"mode": "turn", "steps": [
+        {"reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "ls"}}]}},
+        {"expect": {"tool_results": [{"contains": "README"}]},
+         "reply": {"content": "done"}}
+    ]})))
+    .await
+    .unwrap();
+    // The same opening twice (an agent resumed from a checkpoint) gets the
+    // same call with the same id.
+    let (_, a) = post(&fake.base_url(), user("hello")).await;
+    let (_, b) = post(&fake.base_url(), user("hello")).await;
+    let a: Value = serde_json::from_str(&a).unwrap();
+    let b: Value = serde_json::from_str(&b).unwrap();
+    let call = a["choices"][0]["message"]["tool_calls"][0].clone();
+    assert_eq!(call, b["choices"][0]["message"]["tool_calls"][0]);
+    assert_eq!(call["id"], "call_1_1");
+
+    // Step 2 is chosen by the one assistant message; its call must be
+    // answered.
+    let mut req = user("hello");
+    let messages = req["messages"].as_array_mut().unwrap();
+    messages.push(json!({"role": "assistant", "content": "", "tool_calls": [call]}));
+    let (code, body) = post(&fake.base_url(), req.clone()).await;
+    assert_eq!(code, 400, "the unanswered call is refused: {body}");
+    req["messages"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"role": "tool", "tool_call_id": "call_1_1", "content": "README.md"}));
+    let (code, body) = post(&fake.base_url(), req).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("done"));
+    assert_eq!(fake.remaining(), 0);
+    assert_eq!(fake.failures().len(), 1, "{:?}", fake.failures());
 }
