@@ -12,11 +12,12 @@ pub mod run;
 pub mod tools;
 
 pub use model::{ModelClient, ModelConfig, ModelFailure};
-pub use run::{AgentOutcome, run_agent};
+pub use run::{AgentOutcome, Conversation, run_agent};
 pub use tools::SandboxTools;
 
 use async_trait::async_trait;
 use backshift_protocol::EventKind;
+use serde_json::Value;
 
 /// Where the agent reports what happens. Implementations persist and
 /// broadcast; they handle their own errors.
@@ -24,4 +25,14 @@ use backshift_protocol::EventKind;
 pub trait EventSink: Send + Sync {
     /// Records one event.
     async fn emit(&self, kind: EventKind);
+}
+
+/// Where the agent's conversation is kept so that it can be resumed: told
+/// at the end of every turn, with every tool result in.
+#[async_trait]
+pub trait Journal: Send + Sync {
+    /// Turn `turn` ended and `messages` is the whole conversation. `Err`
+    /// stops the agent (with [`AgentOutcome::Interrupted`]): the place the
+    /// work happens is gone, and going on would lose what follows.
+    async fn turn_ended(&self, turn: u32, messages: &[Value]) -> Result<(), String>;
 }

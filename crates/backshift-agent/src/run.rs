@@ -1,7 +1,7 @@
 //! The loop: ask the model, run the tools it calls, feed the results back,
 //! until it calls `finish` or a limit ends it.
 
-use crate::EventSink;
+use crate::{EventSink, Journal};
 use crate::model::{ModelClient, ModelFailure, elapsed_ms};
 use crate::tools::SandboxTools;
 use backshift_core::FailureReason;
@@ -24,6 +24,43 @@ pub enum AgentOutcome {
         /// What happened and what to do.
         detail: String,
     },
+    /// The journal could not keep the turn (the sandbox is gone): resume
+    /// from the last checkpoint.
+    Interrupted {
+        /// What the journal said.
+        detail: String,
+    },
+}
+
+/// The conversation the agent starts from.
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    /// System prompt, task, and every turn so far.
+    pub messages: Vec<Value>,
+    /// Turns already taken.
+    pub turns: u32,
+}
+
+impl Conversation {
+    /// A new conversation about `prompt`.
+    pub fn new(prompt: &str, workdir: &str) -> Conversation {
+        Conversation {
+            messages: vec![
+                json!({"role": "system", "content": SYSTEM_PROMPT.replace("{workdir}", workdir)}),
+                json!({"role": "user", "content": prompt}),
+            ],
+            turns: 0,
+        }
+    }
+
+    /// A conversation resumed from a checkpoint after `turns` turns, with a
+    /// note telling the model what happened.
+    pub fn resumed(mut messages: Vec<Value>, turns: u32, why: &str) -> Conversation {
+        messages.push(json!({"role": "user", "content": format!(
+            "[backshift] This session was interrupted ({why}) and resumed from the checkpoint taken after your last completed step. The files are as they were then; anything started after it, including running commands and background processes, is gone. Continue with the task."
+        )}));
+        Conversation { messages, turns }
+    }
 }
 
 /// Conversations larger than this have old tool output elided.
@@ -38,22 +75,21 @@ of its own. Do the task with the tools: inspect the code, make focused changes, 
 your changes when you finish. When the work is done, call `finish` with a short summary of what you \
 changed and why; its first line becomes the commit subject.";
 
-/// Runs the agent on `prompt` with at most `max_turns` model requests.
+/// Runs the agent from `start` until it finishes, a limit stops it, or the
+/// journal interrupts it; at most `max_turns` turns in all (counting those
+/// before `start`).
 pub async fn run_agent(
     model: &ModelClient,
     tools: &SandboxTools,
     sink: &dyn EventSink,
-    prompt: &str,
-    workdir: &str,
+    journal: &dyn Journal,
+    start: Conversation,
     max_turns: u32,
 ) -> AgentOutcome {
     let definitions = SandboxTools::definitions();
-    let mut messages = vec![
-        json!({"role": "system", "content": SYSTEM_PROMPT.replace("{workdir}", workdir)}),
-        json!({"role": "user", "content": prompt}),
-    ];
+    let mut messages = start.messages;
     let mut plain_replies = 0;
-    for turn in 1..=max_turns {
+    for turn in start.turns + 1..=max_turns {
         elide_old_output(&mut messages);
         let bytes: usize = messages.iter().map(|m| m.to_string().len()).sum();
         sink.emit(EventKind::ModelRequest {
@@ -125,6 +161,9 @@ pub async fn run_agent(
             if truncated {
                 messages.push(json!({"role": "user", "content":
                     "Your reply was cut off at the output token limit. Continue with smaller steps: one tool call at a time, shorter file contents."}));
+                if let Err(detail) = journal.turn_ended(turn, &messages).await {
+                    return AgentOutcome::Interrupted { detail };
+                }
                 continue;
             }
             plain_replies += 1;
@@ -140,6 +179,9 @@ pub async fn run_agent(
             }
             messages.push(json!({"role": "user", "content":
                 "Use the tools to work on the task. If the task is complete, call `finish` with a summary."}));
+            if let Err(detail) = journal.turn_ended(turn, &messages).await {
+                return AgentOutcome::Interrupted { detail };
+            }
             continue;
         }
         plain_replies = 0;
@@ -210,6 +252,11 @@ pub async fn run_agent(
             })
             .await;
             messages.push(json!({"role": "tool", "tool_call_id": call.call_id, "content": output}));
+        }
+        // The turn is kept before it counts: an interrupted turn is taken
+        // again from the previous checkpoint.
+        if let Err(detail) = journal.turn_ended(turn, &messages).await {
+            return AgentOutcome::Interrupted { detail };
         }
         if let Some(summary) = finished {
             sink.emit(EventKind::AgentFinished {

@@ -114,8 +114,24 @@ impl AttemptState {
             (S::Verifying, T::VerificationFailed) => Some(S::Running),
             (S::Publishing, T::Published) => Some(S::Succeeded),
             (
-                S::Preparing | S::Running | S::WaitingApproval | S::Verifying | S::Paused,
+                S::Provisioning
+                | S::Preparing
+                | S::Running
+                | S::WaitingApproval
+                | S::Verifying
+                | S::Publishing
+                | S::Paused,
                 T::SandboxLost,
+            ) => Some(S::Recovering),
+            (
+                S::Provisioning
+                | S::Preparing
+                | S::Running
+                | S::WaitingApproval
+                | S::Verifying
+                | S::Publishing
+                | S::Recovering,
+                T::Interrupted,
             ) => Some(S::Recovering),
             (S::Recovering, T::Recovered) => Some(S::Running),
             (S::Running | S::WaitingApproval, T::Pause) => Some(S::Paused),
@@ -161,6 +177,9 @@ pub enum Transition {
     Published,
     /// The sandbox disappeared.
     SandboxLost,
+    /// The control plane stopped while driving the attempt (its agent
+    /// loop and any effect in flight are gone; the sandbox may live on).
+    Interrupted,
     /// A replacement sandbox holds the last checkpoint.
     Recovered,
     /// Idle: stop the sandbox.
@@ -283,6 +302,7 @@ mod tests {
             Transition::VerificationFailed,
             Transition::Published,
             Transition::SandboxLost,
+            Transition::Interrupted,
             Transition::Recovered,
             Transition::Pause,
             Transition::Resume,
@@ -330,6 +350,18 @@ mod tests {
             }
             assert!(seen.iter().any(|s| s.is_terminal()), "{start} is a trap");
         }
+    }
+
+    #[test]
+    fn an_interrupted_attempt_recovers_from_any_active_state_but_queued_and_paused() {
+        for s in S::ALL.into_iter().filter(|s| !s.is_terminal()) {
+            let r = s.apply(Transition::Interrupted);
+            match s {
+                S::Queued | S::Paused => assert!(r.is_err(), "{s}"),
+                _ => assert_eq!(r, Ok(S::Recovering), "{s}"),
+            }
+        }
+        assert_eq!(S::Recovering.apply(Transition::Recovered), Ok(S::Running));
     }
 
     #[test]

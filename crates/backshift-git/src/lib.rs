@@ -144,9 +144,22 @@ impl GitStore {
         bundle: &Path,
         branch: &str,
     ) -> Result<String> {
+        let r = format!("refs/heads/{branch}");
+        self.import_bundle_ref(project, bundle, &r, &r).await
+    }
+
+    /// Imports ref `from` of a bundle file as ref `to` (forced) and returns
+    /// its commit.
+    pub async fn import_bundle_ref(
+        &self,
+        project: &str,
+        bundle: &Path,
+        from: &str,
+        to: &str,
+    ) -> Result<String> {
         let repo = self.repo_path(project);
         let bundle = bundle.to_string_lossy();
-        let refspec = format!("+refs/heads/{branch}:refs/heads/{branch}");
+        let refspec = format!("+{from}:{to}");
         git(
             Some(&repo),
             &[
@@ -161,7 +174,38 @@ impl GitStore {
             None,
         )
         .await?;
-        rev_parse(&repo, &format!("refs/heads/{branch}^{{commit}}")).await
+        rev_parse(&repo, &format!("{to}^{{commit}}")).await
+    }
+
+    /// Makes the working tree of checkout `dest` (from [`Self::export_checkout`])
+    /// the tree of `commit`, fetched from ref `from` of the store, leaving
+    /// the branch and index at the base: the checkpoint's changes are
+    /// uncommitted work again. The commit is kept as
+    /// `refs/backshift/checkpoint` so later checkpoints chain onto it.
+    pub async fn restore_tree(
+        &self,
+        project: &str,
+        from: &str,
+        commit: &str,
+        dest: &Path,
+    ) -> Result<()> {
+        let repo = self.repo_path(project);
+        let url = format!("file://{}", repo.display());
+        git(
+            Some(dest),
+            &["fetch", "--quiet", "--no-tags", &url, from],
+            None,
+        )
+        .await?;
+        git(Some(dest), &["read-tree", "-u", "--reset", commit], None).await?;
+        git(Some(dest), &["reset", "--quiet"], None).await?;
+        git(
+            Some(dest),
+            &["update-ref", "refs/backshift/checkpoint", commit],
+            None,
+        )
+        .await?;
+        Ok(())
     }
 
     /// Points `branch` at `commit` (used when the agent changed nothing).

@@ -160,6 +160,28 @@ pub enum EventKind {
         /// `git diff --stat` output.
         stat: String,
     },
+    /// The working tree and the conversation were saved after a turn; a
+    /// recovery resumes from the newest checkpoint.
+    Checkpoint {
+        /// Number, from 1.
+        n: u32,
+        /// The turn it follows.
+        turn: u32,
+        /// The tree as a commit in the git store
+        /// (`refs/backshift/checkpoints/<attempt>`).
+        commit: String,
+        /// Whether the tree changed since the previous checkpoint.
+        changed: bool,
+    },
+    /// A recovery put the attempt back to a checkpoint.
+    Restored {
+        /// The checkpoint restored (0: none yet, the base commit).
+        checkpoint: u32,
+        /// The turn the agent resumes after.
+        turn: u32,
+        /// Whether the sandbox survived (adopted) or was rebuilt.
+        adopted: bool,
+    },
 }
 
 impl EventKind {
@@ -176,6 +198,8 @@ impl EventKind {
             EventKind::ToolResult { .. } => "tool_result",
             EventKind::AgentFinished { .. } => "agent_finished",
             EventKind::DiffStat { .. } => "diff_stat",
+            EventKind::Checkpoint { .. } => "checkpoint",
+            EventKind::Restored { .. } => "restored",
         }
     }
 }

@@ -4,7 +4,8 @@
 
 use crate::serve::App;
 use async_trait::async_trait;
-use backshift_agent::{AgentOutcome, EventSink, ModelClient, SandboxTools, run_agent};
+use crate::checkpoint::{self, AttemptJournal};
+use backshift_agent::{AgentOutcome, Conversation, EventSink, ModelClient, SandboxTools, run_agent};
 use backshift_core::{AttemptState, FailureReason, Transition};
 use backshift_protocol::EventKind;
 use backshift_sandbox::docker::DockerDriver;
@@ -13,7 +14,7 @@ use backshift_sandbox::tarball::{Owner, archive_dir, first_file};
 use backshift_sandbox::{
     ExecSpec, ResourceLimits, SandboxDriver, SandboxError, SandboxId, SandboxSpec, labels,
 };
-use backshift_store::{AttemptRow, AttemptUpdate, TaskRow};
+use backshift_store::{AttemptRow, AttemptUpdate, CheckpointRow, TaskRow};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,7 +88,22 @@ impl Run {
     }
 }
 
-/// Runs `attempt` to its end.
+/// Why the steps stopped short of success.
+enum Halt {
+    /// The attempt ends: failed with a reason.
+    Fail(Failure),
+    /// The sandbox is gone: recover from the last checkpoint.
+    Lost(String),
+}
+
+impl From<Failure> for Halt {
+    fn from(f: Failure) -> Self {
+        Halt::Fail(f)
+    }
+}
+
+/// Runs `attempt` to its end: from the queue, or (when it is already
+/// active, after a restart of the server) through a recovery.
 pub async fn run(app: Arc<App>, attempt: AttemptRow, cancel: CancellationToken) {
     let task = match app.store.task(&attempt.task_id).await {
         Ok(Some(t)) => t,
@@ -104,11 +120,38 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, cancel: CancellationToken) 
         task,
         sandbox: None,
     };
-    if let Err(e) = run.step(Transition::Start, None).await {
+    let begun = if run.state == AttemptState::Queued {
+        run.step(Transition::Start, None).await
+    } else {
+        let detail = format!(
+            "the server stopped while this attempt was {}; recovering from its last checkpoint",
+            run.state
+        );
+        run.step(Transition::Interrupted, Some(detail)).await
+    };
+    if let Err(e) = begun {
         // Cancelled (or otherwise moved) before it could start.
         tracing::info!(attempt = %run.attempt.id, "not started: {}", e.1);
         return;
     }
+    // The wall-time budget counts from the first start, across restarts.
+    let now = backshift_protocol::now_ms();
+    let started_at = run.attempt.started_at.unwrap_or(now);
+    if run.attempt.started_at.is_none() {
+        let _ = app
+            .store
+            .update_attempt(
+                &run.attempt.id,
+                &AttemptUpdate {
+                    started_at: Some(now),
+                    ..Default::default()
+                },
+            )
+            .await;
+        run.attempt.started_at = Some(now);
+    }
+    let spent = Duration::from_millis(now.saturating_sub(started_at).max(0) as u64);
+    let remaining = wall.saturating_sub(spent);
     enum End {
         Done(Result<(), Failure>),
         Cancelled,
@@ -117,7 +160,7 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, cancel: CancellationToken) 
     let end = {
         let work = drive(&mut run);
         tokio::select! {
-            r = tokio::time::timeout(wall, work) => match r {
+            r = tokio::time::timeout(remaining, work) => match r {
                 Ok(r) => End::Done(r),
                 Err(_) => End::TimedOut,
             },
@@ -157,16 +200,214 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, cancel: CancellationToken) 
     }
 }
 
+/// At most this many recoveries per attempt: a sandbox that keeps dying
+/// is a failure, not a loop.
+const MAX_RECOVERIES: u32 = 10;
+
 async fn drive(run: &mut Run) -> Result<(), Failure> {
+    let mut recoveries = 0;
+    loop {
+        let result = match run.state {
+            AttemptState::Provisioning => fresh(run).await,
+            AttemptState::Recovering => {
+                recoveries += 1;
+                if recoveries > MAX_RECOVERIES {
+                    return Err(Failure(
+                        FailureReason::SandboxFailed,
+                        format!("the sandbox was lost {MAX_RECOVERIES} times; giving up"),
+                    ));
+                }
+                recover(run).await
+            }
+            other => {
+                return Err(Failure(
+                    FailureReason::Internal,
+                    format!("the runner cannot continue an attempt that is {other}"),
+                ));
+            }
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(Halt::Fail(f)) => return Err(f),
+            Err(Halt::Lost(why)) => {
+                run.progress(format!("sandbox lost: {why}")).await;
+                if let Some((driver, id)) = run.sandbox.take() {
+                    let _ = driver.destroy(&id).await;
+                }
+                run.step(Transition::SandboxLost, Some(why)).await?;
+            }
+        }
+    }
+}
+
+/// From the queue: a new sandbox, the checkout, the agent, the branch.
+async fn fresh(run: &mut Run) -> Result<(), Halt> {
     provision(run).await?;
     run.step(Transition::SandboxReady, None).await?;
-    prepare(run).await?;
+    prepare(run, None).await?;
     run.step(Transition::Prepared, None).await?;
-    let summary = work(run).await?;
+    let conversation = Conversation::new(&run.task.prompt, WORKDIR);
+    finish(run, None, conversation).await
+}
+
+/// Back to the newest checkpoint: the surviving sandbox is adopted (what
+/// was running in it is killed and its tree reset to the checkpoint), or
+/// a new one is built from the checkpoint; then the agent resumes its
+/// conversation, or, when it had already finished, publishing runs again.
+async fn recover(run: &mut Run) -> Result<(), Halt> {
+    let app = run.app.clone();
+    let fail = |reason, msg: String| Halt::Fail(Failure(reason, msg));
+    let checkpoint = app
+        .store
+        .latest_checkpoint(&run.attempt.id)
+        .await
+        .map_err(|e| fail(FailureReason::Internal, e.to_string()))?;
+    let adopted = adopt(run, checkpoint.as_ref()).await?;
+    if !adopted {
+        provision(run).await?;
+        prepare(run, checkpoint.as_ref()).await?;
+    }
+    let _ = app
+        .hub
+        .emit(
+            &run.attempt.id,
+            EventKind::Restored {
+                checkpoint: checkpoint.as_ref().map_or(0, |c| c.n),
+                turn: checkpoint.as_ref().map_or(0, |c| c.turn),
+                adopted,
+            },
+        )
+        .await;
+    run.step(Transition::Recovered, None).await?;
+    let conversation = match &checkpoint {
+        Some(cp) => {
+            let bodies = app
+                .store
+                .messages(&run.attempt.id, cp.messages)
+                .await
+                .map_err(|e| fail(FailureReason::Internal, e.to_string()))?;
+            let messages = bodies
+                .iter()
+                .map(|b| serde_json::from_str(b))
+                .collect::<Result<Vec<serde_json::Value>, _>>()
+                .map_err(|e| fail(FailureReason::Internal, format!("stored message: {e}")))?;
+            let why = if adopted {
+                "the control plane restarted"
+            } else {
+                "the sandbox was lost and rebuilt"
+            };
+            Conversation::resumed(messages, cp.turn, why)
+        }
+        None => Conversation::new(&run.task.prompt, WORKDIR),
+    };
+    finish(run, checkpoint.as_ref(), conversation).await
+}
+
+/// The agent (unless it already finished: its summary is stored), then
+/// publishing.
+async fn finish(
+    run: &mut Run,
+    checkpoint: Option<&CheckpointRow>,
+    conversation: Conversation,
+) -> Result<(), Halt> {
+    let summary = match run.attempt.summary.clone() {
+        Some(s) => {
+            run.progress("the agent had finished before the interruption; publishing again")
+                .await;
+            s
+        }
+        None => {
+            let s = work(run, checkpoint, conversation).await?;
+            run.app
+                .store
+                .update_attempt(
+                    &run.attempt.id,
+                    &AttemptUpdate {
+                        summary: Some(&s),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
+            run.attempt.summary = Some(s.clone());
+            s
+        }
+    };
     run.step(Transition::AgentFinished { verify: false }, None)
         .await?;
     publish(run, &summary).await?;
-    run.step(Transition::Published, None).await
+    run.step(Transition::Published, None).await?;
+    Ok(())
+}
+
+/// Adopts the attempt's surviving sandbox, if one runs: kills what the
+/// interrupted attempt left running and resets the tree to `checkpoint`
+/// (or the base). Removes stopped ones. Returns whether it adopted.
+async fn adopt(run: &mut Run, checkpoint: Option<&CheckpointRow>) -> Result<bool, Halt> {
+    let app = run.app.clone();
+    let Ok(driver) = app.docker().await else {
+        return Ok(false);
+    };
+    let found = driver
+        .list(&[
+            (labels::MANAGED, "true"),
+            (labels::INSTANCE, app.instance.as_str()),
+            (labels::ATTEMPT, run.attempt.id.as_str()),
+        ])
+        .await
+        .unwrap_or_default();
+    let driver: Arc<dyn SandboxDriver> = driver;
+    let mut adopted = None;
+    for sb in found {
+        if sb.running && adopted.is_none() && run.attempt.base_commit.is_some() {
+            adopted = Some(sb.id);
+        } else {
+            let _ = driver.destroy(&sb.id).await;
+        }
+    }
+    let Some(id) = adopted else {
+        return Ok(false);
+    };
+    run.progress(format!(
+        "adopting the surviving sandbox {}",
+        &id.0[..12.min(id.0.len())]
+    ))
+    .await;
+    let target = checkpoint
+        .map(|c| c.commit_sha.clone())
+        .or_else(|| run.attempt.base_commit.clone())
+        .unwrap_or_default();
+    let kill = ExecSpec::new(["bash", "-c", checkpoint::KILL_STRAYS_SCRIPT]);
+    let restore = ExecSpec {
+        argv: vec!["bash".into(), "-c".into(), checkpoint::RESTORE_SCRIPT.into()],
+        workdir: Some(WORKDIR.into()),
+        env: vec![
+            ("TARGET".into(), target),
+            ("CKPT_REF".into(), checkpoint::SANDBOX_REF.into()),
+        ],
+        ..Default::default()
+    };
+    let ok = match driver.exec_collect(&id, &kill).await {
+        Ok(_) => match driver.exec_collect(&id, &restore).await {
+            Ok(o) if o.exit_code == 0 => true,
+            Ok(o) => {
+                run.progress(format!(
+                    "cannot reset the surviving sandbox ({}); building a new one",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ))
+                .await;
+                false
+            }
+            Err(_) => false,
+        },
+        Err(_) => false,
+    };
+    if !ok {
+        let _ = driver.destroy(&id).await;
+        return Ok(false);
+    }
+    run.sandbox = Some((driver, id));
+    Ok(true)
 }
 
 async fn provision(run: &mut Run) -> Result<(), Failure> {
@@ -270,36 +511,45 @@ async fn ensure_pulled(run: &Run, driver: &DockerDriver, image: &str) -> Result<
     })
 }
 
-async fn prepare(run: &mut Run) -> Result<(), Failure> {
+/// Puts the repository into the sandbox on the attempt's branch: fetched
+/// into the git store the first time (the base is pinned there), exported
+/// from the pin afterwards, with a checkpoint's tree when recovering.
+async fn prepare(run: &mut Run, restore: Option<&CheckpointRow>) -> Result<(), Halt> {
     let app = run.app.clone();
     let (driver, id) = run.sandbox()?;
     let clone_failed = |what: &str, e: &dyn std::fmt::Display| {
         Failure(FailureReason::CloneFailed, format!("{what}: {e}"))
     };
     let pin = format!("refs/backshift/base/{}", run.attempt.id);
-    run.progress(format!("fetching {} into the git store", run.task.repo))
-        .await;
-    let base = app
-        .git
-        .fetch_source(
-            &run.task.project_id,
-            &run.task.repo,
-            run.task.base_ref.as_deref(),
-            &pin,
-        )
-        .await
-        .map_err(|e| clone_failed(&format!("cannot fetch {}", run.task.repo), &e))?;
-    app.store
-        .update_attempt(
-            &run.attempt.id,
-            &AttemptUpdate {
-                base_commit: Some(&base),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
-    run.attempt.base_commit = Some(base.clone());
+    let base = match run.attempt.base_commit.clone() {
+        Some(base) => base,
+        None => {
+            run.progress(format!("fetching {} into the git store", run.task.repo))
+                .await;
+            let base = app
+                .git
+                .fetch_source(
+                    &run.task.project_id,
+                    &run.task.repo,
+                    run.task.base_ref.as_deref(),
+                    &pin,
+                )
+                .await
+                .map_err(|e| clone_failed(&format!("cannot fetch {}", run.task.repo), &e))?;
+            app.store
+                .update_attempt(
+                    &run.attempt.id,
+                    &AttemptUpdate {
+                        base_commit: Some(&base),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
+            run.attempt.base_commit = Some(base.clone());
+            base
+        }
+    };
     run.progress(format!(
         "checking out {} on branch {}",
         &base[..12],
@@ -319,6 +569,22 @@ async fn prepare(run: &mut Run) -> Result<(), Failure> {
         )
         .await
         .map_err(|e| clone_failed("cannot check out", &e))?;
+    if let Some(cp) = restore {
+        run.progress(format!(
+            "restoring checkpoint {} (after turn {})",
+            cp.n, cp.turn
+        ))
+        .await;
+        app.git
+            .restore_tree(
+                &run.task.project_id,
+                &checkpoint::store_ref(&run.attempt.id),
+                &cp.commit_sha,
+                &tree,
+            )
+            .await
+            .map_err(|e| clone_failed("cannot restore the checkpoint", &e))?;
+    }
     let owner = Owner {
         uid: SANDBOX_UID,
         gid: SANDBOX_UID,
@@ -328,16 +594,24 @@ async fn prepare(run: &mut Run) -> Result<(), Failure> {
         .map_err(|e| clone_failed("archiving failed", &e))?
         .map_err(|e| clone_failed("cannot archive the checkout", &e))?;
     let size = tar.len();
-    driver
-        .copy_in(&id, "/", tar.into())
-        .await
-        .map_err(|e| clone_failed("cannot copy the checkout into the sandbox", &e))?;
+    if let Err(e) = driver.copy_in(&id, "/", tar.into()).await {
+        if !checkpoint::sandbox_alive(driver.as_ref(), &run.attempt.id, &id).await {
+            return Err(Halt::Lost(format!("while copying the checkout in: {e}")));
+        }
+        return Err(clone_failed("cannot copy the checkout into the sandbox", &e).into());
+    }
     run.progress(format!("repository in the sandbox ({} KiB)", size / 1024))
         .await;
     Ok(())
 }
 
-async fn work(run: &mut Run) -> Result<String, Failure> {
+/// Runs the agent from `conversation`, checkpointing each turn, while
+/// watching that the sandbox lives.
+async fn work(
+    run: &mut Run,
+    checkpoint: Option<&CheckpointRow>,
+    conversation: Conversation,
+) -> Result<String, Halt> {
     let app = run.app.clone();
     let (driver, id) = run.sandbox()?;
     let model_config = app
@@ -346,8 +620,8 @@ async fn work(run: &mut Run) -> Result<String, Failure> {
     let model = ModelClient::new(model_config)
         .map_err(|e| Failure(FailureReason::ModelError, e.to_string()))?;
     let tools = SandboxTools::new(
-        driver,
-        id,
+        driver.clone(),
+        id.clone(),
         WORKDIR,
         Duration::from_secs(run.task.limits.command_timeout_secs),
     );
@@ -355,22 +629,48 @@ async fn work(run: &mut Run) -> Result<String, Failure> {
         app: app.clone(),
         attempt: run.attempt.id.clone(),
     };
-    match run_agent(
+    let base = run.attempt.base_commit.clone().unwrap_or_default();
+    let journal = AttemptJournal::new(
+        app.clone(),
+        &run.attempt.id,
+        &run.task.project_id,
+        &base,
+        WORKDIR,
+        driver.clone(),
+        id.clone(),
+        checkpoint,
+    );
+    let agent = run_agent(
         &model,
         &tools,
         &sink,
-        &run.task.prompt,
-        WORKDIR,
+        &journal,
+        conversation,
         run.task.limits.max_turns,
-    )
-    .await
-    {
+    );
+    let watch = async {
+        loop {
+            tokio::time::sleep(SANDBOX_WATCH).await;
+            if !checkpoint::sandbox_alive(driver.as_ref(), &run.attempt.id, &id).await {
+                break;
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = agent => outcome,
+        () = watch => return Err(Halt::Lost("the sandbox stopped while the agent worked".into())),
+    };
+    match outcome {
         AgentOutcome::Finished { summary } => Ok(summary),
-        AgentOutcome::Stopped { reason, detail } => Err(Failure(reason, detail)),
+        AgentOutcome::Stopped { reason, detail } => Err(Failure(reason, detail).into()),
+        AgentOutcome::Interrupted { detail } => Err(Halt::Lost(detail)),
     }
 }
 
-async fn publish(run: &mut Run, summary: &str) -> Result<(), Failure> {
+/// How often a running attempt checks that its sandbox lives.
+const SANDBOX_WATCH: Duration = Duration::from_secs(1);
+
+async fn publish(run: &mut Run, summary: &str) -> Result<(), Halt> {
     let app = run.app.clone();
     let (driver, id) = run.sandbox()?;
     let failed = |what: &str, e: &dyn std::fmt::Display| {
@@ -386,9 +686,12 @@ async fn publish(run: &mut Run, summary: &str) -> Result<(), Failure> {
     let message = commit_message(summary, &run.task.id);
     // Commit everything the agent left, as backshift, hooks disabled; then
     // bundle the new commits for the trip back to the host.
+    // Idempotent: a publish interrupted after its commit finds nothing
+    // left to commit and bundles the same branch again.
     let script = format!(
-        "set -e\ngit add -A\nif git diff --cached --quiet; then echo NO_CHANGES; exit 0; fi\n\
-         git -c core.hooksPath=/dev/null -c user.name=\"$GN\" -c user.email=\"$GE\" commit --quiet --no-verify -F -\n\
+        "set -e\ngit add -A\nif ! git diff --cached --quiet; then\n\
+         git -c core.hooksPath=/dev/null -c user.name=\"$GN\" -c user.email=\"$GE\" commit --quiet --no-verify -F -\nfi\n\
+         if [ \"$(git rev-parse HEAD)\" = \"{base}\" ]; then echo NO_CHANGES; exit 0; fi\n\
          git bundle create --quiet /tmp/backshift.bundle \"refs/heads/{branch}\" \"^{base}\"\n"
     );
     let spec = ExecSpec {
@@ -402,15 +705,21 @@ async fn publish(run: &mut Run, summary: &str) -> Result<(), Failure> {
         ..Default::default()
     };
     run.progress("committing the agent's changes").await;
-    let out = driver
-        .exec_collect(&id, &spec)
-        .await
-        .map_err(|e| failed("cannot run git in the sandbox", &e))?;
+    let out = match driver.exec_collect(&id, &spec).await {
+        Ok(o) if o.exit_code == 0 => o,
+        other => {
+            if !checkpoint::sandbox_alive(driver.as_ref(), &run.attempt.id, &id).await {
+                return Err(Halt::Lost("the sandbox stopped while publishing".into()));
+            }
+            other.map_err(|e| failed("cannot run git in the sandbox", &e))?
+        }
+    };
     if out.exit_code != 0 {
         return Err(failed(
             "git commit in the sandbox failed",
             &String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        ));
+        )
+        .into());
     }
     let head = if String::from_utf8_lossy(&out.stdout).contains("NO_CHANGES") {
         run.progress("the agent made no changes; the branch points at the base commit")

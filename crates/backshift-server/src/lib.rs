@@ -9,6 +9,7 @@
 pub mod api;
 pub mod attempt;
 pub mod auth;
+pub mod checkpoint;
 pub mod config;
 pub mod events;
 pub mod serve;

@@ -4,9 +4,9 @@
 
 use crate::attempt;
 use crate::serve::App;
-use backshift_core::{AttemptState, FailureReason, Transition};
+use backshift_core::AttemptState;
 use backshift_sandbox::{SandboxDriver, labels};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -65,49 +65,66 @@ impl Supervisor {
     }
 }
 
-/// Settles the previous run's leftovers: attempts that were active when
-/// the server stopped are failed honestly (`control_plane_restarted`) and
-/// this instance's sandboxes are removed. Queued attempts stay queued.
-pub async fn recover(app: &App) -> anyhow::Result<()> {
+/// Picks up what a previous run of the server left: every attempt that was
+/// active (not queued, not paused) gets a runner again, which records the
+/// interruption and recovers it from its last checkpoint, adopting its
+/// sandbox when that survived. Sandboxes of this instance that belong to
+/// no active attempt are removed. Queued attempts stay queued.
+pub async fn recover(app: &Arc<App>) -> anyhow::Result<()> {
     let active: Vec<AttemptState> = AttemptState::ALL
         .into_iter()
-        .filter(|s| !s.is_terminal() && *s != AttemptState::Queued)
+        .filter(|s| !s.is_terminal() && *s != AttemptState::Queued && *s != AttemptState::Paused)
         .collect();
-    for a in app.store.attempts_in_states(&active).await? {
-        let detail = format!(
-            "the server stopped while this attempt was {}; its sandbox was removed. Submit the task again to retry.",
-            a.state
-        );
-        if let Err(e) = app
-            .hub
-            .transition(
-                &a.id,
-                a.state,
-                Transition::Fail(FailureReason::ControlPlaneRestarted),
-                Some(detail),
-            )
-            .await
-        {
-            tracing::warn!(attempt = %a.id, "could not settle attempt: {e}");
-        }
-    }
-    if let Ok(driver) = app.docker().await {
-        let leftovers = driver
-            .list(&[(labels::MANAGED, "true"), (labels::INSTANCE, &app.instance)])
-            .await?;
-        for sb in leftovers {
-            tracing::info!(sandbox = %sb.id, "removing sandbox left by a previous run");
-            driver.destroy(&sb.id).await?;
-        }
+    let attempts = app.store.attempts_in_states(&active).await?;
+    let keep: HashSet<String> = attempts.iter().map(|a| a.id.clone()).collect();
+    remove_strays(app, &keep).await;
+    for a in attempts {
+        tracing::info!(attempt = %a.id, state = %a.state, "resuming attempt after a restart");
+        spawn(app, a);
     }
     Ok(())
 }
 
+/// Removes this instance's sandboxes whose attempt is not in `keep`.
+async fn remove_strays(app: &App, keep: &HashSet<String>) {
+    let Ok(driver) = app.docker().await else {
+        return;
+    };
+    let Ok(found) = driver
+        .list(&[(labels::MANAGED, "true"), (labels::INSTANCE, &app.instance)])
+        .await
+    else {
+        return;
+    };
+    for sb in found {
+        let attempt = sb.labels.get(labels::ATTEMPT).cloned().unwrap_or_default();
+        if !keep.contains(&attempt) {
+            tracing::info!(sandbox = %sb.id, %attempt, "removing a sandbox no attempt owns");
+            if let Err(e) = driver.destroy(&sb.id).await {
+                tracing::warn!(sandbox = %sb.id, "cannot remove: {e}");
+            }
+        }
+    }
+}
+
 /// The loop: start queued attempts while slots are free.
 pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
+    let mut last_sweep = std::time::Instant::now();
     loop {
         if let Err(e) = start_queued(&app).await {
             tracing::error!("supervisor: {e:#}");
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = std::time::Instant::now();
+            let keep: HashSet<String> = app
+                .supervisor
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            remove_strays(&app, &keep).await;
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -130,23 +147,31 @@ async fn start_queued(app: &Arc<App>) -> anyhow::Result<()> {
         if app.supervisor.is_running(&a.id) {
             continue;
         }
-        let token = CancellationToken::new();
-        app.supervisor
+        spawn(app, a);
+    }
+    Ok(())
+}
+
+/// How often sandboxes that no running attempt owns are swept away.
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
+
+/// Starts a runner for `a` (from the queue, or resuming an interrupted one).
+fn spawn(app: &Arc<App>, a: backshift_store::AttemptRow) {
+    let token = CancellationToken::new();
+    app.supervisor
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(a.id.clone(), token.clone());
+    let app2 = app.clone();
+    app.supervisor.tracker.spawn(async move {
+        let id = a.id.clone();
+        attempt::run(app2.clone(), a, token).await;
+        app2.supervisor
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(a.id.clone(), token.clone());
-        let app2 = app.clone();
-        app.supervisor.tracker.spawn(async move {
-            let id = a.id.clone();
-            attempt::run(app2.clone(), a, token).await;
-            app2.supervisor
-                .running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            app2.supervisor.wake();
-        });
-    }
-    Ok(())
+            .remove(&id);
+        app2.supervisor.wake();
+    });
 }

@@ -9,7 +9,7 @@
 
 mod rows;
 
-pub use rows::{AttemptRow, NewAttempt, NewTask, TaskRow};
+pub use rows::{AttemptRow, CheckpointRow, NewAttempt, NewTask, TaskRow};
 
 use backshift_core::{AttemptState, FailureReason};
 use backshift_protocol::{Event, EventKind};
@@ -285,12 +285,14 @@ impl Store {
         sqlx::query(
             "UPDATE attempts SET base_commit = COALESCE(?, base_commit), \
              head_commit = COALESCE(?, head_commit), summary = COALESCE(?, summary), \
-             sandbox_id = COALESCE(?, sandbox_id) WHERE id = ?",
+             sandbox_id = COALESCE(?, sandbox_id), started_at = COALESCE(started_at, ?) \
+             WHERE id = ?",
         )
         .bind(update.base_commit)
         .bind(update.head_commit)
         .bind(update.summary)
         .bind(update.sandbox_id)
+        .bind(update.started_at)
         .bind(id)
         .execute(&self.pool)
         .await?;
@@ -335,6 +337,92 @@ impl Store {
             .collect()
     }
 
+    /// Records checkpoint `cp` and the conversation messages from index
+    /// `first` on (`messages[i]` is message `first + i`), in one
+    /// transaction. A message index written again is overwritten: after a
+    /// resume the conversation continues from an earlier length.
+    pub async fn record_checkpoint(
+        &self,
+        cp: &CheckpointRow,
+        first: u32,
+        messages: &[String],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (i, body) in messages.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO agent_messages (attempt_id, idx, body) VALUES (?, ?, ?) \
+                 ON CONFLICT (attempt_id, idx) DO UPDATE SET body = excluded.body",
+            )
+            .bind(&cp.attempt_id)
+            .bind(i64::from(first) + i as i64)
+            .bind(body)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO checkpoints (attempt_id, n, seq, turn, messages, commit_sha, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&cp.attempt_id)
+        .bind(cp.n)
+        .bind(cp.seq as i64)
+        .bind(cp.turn)
+        .bind(cp.messages)
+        .bind(&cp.commit_sha)
+        .bind(cp.created_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The attempt's newest checkpoint.
+    pub async fn latest_checkpoint(&self, attempt_id: &str) -> Result<Option<CheckpointRow>> {
+        let row = sqlx::query(
+            "SELECT n, seq, turn, messages, commit_sha, created_at FROM checkpoints \
+             WHERE attempt_id = ? ORDER BY n DESC LIMIT 1",
+        )
+        .bind(attempt_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| CheckpointRow {
+            attempt_id: attempt_id.to_owned(),
+            n: r.get::<i64, _>(0) as u32,
+            seq: r.get::<i64, _>(1) as u64,
+            turn: r.get::<i64, _>(2) as u32,
+            messages: r.get::<i64, _>(3) as u32,
+            commit_sha: r.get(4),
+            created_at: r.get(5),
+        }))
+    }
+
+    /// The first `count` messages of the attempt's conversation. Fails
+    /// when one is missing: a checkpoint promised them.
+    pub async fn messages(&self, attempt_id: &str, count: u32) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT idx, body FROM agent_messages WHERE attempt_id = ? AND idx < ? ORDER BY idx",
+        )
+        .bind(attempt_id)
+        .bind(count)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (i, r) in rows.iter().enumerate() {
+            let idx: i64 = r.get(0);
+            if idx != i as i64 {
+                break;
+            }
+            out.push(r.get::<String, _>(1));
+        }
+        if out.len() != count as usize {
+            return Err(StoreError::Corrupt(format!(
+                "attempt {attempt_id}: the conversation has {} of its {count} checkpointed messages",
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+
     /// The seq of an attempt's last event (0 when it has none).
     pub async fn last_seq(&self, attempt_id: &str) -> Result<u64> {
         let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM events WHERE attempt_id = ?")
@@ -356,6 +444,8 @@ pub struct AttemptUpdate<'a> {
     pub summary: Option<&'a str>,
     /// The sandbox serving the attempt.
     pub sandbox_id: Option<&'a str>,
+    /// When it left the queue (kept once set).
+    pub started_at: Option<i64>,
 }
 
 async fn insert_event<'e, E>(executor: E, event: &Event, now: i64) -> Result<()>

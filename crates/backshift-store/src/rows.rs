@@ -15,7 +15,7 @@ pub(crate) use task_select;
 macro_rules! attempt_select {
     () => {
         "SELECT id, task_id, n, state, reason, detail, branch, base_commit, head_commit, summary, \
-         sandbox_id, created_at, updated_at FROM attempts"
+         sandbox_id, created_at, updated_at, started_at FROM attempts"
     };
 }
 pub(crate) use attempt_select;
@@ -119,6 +119,28 @@ pub struct AttemptRow {
     pub created_at: i64,
     /// Last state change, unix ms.
     pub updated_at: i64,
+    /// When it left the queue, unix ms.
+    pub started_at: Option<i64>,
+}
+
+/// A checkpoint: the working tree at the end of a turn, tied to the event
+/// log and the conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointRow {
+    /// The attempt.
+    pub attempt_id: String,
+    /// Number, from 1.
+    pub n: u32,
+    /// The last event seq it covers.
+    pub seq: u64,
+    /// The agent turn it follows.
+    pub turn: u32,
+    /// Length of the conversation at that point.
+    pub messages: u32,
+    /// The working tree as a commit in the project's git store.
+    pub commit_sha: String,
+    /// When it was taken, unix ms.
+    pub created_at: i64,
 }
 
 impl AttemptRow {
@@ -145,6 +167,7 @@ impl AttemptRow {
             sandbox_id: r.get(10),
             created_at: r.get(11),
             updated_at: r.get(12),
+            started_at: r.get(13),
         })
     }
 }

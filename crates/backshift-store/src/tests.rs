@@ -188,3 +188,49 @@ async fn tokens_are_found_by_hash_only() {
     assert_eq!(store.meta_init("instance", "x").await.unwrap(), "x");
     assert_eq!(store.meta_init("instance", "y").await.unwrap(), "x");
 }
+
+#[tokio::test]
+async fn checkpoints_carry_the_conversation_and_a_resume_overwrites_its_tail() {
+    let (_dir, store) = store().await;
+    let attempt = one_task(&store).await;
+    assert_eq!(store.latest_checkpoint(&attempt).await.unwrap(), None);
+    let cp = |n: u32, messages: u32| CheckpointRow {
+        attempt_id: attempt.clone(),
+        n,
+        seq: u64::from(n) * 10,
+        turn: n,
+        messages,
+        commit_sha: format!("{n:040}"),
+        created_at: 1,
+    };
+    let m = |s: &str| s.to_owned();
+    store
+        .record_checkpoint(&cp(1, 3), 0, &[m("sys"), m("user"), m("a1")])
+        .await
+        .unwrap();
+    store
+        .record_checkpoint(&cp(2, 5), 3, &[m("t1"), m("a2")])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.latest_checkpoint(&attempt).await.unwrap(),
+        Some(cp(2, 5))
+    );
+    assert_eq!(
+        store.messages(&attempt, 5).await.unwrap(),
+        ["sys", "user", "a1", "t1", "a2"]
+    );
+    // Resumed from checkpoint 1, the conversation goes another way.
+    store
+        .record_checkpoint(&cp(3, 4), 3, &[m("note")])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.messages(&attempt, 4).await.unwrap(),
+        ["sys", "user", "a1", "note"]
+    );
+    // Asking for more than was stored is corruption, not a short answer.
+    assert!(store.messages(&attempt, 9).await.is_err());
+    // Checkpoint numbers are unique per attempt.
+    assert!(store.record_checkpoint(&cp(3, 4), 4, &[]).await.is_err());
+}

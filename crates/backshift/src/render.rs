@@ -99,6 +99,25 @@ pub fn event_lines(e: &Event) -> String {
         } => line(format!(
             "± {branch}: {files_changed} file(s) changed, +{insertions} -{deletions}"
         )),
+        EventKind::Checkpoint {
+            n, turn, changed, ..
+        } => line(format!(
+            "⚑ checkpoint {n} after turn {turn}{}",
+            if *changed { "" } else { " (no file changes)" }
+        )),
+        EventKind::Restored {
+            checkpoint,
+            turn,
+            adopted,
+        } => line(format!(
+            "↺ restored {} in {} sandbox; the agent resumes after turn {turn}",
+            if *checkpoint == 0 {
+                "the base commit".to_owned()
+            } else {
+                format!("checkpoint {checkpoint}")
+            },
+            if *adopted { "the surviving" } else { "a new" }
+        )),
     }
 }
 

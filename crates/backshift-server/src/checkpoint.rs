@@ -1,0 +1,272 @@
+//! Checkpoints: at the end of every agent turn the sandbox's working tree
+//! is committed (with a private index, leaving the agent's branch and index
+//! alone) onto a chain under `refs/backshift/checkpoint` in the sandbox,
+//! bundled incrementally, and imported into the project's git store as
+//! `refs/backshift/checkpoints/<attempt>`; then the checkpoint row (event
+//! seq, turn, conversation length, commit) and the new conversation
+//! messages are written in one transaction. A recovery restores the newest
+//! row's commit and conversation.
+
+use crate::serve::App;
+use async_trait::async_trait;
+use backshift_agent::Journal;
+use backshift_protocol::{EventKind, now_ms};
+use backshift_sandbox::tarball::first_file;
+use backshift_sandbox::{ExecSpec, SandboxDriver, SandboxId, labels};
+use backshift_store::CheckpointRow;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// Where checkpoints of `attempt` live in the project's git store.
+pub fn store_ref(attempt: &str) -> String {
+    format!("refs/backshift/checkpoints/{attempt}")
+}
+
+/// The chain's ref inside the sandbox.
+pub const SANDBOX_REF: &str = "refs/backshift/checkpoint";
+
+const BUNDLE: &str = "/tmp/backshift-checkpoint.bundle";
+
+/// Commits the working tree onto the checkpoint chain and bundles what the
+/// store does not have yet. Prints `NEW <sha>` or `UNCHANGED <sha>`.
+const SNAPSHOT_SCRIPT: &str = r#"set -e
+export GIT_INDEX_FILE=/tmp/backshift-checkpoint.index
+if [ -f .git/index ]; then cp .git/index "$GIT_INDEX_FILE"; else git read-tree HEAD; fi
+git add -A
+tree=$(git write-tree)
+parent=$(git rev-parse -q --verify "$CKPT_REF^{commit}" || git rev-parse "$BASE^{commit}")
+if [ "$(git rev-parse "$parent^{tree}")" = "$tree" ]; then echo "UNCHANGED $parent"; exit 0; fi
+commit=$(printf 'backshift checkpoint %s\n' "$CKPT_N" | git commit-tree "$tree" -p "$parent")
+git update-ref "$CKPT_REF" "$commit"
+rm -f "$BUNDLE"
+git bundle create --quiet "$BUNDLE" "$CKPT_REF" "^$parent"
+echo "NEW $commit"
+"#;
+
+/// Puts the working tree back to `commit` (a checkpoint, or the base),
+/// leaving branch and index at HEAD, and resets the chain to it.
+pub const RESTORE_SCRIPT: &str = r#"set -e
+git read-tree -u --reset "$TARGET"
+git clean -fdq
+git reset --quiet
+git update-ref "$CKPT_REF" "$TARGET"
+"#;
+
+/// Kills every process in the sandbox except its init's session and this
+/// script's own: what an interrupted attempt left running.
+pub const KILL_STRAYS_SCRIPT: &str = r#"init=$(ps -o sid= -p 1 | tr -d ' ')
+me=$(ps -o sid= -p $$ | tr -d ' ')
+ps -eo pid=,sid= | while read -r pid sid; do
+  if [ "$sid" != "$init" ] && [ "$sid" != "$me" ]; then kill -KILL "$pid" 2>/dev/null || true; fi
+done
+"#;
+
+/// Whether sandbox `id` of `attempt` still exists and runs.
+pub async fn sandbox_alive(driver: &dyn SandboxDriver, attempt: &str, id: &SandboxId) -> bool {
+    match driver
+        .list(&[(labels::MANAGED, "true"), (labels::ATTEMPT, attempt)])
+        .await
+    {
+        Ok(found) => found.iter().any(|s| &s.id == id && s.running),
+        // The daemon not answering is not proof of loss.
+        Err(_) => true,
+    }
+}
+
+enum Snapshot {
+    Taken { commit: String, changed: bool },
+    Gone(String),
+    Failed(String),
+}
+
+struct Progress {
+    next_n: u32,
+    stored: u32,
+}
+
+/// The built-in agent's journal for one attempt in one sandbox.
+pub struct AttemptJournal {
+    app: Arc<App>,
+    attempt: String,
+    project: String,
+    base: String,
+    workdir: String,
+    driver: Arc<dyn SandboxDriver>,
+    sandbox: SandboxId,
+    progress: tokio::sync::Mutex<Progress>,
+}
+
+impl AttemptJournal {
+    /// A journal continuing after `latest` (or from nothing).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        app: Arc<App>,
+        attempt: &str,
+        project: &str,
+        base: &str,
+        workdir: &str,
+        driver: Arc<dyn SandboxDriver>,
+        sandbox: SandboxId,
+        latest: Option<&CheckpointRow>,
+    ) -> Self {
+        AttemptJournal {
+            app,
+            attempt: attempt.to_owned(),
+            project: project.to_owned(),
+            base: base.to_owned(),
+            workdir: workdir.to_owned(),
+            driver,
+            sandbox,
+            progress: tokio::sync::Mutex::new(Progress {
+                next_n: latest.map_or(1, |c| c.n + 1),
+                stored: latest.map_or(0, |c| c.messages),
+            }),
+        }
+    }
+
+    async fn snapshot(&self, n: u32) -> Snapshot {
+        let spec = ExecSpec {
+            argv: vec!["bash".into(), "-c".into(), SNAPSHOT_SCRIPT.into()],
+            workdir: Some(self.workdir.clone()),
+            env: vec![
+                ("BASE".into(), self.base.clone()),
+                ("CKPT_REF".into(), SANDBOX_REF.into()),
+                ("CKPT_N".into(), n.to_string()),
+                ("BUNDLE".into(), BUNDLE.into()),
+                ("GIT_AUTHOR_NAME".into(), self.app.config.git.author_name.clone()),
+                ("GIT_AUTHOR_EMAIL".into(), self.app.config.git.author_email.clone()),
+                ("GIT_COMMITTER_NAME".into(), self.app.config.git.author_name.clone()),
+                ("GIT_COMMITTER_EMAIL".into(), self.app.config.git.author_email.clone()),
+            ],
+            ..Default::default()
+        };
+        let out = match self.driver.exec_collect(&self.sandbox, &spec).await {
+            Ok(o) if o.exit_code == 0 => o,
+            other => {
+                let why = match other {
+                    Ok(o) => format!(
+                        "git exited {}: {}",
+                        o.exit_code,
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ),
+                    Err(e) => e.to_string(),
+                };
+                return if sandbox_alive(self.driver.as_ref(), &self.attempt, &self.sandbox).await
+                {
+                    Snapshot::Failed(why)
+                } else {
+                    Snapshot::Gone(format!("the sandbox stopped ({why})"))
+                };
+            }
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut words = stdout.split_whitespace();
+        let (kind, commit) = (words.next(), words.next().map(str::to_owned));
+        let Some(commit) = commit else {
+            return Snapshot::Failed(format!("unexpected answer {stdout:?}"));
+        };
+        if kind != Some("NEW") {
+            return Snapshot::Taken {
+                commit,
+                changed: false,
+            };
+        }
+        match self.import().await {
+            Ok(imported) if imported == commit => Snapshot::Taken {
+                commit,
+                changed: true,
+            },
+            Ok(other) => Snapshot::Failed(format!(
+                "the store holds {other} after importing {commit}"
+            )),
+            Err(why) => Snapshot::Failed(why),
+        }
+    }
+
+    async fn import(&self) -> Result<String, String> {
+        let tar = self
+            .driver
+            .copy_out(&self.sandbox, BUNDLE)
+            .await
+            .map_err(|e| format!("cannot copy the bundle out: {e}"))?;
+        let bundle = first_file(&tar).map_err(|e| format!("unreadable bundle archive: {e}"))?;
+        let file = tempfile::NamedTempFile::new_in(self.app.data_dir.join("tmp"))
+            .map_err(|e| format!("scratch file: {e}"))?;
+        tokio::fs::write(file.path(), &bundle)
+            .await
+            .map_err(|e| format!("scratch file: {e}"))?;
+        self.app
+            .git
+            .import_bundle_ref(
+                &self.project,
+                file.path(),
+                SANDBOX_REF,
+                &store_ref(&self.attempt),
+            )
+            .await
+            .map_err(|e| format!("cannot import into the git store: {e}"))
+    }
+}
+
+#[async_trait]
+impl Journal for AttemptJournal {
+    async fn turn_ended(&self, turn: u32, messages: &[Value]) -> Result<(), String> {
+        let mut progress = self.progress.lock().await;
+        let n = progress.next_n;
+        let (commit, changed) = match self.snapshot(n).await {
+            Snapshot::Taken { commit, changed } => (commit, changed),
+            Snapshot::Gone(why) => return Err(why),
+            Snapshot::Failed(why) => {
+                // Not fatal: the previous checkpoint still holds.
+                let _ = self
+                    .app
+                    .hub
+                    .emit(
+                        &self.attempt,
+                        EventKind::Progress {
+                            message: format!("checkpoint after turn {turn} not taken: {why}"),
+                        },
+                    )
+                    .await;
+                return Ok(());
+            }
+        };
+        let seq = self.app.store.last_seq(&self.attempt).await.unwrap_or(0);
+        let from = (progress.stored as usize).min(messages.len());
+        let bodies: Vec<String> = messages[from..].iter().map(Value::to_string).collect();
+        let row = CheckpointRow {
+            attempt_id: self.attempt.clone(),
+            n,
+            seq,
+            turn,
+            messages: messages.len() as u32,
+            commit_sha: commit.clone(),
+            created_at: now_ms(),
+        };
+        if let Err(e) = self
+            .app
+            .store
+            .record_checkpoint(&row, from as u32, &bodies)
+            .await
+        {
+            tracing::error!(attempt = %self.attempt, "cannot record checkpoint {n}: {e}");
+            return Ok(());
+        }
+        progress.next_n = n + 1;
+        progress.stored = messages.len() as u32;
+        let _ = self
+            .app
+            .hub
+            .emit(
+                &self.attempt,
+                EventKind::Checkpoint {
+                    n,
+                    turn,
+                    commit,
+                    changed,
+                },
+            )
+            .await;
+        Ok(())
+    }
+}
