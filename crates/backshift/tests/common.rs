@@ -46,6 +46,37 @@ pub async fn sh(dir: &Path, script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Starts `backshift serve` and waits until it says it is ready (or what
+/// it says instead); returns the process and its URL.
+async fn spawn_server(config_path: &Path, dir: &Path) -> (tokio::process::Child, String) {
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_backshift"))
+        .args(["serve", "--config"])
+        .arg(config_path)
+        .env("BACKSHIFT_CONFIG_DIR", dir.join("config"))
+        .env("BACKSHIFT_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = server.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut url = None;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Ok(Ok(Some(line))) = tokio::time::timeout_at(deadline, lines.next_line()).await {
+        if let Some(u) = line.strip_prefix("backshift listening on ") {
+            url = Some(u.trim().to_owned());
+        }
+        if line.contains("ready for tasks") {
+            break;
+        }
+    }
+    // Keep draining the server's stdout so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let url = url.expect("the server did not say where it listens");
+    (server, url)
+}
+
 impl World {
     /// Starts a server whose config is `extra` TOML appended to the basics.
     pub async fn start(script: Option<Script>, extra: &str) -> World {
@@ -70,31 +101,14 @@ impl World {
         std::fs::create_dir_all(&repo).unwrap();
         sh(&repo, "git init -q -b main && printf '# Demo\\n' > README.md && mkdir src && printf 'x = 1\\n' > src/app.py && git add . && git commit -qm init").await;
 
-        let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_backshift"))
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .env("BACKSHIFT_CONFIG_DIR", dir.path().join("config"))
-            .env("BACKSHIFT_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stdout = server.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let mut url = None;
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        while let Ok(Ok(Some(line))) = tokio::time::timeout_at(deadline, lines.next_line()).await {
-            if let Some(u) = line.strip_prefix("backshift listening on ") {
-                url = Some(u.trim().to_owned());
-            }
-            if line.contains("ready for tasks") {
-                break;
-            }
-        }
-        // Keep draining the server's stdout so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let url = url.expect("the server did not say where it listens");
+        let (server, url) = spawn_server(&config_path, dir.path()).await;
+        // Restarts come back on the same address (the CLI's credentials
+        // are keyed by it).
+        let config = std::fs::read_to_string(&config_path).unwrap().replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{}\"", url.trim_start_matches("http://")),
+        );
+        std::fs::write(&config_path, config).unwrap();
         World {
             dir,
             url,
@@ -102,6 +116,21 @@ impl World {
             repo,
             server,
         }
+    }
+
+    /// Kills the server with SIGKILL (no shutdown of any kind) and waits
+    /// until it is gone.
+    pub async fn kill_server(&mut self) {
+        self.server.start_kill().unwrap();
+        self.server.wait().await.unwrap();
+    }
+
+    /// Starts the server again on the same address, data and config.
+    pub async fn restart_server(&mut self) {
+        let (server, url) =
+            spawn_server(&self.dir.path().join("backshift.toml"), self.dir.path()).await;
+        assert_eq!(url, self.url, "the server came back on another address");
+        self.server = server;
     }
 
     /// Runs the CLI; returns (exit code, stdout, stderr).

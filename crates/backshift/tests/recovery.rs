@@ -1,0 +1,162 @@
+//! Recovery: a sandbox killed mid-run is rebuilt from the last checkpoint,
+//! and a server killed with SIGKILL picks its attempts up again on restart
+//! (adopting the surviving sandbox). In both cases the attempt succeeds,
+//! its branch holds the work from before and after the interruption, and
+//! its event log has no gap and no duplicate.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{World, script};
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::time::Duration;
+use testkit::docker;
+
+/// Writes a file, runs a three-second command (the window in which the
+/// test interrupts), writes another file, finishes. In turn mode, so a
+/// resumed conversation gets the same answers for the same state.
+fn resumable_script() -> fake_model::Script {
+    script(json!({"mode": "turn", "steps": [
+        {"reply": {"tool_calls": [{"name": "write_file", "arguments": {"path": "before.txt", "content": "written before\n"}}]}},
+        {"expect": {"tool_results": [{"contains": "wrote"}]},
+         "reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "sleep 3; echo slept"}}]}},
+        {"expect": {"tool_results": [{"contains": "slept"}]},
+         "reply": {"tool_calls": [{"name": "write_file", "arguments": {"path": "after.txt", "content": "written after\n"}}]}},
+        {"expect": {"tool_results": [{"contains": "wrote"}]},
+         "reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Write two files"}}]}}
+    ]}))
+}
+
+async fn events(w: &World, attempt: &str) -> Vec<Value> {
+    let (_, v) = w
+        .api(Method::GET, &format!("/api/v1/attempts/{attempt}/events?limit=10000"), None)
+        .await;
+    v.as_array().cloned().unwrap_or_default()
+}
+
+/// Submits the task and waits until the agent has started the long
+/// command; returns (task, attempt).
+async fn submit_and_wait_for_the_command(w: &World) -> (String, String) {
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, out, err) = w.cli(&["run", "Write two files", "--repo", &repo]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let task = out.split_whitespace().nth(1).unwrap().to_owned();
+    let attempt = format!("{task}-1");
+    for _ in 0..300 {
+        let evs = events(w, &attempt).await;
+        if evs
+            .iter()
+            .any(|e| e["type"] == "tool_call" && e["name"] == "run_command")
+        {
+            return (task, attempt);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the agent never started its command");
+}
+
+fn containers_of(attempt: &str) -> Vec<String> {
+    docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=dev.backshift.attempt={attempt}"),
+    ])
+    .unwrap()
+    .split_whitespace()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// The checks both interruptions share.
+async fn assert_recovered(w: &World, task: &str, attempt: &str, adopted: bool) {
+    let view = w.wait(task).await;
+    let fake = w.fake.as_ref().unwrap();
+    assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+    assert_eq!(view["state"], "succeeded", "{view}");
+
+    let evs = events(w, attempt).await;
+    for (i, e) in evs.iter().enumerate() {
+        assert_eq!(e["seq"], i as u64 + 1, "gapless, no duplicates: {e}");
+    }
+    let states: Vec<&str> = evs
+        .iter()
+        .filter(|e| e["type"] == "state_changed")
+        .map(|e| e["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "provisioning",
+            "preparing",
+            "running",
+            "recovering",
+            "running",
+            "publishing",
+            "succeeded"
+        ]
+    );
+    let restored = evs.iter().find(|e| e["type"] == "restored").unwrap();
+    assert_eq!(restored["checkpoint"], 1, "{restored}");
+    assert_eq!(restored["turn"], 1, "{restored}");
+    assert_eq!(restored["adopted"], adopted, "{restored}");
+    // The interrupted turn ran again; the ones before it did not.
+    let calls: Vec<&str> = evs
+        .iter()
+        .filter(|e| e["type"] == "tool_call")
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        calls,
+        ["write_file", "run_command", "run_command", "write_file", "finish"]
+    );
+
+    let (code, diff, _) = w.cli(&["diff", task]).await;
+    assert_eq!(code, 0);
+    assert!(diff.contains("+written before"), "{diff}");
+    assert!(diff.contains("+written after"), "{diff}");
+    assert!(containers_of(attempt).is_empty(), "no sandbox is left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_killed_mid_run_is_rebuilt_from_the_last_checkpoint() {
+    let w = World::start(Some(resumable_script()), "").await;
+    let (task, attempt) = submit_and_wait_for_the_command(&w).await;
+    let ids = containers_of(&attempt);
+    assert_eq!(ids.len(), 1);
+    docker(&["kill", &ids[0]]).unwrap();
+    assert_recovered(&w, &task, &attempt, false).await;
+    let evs = events(&w, &attempt).await;
+    let lost = evs
+        .iter()
+        .find(|e| e["type"] == "state_changed" && e["to"] == "recovering")
+        .unwrap();
+    assert!(
+        lost["detail"].as_str().unwrap().contains("sandbox"),
+        "{lost}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_resumes_its_attempt_on_restart() {
+    let mut w = World::start(Some(resumable_script()), "").await;
+    let (task, attempt) = submit_and_wait_for_the_command(&w).await;
+    w.kill_server().await;
+    // The sandbox outlives the server.
+    assert_eq!(containers_of(&attempt).len(), 1);
+    w.restart_server().await;
+    assert_recovered(&w, &task, &attempt, true).await;
+    let evs = events(&w, &attempt).await;
+    let interrupted = evs
+        .iter()
+        .find(|e| e["type"] == "state_changed" && e["to"] == "recovering")
+        .unwrap();
+    assert!(
+        interrupted["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the server stopped while this attempt was running"),
+        "{interrupted}"
+    );
+}
