@@ -90,10 +90,11 @@ impl World {
             "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
             dir.path().join("data").display()
         );
-        if !extra.contains("[model]") {
-            config.push_str(&format!("[model]\nbase_url = \"{model_url}\"\nmodel = \"scripted\"\nmax_retries = 1\nretry_base_ms = 50\n"));
-        }
+        // `extra` comes first so that it may set top-level keys too.
         config.push_str(extra);
+        if !extra.contains("[model]") {
+            config.push_str(&format!("\n[model]\nbase_url = \"{model_url}\"\nmodel = \"scripted\"\nmax_retries = 1\nretry_base_ms = 50\n"));
+        }
         let config_path = dir.path().join("backshift.toml");
         std::fs::write(&config_path, config).unwrap();
 
