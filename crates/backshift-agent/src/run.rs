@@ -1,9 +1,9 @@
 //! The loop: ask the model, run the tools it calls, feed the results back,
 //! until it calls `finish` or a limit ends it.
 
-use crate::{EventSink, Journal};
 use crate::model::{ModelClient, ModelFailure, elapsed_ms};
 use crate::tools::SandboxTools;
+use crate::{EventSink, Journal};
 use backshift_core::FailureReason;
 use backshift_protocol::EventKind;
 use serde_json::{Value, json};

@@ -2,10 +2,12 @@
 //! succeeded, or an honest end (failed with a reason, cancelled,
 //! timed_out). Each transition is persisted before the work it starts.
 
+use crate::checkpoint::{self, AttemptJournal};
 use crate::serve::App;
 use async_trait::async_trait;
-use crate::checkpoint::{self, AttemptJournal};
-use backshift_agent::{AgentOutcome, Conversation, EventSink, ModelClient, SandboxTools, run_agent};
+use backshift_agent::{
+    AgentOutcome, Conversation, EventSink, ModelClient, SandboxTools, run_agent,
+};
 use backshift_core::{AttemptState, FailureReason, Transition};
 use backshift_protocol::EventKind;
 use backshift_sandbox::docker::DockerDriver;
@@ -379,7 +381,11 @@ async fn adopt(run: &mut Run, checkpoint: Option<&CheckpointRow>) -> Result<bool
         .unwrap_or_default();
     let kill = ExecSpec::new(["bash", "-c", checkpoint::KILL_STRAYS_SCRIPT]);
     let restore = ExecSpec {
-        argv: vec!["bash".into(), "-c".into(), checkpoint::RESTORE_SCRIPT.into()],
+        argv: vec![
+            "bash".into(),
+            "-c".into(),
+            checkpoint::RESTORE_SCRIPT.into(),
+        ],
         workdir: Some(WORKDIR.into()),
         env: vec![
             ("TARGET".into(), target),

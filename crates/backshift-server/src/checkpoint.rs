@@ -133,10 +133,22 @@ impl AttemptJournal {
                 ("CKPT_REF".into(), SANDBOX_REF.into()),
                 ("CKPT_N".into(), n.to_string()),
                 ("BUNDLE".into(), BUNDLE.into()),
-                ("GIT_AUTHOR_NAME".into(), self.app.config.git.author_name.clone()),
-                ("GIT_AUTHOR_EMAIL".into(), self.app.config.git.author_email.clone()),
-                ("GIT_COMMITTER_NAME".into(), self.app.config.git.author_name.clone()),
-                ("GIT_COMMITTER_EMAIL".into(), self.app.config.git.author_email.clone()),
+                (
+                    "GIT_AUTHOR_NAME".into(),
+                    self.app.config.git.author_name.clone(),
+                ),
+                (
+                    "GIT_AUTHOR_EMAIL".into(),
+                    self.app.config.git.author_email.clone(),
+                ),
+                (
+                    "GIT_COMMITTER_NAME".into(),
+                    self.app.config.git.author_name.clone(),
+                ),
+                (
+                    "GIT_COMMITTER_EMAIL".into(),
+                    self.app.config.git.author_email.clone(),
+                ),
             ],
             ..Default::default()
         };
@@ -151,8 +163,7 @@ impl AttemptJournal {
                     ),
                     Err(e) => e.to_string(),
                 };
-                return if sandbox_alive(self.driver.as_ref(), &self.attempt, &self.sandbox).await
-                {
+                return if sandbox_alive(self.driver.as_ref(), &self.attempt, &self.sandbox).await {
                     Snapshot::Failed(why)
                 } else {
                     Snapshot::Gone(format!("the sandbox stopped ({why})"))
@@ -176,9 +187,9 @@ impl AttemptJournal {
                 commit,
                 changed: true,
             },
-            Ok(other) => Snapshot::Failed(format!(
-                "the store holds {other} after importing {commit}"
-            )),
+            Ok(other) => {
+                Snapshot::Failed(format!("the store holds {other} after importing {commit}"))
+            }
             Err(why) => Snapshot::Failed(why),
         }
     }

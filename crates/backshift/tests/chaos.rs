@@ -109,7 +109,11 @@ async fn twenty_tasks_survive_five_sigkills() {
         recovered += evs.iter().filter(|e| e["type"] == "restored").count();
     }
     let fake = w.fake.as_ref().unwrap();
-    assert!(fake.failures().is_empty(), "seed {seed}: {:?}", fake.failures());
+    assert!(
+        fake.failures().is_empty(),
+        "seed {seed}: {:?}",
+        fake.failures()
+    );
     assert!(
         recovered >= 5,
         "seed {seed}: only {recovered} attempts were interrupted; the chaos did not bite"
@@ -123,6 +127,10 @@ async fn twenty_tasks_survive_five_sigkills() {
             &format!("label=dev.backshift.task={task}"),
         ])
         .unwrap();
-        assert_eq!(left.trim(), "", "seed {seed}: sandbox of {task} left behind");
+        assert_eq!(
+            left.trim(),
+            "",
+            "seed {seed}: sandbox of {task} left behind"
+        );
     }
 }

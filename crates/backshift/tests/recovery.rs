@@ -30,7 +30,11 @@ fn resumable_script() -> fake_model::Script {
 
 async fn events(w: &World, attempt: &str) -> Vec<Value> {
     let (_, v) = w
-        .api(Method::GET, &format!("/api/v1/attempts/{attempt}/events?limit=10000"), None)
+        .api(
+            Method::GET,
+            &format!("/api/v1/attempts/{attempt}/events?limit=10000"),
+            None,
+        )
         .await;
     v.as_array().cloned().unwrap_or_default()
 }
@@ -109,14 +113,23 @@ async fn assert_recovered(w: &World, task: &str, attempt: &str, adopted: bool) {
         .collect();
     assert_eq!(
         calls,
-        ["write_file", "run_command", "run_command", "write_file", "finish"]
+        [
+            "write_file",
+            "run_command",
+            "run_command",
+            "write_file",
+            "finish"
+        ]
     );
 
     let (code, diff, _) = w.cli(&["diff", task]).await;
     assert_eq!(code, 0);
     assert!(diff.contains("+written before"), "{diff}");
     assert!(diff.contains("+written after"), "{diff}");
-    assert!(containers_of(attempt).is_empty(), "no sandbox is left behind");
+    assert!(
+        containers_of(attempt).is_empty(),
+        "no sandbox is left behind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
