@@ -5,11 +5,13 @@
 //! HTTP, databases, Docker or models. Everything here is a pure function of
 //! its inputs, so it can be tested exhaustively.
 
+pub mod deadlines;
 pub mod ids;
 pub mod limits;
 pub mod slug;
 pub mod state;
 
+pub use deadlines::Deadlines;
 pub use ids::{AttemptId, TaskId};
 pub use limits::Limits;
 pub use state::{AttemptState, FailureReason, Transition, TransitionError};

@@ -396,3 +396,72 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::{Deadlines, Limits};
+    use proptest::prelude::*;
+
+    fn transition() -> impl Strategy<Value = Transition> {
+        let reasons = proptest::sample::select(FailureReason::ALL.to_vec());
+        prop_oneof![
+            Just(Transition::Start),
+            Just(Transition::SandboxReady),
+            Just(Transition::Prepared),
+            any::<bool>().prop_map(|verify| Transition::AgentFinished { verify }),
+            Just(Transition::ApprovalNeeded),
+            Just(Transition::ApprovalAnswered),
+            Just(Transition::VerificationPassed),
+            Just(Transition::VerificationFailed),
+            Just(Transition::Published),
+            Just(Transition::SandboxLost),
+            Just(Transition::Interrupted),
+            Just(Transition::Recovered),
+            Just(Transition::Pause),
+            Just(Transition::Resume),
+            reasons.prop_map(Transition::Fail),
+            Just(Transition::Cancel),
+            Just(Transition::Timeout),
+        ]
+    }
+
+    proptest! {
+        /// Any sequence of events, legal or not: once terminal, always the
+        /// same terminal state; refused transitions change nothing.
+        #[test]
+        fn random_walks_never_leave_a_terminal_state(ts in proptest::collection::vec(transition(), 0..64)) {
+            let mut state = AttemptState::Queued;
+            let mut ended: Option<AttemptState> = None;
+            for t in ts {
+                match state.apply(t) {
+                    Ok(next) => {
+                        prop_assert!(ended.is_none(), "{state} left by {t:?}");
+                        state = next;
+                        if state.is_terminal() {
+                            ended = Some(state);
+                        }
+                    }
+                    Err(e) => prop_assert_eq!(e.from, state),
+                }
+            }
+        }
+
+        /// Wherever a walk stops, an overstay of that state's deadline
+        /// ends the attempt: every deadline ends somewhere.
+        #[test]
+        fn every_deadline_ends_the_walk_where_it_stands(ts in proptest::collection::vec(transition(), 0..64)) {
+            let mut state = AttemptState::Queued;
+            for t in ts {
+                if let Ok(next) = state.apply(t) {
+                    state = next;
+                }
+            }
+            if state.deadline(&Deadlines::default(), &Limits::default()).is_some() {
+                prop_assert_eq!(state.apply(Transition::Timeout), Ok(AttemptState::TimedOut));
+            } else {
+                prop_assert!(state.is_terminal() || state == AttemptState::Queued);
+            }
+        }
+    }
+}

@@ -4,6 +4,7 @@
 
 use crate::checkpoint::{self, AttemptJournal};
 use crate::serve::App;
+use crate::supervisor::Stop;
 use async_trait::async_trait;
 use backshift_agent::{
     AgentOutcome, Conversation, EventSink, ModelClient, SandboxTools, run_agent,
@@ -20,7 +21,6 @@ use backshift_store::{AttemptRow, AttemptUpdate, CheckpointRow, TaskRow};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 const WORKDIR: &str = "/workspace";
 
@@ -106,7 +106,7 @@ impl From<Failure> for Halt {
 
 /// Runs `attempt` to its end: from the queue, or (when it is already
 /// active, after a restart of the server) through a recovery.
-pub async fn run(app: Arc<App>, attempt: AttemptRow, cancel: CancellationToken) {
+pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
     let task = match app.store.task(&attempt.task_id).await {
         Ok(Some(t)) => t,
         other => {
@@ -156,7 +156,7 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, cancel: CancellationToken) 
     let remaining = wall.saturating_sub(spent);
     enum End {
         Done(Result<(), Failure>),
-        Cancelled,
+        Stopped,
         TimedOut,
     }
     let end = {
@@ -166,16 +166,16 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, cancel: CancellationToken) 
                 Ok(r) => End::Done(r),
                 Err(_) => End::TimedOut,
             },
-            _ = cancel.cancelled() => End::Cancelled,
+            () = stop.requested() => End::Stopped,
         }
     };
     let (transition, detail) = match end {
         End::Done(Ok(())) => (None, None),
         End::Done(Err(Failure(reason, detail))) => (Some(Transition::Fail(reason)), Some(detail)),
-        End::Cancelled => (
-            Some(Transition::Cancel),
-            Some("cancelled on request".to_owned()),
-        ),
+        End::Stopped => {
+            let (t, detail) = stop.reason();
+            (Some(t), Some(detail))
+        }
         End::TimedOut => (
             Some(Transition::Timeout),
             Some(format!(

@@ -2,7 +2,7 @@
 //! environment variable `BACKSHIFT_<SECTION>__<KEY>` (e.g.
 //! `BACKSHIFT_MODEL__BASE_URL`, `BACKSHIFT_LISTEN`).
 
-use backshift_core::Limits;
+use backshift_core::{Deadlines, Limits};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,8 @@ pub struct Config {
     pub model: ModelSection,
     /// Default limits of a task.
     pub limits: Limits,
+    /// How long an attempt may stay in each active state.
+    pub deadlines: Deadlines,
     /// Identity of the commits backshift makes.
     pub git: GitSection,
 }
@@ -98,6 +100,7 @@ impl Default for Config {
             sandbox: SandboxConfig::default(),
             model: ModelSection::default(),
             limits: Limits::default(),
+            deadlines: Deadlines::default(),
             git: GitSection::default(),
         }
     }

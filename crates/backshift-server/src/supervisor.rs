@@ -4,7 +4,7 @@
 
 use crate::attempt;
 use crate::serve::App;
-use backshift_core::AttemptState;
+use backshift_core::{AttemptState, Transition};
 use backshift_sandbox::{SandboxDriver, labels};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -17,8 +17,42 @@ use tokio_util::task::TaskTracker;
 #[derive(Default)]
 pub struct Supervisor {
     wake: Notify,
-    running: Mutex<HashMap<String, CancellationToken>>,
+    running: Mutex<HashMap<String, Arc<Stop>>>,
     tracker: TaskTracker,
+}
+
+/// How a runner is told to stop, and why.
+#[derive(Default)]
+pub struct Stop {
+    token: CancellationToken,
+    why: Mutex<Option<(Transition, String)>>,
+}
+
+impl Stop {
+    /// Asks the runner to end the attempt with `transition` (the first
+    /// reason given wins).
+    pub fn stop(&self, transition: Transition, detail: String) {
+        let mut why = self.why.lock().unwrap_or_else(|p| p.into_inner());
+        if why.is_none() {
+            *why = Some((transition, detail));
+        }
+        self.token.cancel();
+    }
+
+    /// Resolves when a stop was asked for.
+    pub async fn requested(&self) {
+        self.token.cancelled().await
+    }
+
+    /// The transition and detail asked for (cancellation when none was
+    /// given).
+    pub fn reason(&self) -> (Transition, String) {
+        self.why
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or((Transition::Cancel, "cancelled on request".to_owned()))
+    }
 }
 
 impl Supervisor {
@@ -31,8 +65,8 @@ impl Supervisor {
     pub fn cancel(&self, attempt: &str) -> bool {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         match running.get(attempt) {
-            Some(token) => {
-                token.cancel();
+            Some(stop) => {
+                stop.stop(Transition::Cancel, "cancelled on request".to_owned());
                 true
             }
             None => false,
@@ -52,13 +86,16 @@ impl Supervisor {
 
     /// Cancels everything and waits for the attempts' tasks to end.
     pub async fn shutdown(&self) {
-        for token in self
+        for stop in self
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
         {
-            token.cancel();
+            stop.stop(
+                Transition::Cancel,
+                "cancelled: the server was shut down".to_owned(),
+            );
         }
         self.tracker.close();
         self.tracker.wait().await;
@@ -114,6 +151,9 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         if let Err(e) = start_queued(&app).await {
             tracing::error!("supervisor: {e:#}");
         }
+        if let Err(e) = enforce_deadlines(&app).await {
+            tracing::error!("supervisor: deadlines: {e:#}");
+        }
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = std::time::Instant::now();
             let keep: HashSet<String> = app
@@ -155,18 +195,76 @@ async fn start_queued(app: &Arc<App>) -> anyhow::Result<()> {
 /// How often sandboxes that no running attempt owns are swept away.
 const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
+/// Ends attempts that overstayed their state's deadline: `timed_out`,
+/// with the state and the deadline in the detail.
+async fn enforce_deadlines(app: &Arc<App>) -> anyhow::Result<()> {
+    let active: Vec<AttemptState> = AttemptState::ALL
+        .into_iter()
+        .filter(|s| !s.is_terminal() && *s != AttemptState::Queued)
+        .collect();
+    let now = backshift_protocol::now_ms();
+    for a in app.store.attempts_in_states(&active).await? {
+        // The wall time of a running attempt counts from its first start
+        // (the runner enforces it too); other states from their entry.
+        let since = match a.state {
+            AttemptState::Running => a.started_at.unwrap_or(a.updated_at),
+            _ => a.updated_at,
+        };
+        let limits = match app.store.task(&a.task_id).await? {
+            Some(t) => t.limits,
+            None => continue,
+        };
+        let Some(deadline) = a.state.deadline(&app.config.deadlines, &limits) else {
+            continue;
+        };
+        if now - since <= deadline.as_millis() as i64 {
+            continue;
+        }
+        let detail = if a.state == AttemptState::Running {
+            format!(
+                "the attempt ran out of wall time ({}s, limits.wall_time_secs)",
+                deadline.as_secs()
+            )
+        } else {
+            format!(
+                "the attempt stayed {} longer than its deadline ({}s, [deadlines] {}_secs)",
+                a.state,
+                deadline.as_secs(),
+                a.state
+            )
+        };
+        let stop = app
+            .supervisor
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&a.id)
+            .cloned();
+        match stop {
+            Some(stop) => stop.stop(Transition::Timeout, detail),
+            None => {
+                let _ = app
+                    .hub
+                    .transition(&a.id, a.state, Transition::Timeout, Some(detail))
+                    .await;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Starts a runner for `a` (from the queue, or resuming an interrupted one).
 fn spawn(app: &Arc<App>, a: backshift_store::AttemptRow) {
-    let token = CancellationToken::new();
+    let stop = Arc::new(Stop::default());
     app.supervisor
         .running
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(a.id.clone(), token.clone());
+        .insert(a.id.clone(), stop.clone());
     let app2 = app.clone();
     app.supervisor.tracker.spawn(async move {
         let id = a.id.clone();
-        attempt::run(app2.clone(), a, token).await;
+        attempt::run(app2.clone(), a, stop).await;
         app2.supervisor
             .running
             .lock()

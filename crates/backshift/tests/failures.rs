@@ -230,3 +230,39 @@ async fn a_running_task_can_be_cancelled_and_its_sandbox_goes() {
     .await;
     assert_eq!(left, "", "sandbox left behind");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_that_overstays_its_deadline_ends_timed_out() {
+    // A test-owned registry address that accepts connections and never
+    // answers: the image pull hangs, and provisioning with it.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hole.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for conn in hole.incoming() {
+            open.push(conn);
+        }
+    });
+    let w = World::start(
+        Some(script(json!({"steps": []}))),
+        &format!(
+            "[sandbox]\nimage = \"127.0.0.1:{port}/hang/sandbox:v1\"\n[deadlines]\nprovisioning_secs = 2\n"
+        ),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (_, view) = w.run_task("x", &[]).await;
+    let a = &view["attempts"][0];
+    assert_eq!(a["state"], "timed_out", "{view}");
+    let detail = a["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(
+            "stayed provisioning longer than its deadline (2s, [deadlines] provisioning_secs)"
+        ),
+        "{detail}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "ended promptly, not at the pull's own timeout"
+    );
+}

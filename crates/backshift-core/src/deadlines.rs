@@ -1,0 +1,86 @@
+//! How long an attempt may stay in each active state. A state that
+//! overstays ends the attempt `timed_out`, with the state named in the
+//! detail: nothing hangs silently.
+
+use crate::{AttemptState, Limits};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Per-state deadlines, in seconds (server config `[deadlines]`). `running`
+/// is bounded by the task's own wall-time limit instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Deadlines {
+    /// Creating the sandbox, image pull included.
+    pub provisioning_secs: u64,
+    /// Fetching the repository and copying the checkout in.
+    pub preparing_secs: u64,
+    /// Waiting for a person to answer an approval.
+    pub waiting_approval_secs: u64,
+    /// Running the project's tests.
+    pub verifying_secs: u64,
+    /// Committing and bringing the branch back.
+    pub publishing_secs: u64,
+    /// Adopting or rebuilding the sandbox from a checkpoint.
+    pub recovering_secs: u64,
+    /// Stopped, waiting to be resumed.
+    pub paused_secs: u64,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines {
+            provisioning_secs: 900,
+            preparing_secs: 900,
+            waiting_approval_secs: 24 * 3600,
+            verifying_secs: 3600,
+            publishing_secs: 600,
+            recovering_secs: 900,
+            paused_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+impl AttemptState {
+    /// How long the attempt may stay in this state. `None` for `queued`
+    /// (it waits for capacity, not for work) and for terminal states.
+    pub fn deadline(self, deadlines: &Deadlines, limits: &Limits) -> Option<Duration> {
+        let secs = match self {
+            AttemptState::Queued => return None,
+            AttemptState::Provisioning => deadlines.provisioning_secs,
+            AttemptState::Preparing => deadlines.preparing_secs,
+            AttemptState::Running => limits.wall_time_secs,
+            AttemptState::WaitingApproval => deadlines.waiting_approval_secs,
+            AttemptState::Verifying => deadlines.verifying_secs,
+            AttemptState::Publishing => deadlines.publishing_secs,
+            AttemptState::Recovering => deadlines.recovering_secs,
+            AttemptState::Paused => deadlines.paused_secs,
+            AttemptState::Succeeded
+            | AttemptState::Failed
+            | AttemptState::Cancelled
+            | AttemptState::TimedOut => return None,
+        };
+        Some(Duration::from_secs(secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Transition;
+
+    #[test]
+    fn every_active_state_has_a_deadline_that_ends_the_attempt() {
+        let (d, l) = (Deadlines::default(), Limits::default());
+        for s in AttemptState::ALL {
+            match s.deadline(&d, &l) {
+                None => assert!(s.is_terminal() || s == AttemptState::Queued, "{s}"),
+                Some(_) => assert_eq!(
+                    s.apply(Transition::Timeout),
+                    Ok(AttemptState::TimedOut),
+                    "{s}'s deadline must end it"
+                ),
+            }
+        }
+    }
+}
