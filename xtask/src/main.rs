@@ -149,19 +149,18 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 /// The benchmark harnesses, each printing its figures beside a baseline
 /// measured in the same run. Medians go into BENCHMARKS.md.
 fn bench(extra: &[String]) -> anyhow::Result<()> {
-    step("sandbox start (backshift-sandbox/benches/sandbox_start.rs)");
-    run(Command::new("cargo")
-        .current_dir(root())
-        .args([
-            "bench",
-            "-q",
-            "-p",
-            "backshift-sandbox",
-            "--bench",
-            "sandbox_start",
-            "--",
-        ])
-        .args(extra))
+    // Each harness takes its own flags; the shared ones are passed to all.
+    for (package, name) in [
+        ("backshift-sandbox", "sandbox_start"),
+        ("backshift-server", "events"),
+    ] {
+        step(&format!("{name} ({package}/benches/{name}.rs)"));
+        run(Command::new("cargo")
+            .current_dir(root())
+            .args(["bench", "-q", "-p", package, "--bench", name, "--"])
+            .args(extra))?;
+    }
+    Ok(())
 }
 
 fn up(extra: &[String]) -> anyhow::Result<()> {

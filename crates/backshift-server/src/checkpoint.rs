@@ -242,6 +242,8 @@ impl Journal for AttemptJournal {
                 return Ok(());
             }
         };
+        // The checkpoint covers every event of the turn: stored first.
+        self.app.hub.flush().await;
         let seq = self.app.store.last_seq(&self.attempt).await.unwrap_or(0);
         let from = (progress.stored as usize).min(messages.len());
         let bodies: Vec<String> = messages[from..].iter().map(Value::to_string).collect();

@@ -8,6 +8,7 @@
 //! database), so PostgreSQL can join behind the same interface.
 
 mod rows;
+mod writer;
 
 pub use rows::{AttemptRow, CheckpointRow, NewAttempt, NewTask, TaskRow};
 
@@ -31,6 +32,9 @@ pub enum StoreError {
     /// A stored value could not be decoded (corruption or a newer schema).
     #[error("stored data is not readable: {0}")]
     Corrupt(String),
+    /// A batched write failed (the batch's error, as text).
+    #[error("writing events failed: {0}")]
+    Write(String),
 }
 
 /// Result alias for store operations.
@@ -302,7 +306,16 @@ impl Store {
     /// Appends an event. Idempotent on `(attempt_id, seq)`: writing the
     /// same seq twice keeps the first.
     pub async fn append_event(&self, event: &Event, now: i64) -> Result<()> {
-        insert_event(&self.pool, event, now).await
+        self.append_events(&[(event.clone(), now)]).await
+    }
+
+    /// Appends events (each with its storage time) in one transaction,
+    /// idempotent like [`Store::append_event`]. Returns once committed.
+    pub async fn append_events(&self, events: &[(Event, i64)]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        writer::insert_events(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Events of an attempt with seq > `after`, in order, at most `limit`.
