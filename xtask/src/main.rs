@@ -153,6 +153,7 @@ fn bench(extra: &[String]) -> anyhow::Result<()> {
     for (package, name) in [
         ("backshift-sandbox", "sandbox_start"),
         ("backshift-server", "events"),
+        ("backshift", "reattach"),
     ] {
         step(&format!("{name} ({package}/benches/{name}.rs)"));
         run(Command::new("cargo")

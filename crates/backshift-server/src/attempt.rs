@@ -350,14 +350,17 @@ async fn adopt(run: &mut Run, checkpoint: Option<&CheckpointRow>) -> Result<bool
     let Ok(driver) = app.docker().await else {
         return Ok(false);
     };
-    let found = driver
-        .list(&[
-            (labels::MANAGED, "true"),
-            (labels::INSTANCE, app.instance.as_str()),
-            (labels::ATTEMPT, run.attempt.id.as_str()),
-        ])
-        .await
-        .unwrap_or_default();
+    let found = match app.supervisor.take_survivors(&run.attempt.id) {
+        Some(found) => found,
+        None => driver
+            .list(&[
+                (labels::MANAGED, "true"),
+                (labels::INSTANCE, app.instance.as_str()),
+                (labels::ATTEMPT, run.attempt.id.as_str()),
+            ])
+            .await
+            .unwrap_or_default(),
+    };
     let driver: Arc<dyn SandboxDriver> = driver;
     let mut adopted = None;
     for sb in found {
@@ -379,12 +382,16 @@ async fn adopt(run: &mut Run, checkpoint: Option<&CheckpointRow>) -> Result<bool
         .map(|c| c.commit_sha.clone())
         .or_else(|| run.attempt.base_commit.clone())
         .unwrap_or_default();
-    let kill = ExecSpec::new(["bash", "-c", checkpoint::KILL_STRAYS_SCRIPT]);
+    // One exec: killing what was left running, then the reset.
     let restore = ExecSpec {
         argv: vec![
             "bash".into(),
             "-c".into(),
-            checkpoint::RESTORE_SCRIPT.into(),
+            format!(
+                "{}\n{}",
+                checkpoint::KILL_STRAYS_SCRIPT,
+                checkpoint::RESTORE_SCRIPT
+            ),
         ],
         workdir: Some(WORKDIR.into()),
         env: vec![
@@ -393,19 +400,16 @@ async fn adopt(run: &mut Run, checkpoint: Option<&CheckpointRow>) -> Result<bool
         ],
         ..Default::default()
     };
-    let ok = match driver.exec_collect(&id, &kill).await {
-        Ok(_) => match driver.exec_collect(&id, &restore).await {
-            Ok(o) if o.exit_code == 0 => true,
-            Ok(o) => {
-                run.progress(format!(
-                    "cannot reset the surviving sandbox ({}); building a new one",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                ))
-                .await;
-                false
-            }
-            Err(_) => false,
-        },
+    let ok = match driver.exec_collect(&id, &restore).await {
+        Ok(o) if o.exit_code == 0 => true,
+        Ok(o) => {
+            run.progress(format!(
+                "cannot reset the surviving sandbox ({}); building a new one",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+            .await;
+            false
+        }
         Err(_) => false,
     };
     if !ok {

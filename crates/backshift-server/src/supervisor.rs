@@ -5,7 +5,7 @@
 use crate::attempt;
 use crate::serve::App;
 use backshift_core::{AttemptState, Transition};
-use backshift_sandbox::{SandboxDriver, labels};
+use backshift_sandbox::{SandboxDriver, SandboxInfo, labels};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +19,9 @@ pub struct Supervisor {
     wake: Notify,
     running: Mutex<HashMap<String, Arc<Stop>>>,
     tracker: TaskTracker,
+    /// Sandboxes found at start-up, by attempt, for the recovering
+    /// runners to adopt without listing again.
+    survivors: Mutex<HashMap<String, Vec<SandboxInfo>>>,
 }
 
 /// How a runner is told to stop, and why.
@@ -59,6 +62,15 @@ impl Supervisor {
     /// Asks the loop to look for queued attempts now.
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// The sandboxes of `attempt` found at start-up (once; `None` after
+    /// that, or when there was no start-up listing).
+    pub fn take_survivors(&self, attempt: &str) -> Option<Vec<SandboxInfo>> {
+        self.survivors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(attempt)
     }
 
     /// Cancels a running attempt; false when it is not running here.
@@ -114,7 +126,26 @@ pub async fn recover(app: &Arc<App>) -> anyhow::Result<()> {
         .collect();
     let attempts = app.store.attempts_in_states(&active).await?;
     let keep: HashSet<String> = attempts.iter().map(|a| a.id.clone()).collect();
-    remove_strays(app, &keep).await;
+    let kept = remove_strays(app, &keep).await;
+    {
+        let mut survivors = app
+            .supervisor
+            .survivors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for a in &attempts {
+            survivors.insert(a.id.clone(), Vec::new());
+        }
+        if let Some(kept) = kept {
+            for sb in kept {
+                let attempt = sb.labels.get(labels::ATTEMPT).cloned().unwrap_or_default();
+                survivors.entry(attempt).or_default().push(sb);
+            }
+        } else {
+            // Docker did not answer: the runners list for themselves.
+            survivors.clear();
+        }
+    }
     for a in attempts {
         tracing::info!(attempt = %a.id, state = %a.state, "resuming attempt after a restart");
         spawn(app, a);
@@ -122,26 +153,27 @@ pub async fn recover(app: &Arc<App>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes this instance's sandboxes whose attempt is not in `keep`.
-async fn remove_strays(app: &App, keep: &HashSet<String>) {
-    let Ok(driver) = app.docker().await else {
-        return;
-    };
-    let Ok(found) = driver
+/// Removes this instance's sandboxes whose attempt is not in `keep`;
+/// returns the ones kept (`None` when Docker did not answer).
+async fn remove_strays(app: &App, keep: &HashSet<String>) -> Option<Vec<SandboxInfo>> {
+    let driver = app.docker().await.ok()?;
+    let found = driver
         .list(&[(labels::MANAGED, "true"), (labels::INSTANCE, &app.instance)])
         .await
-    else {
-        return;
-    };
+        .ok()?;
+    let mut kept = Vec::new();
     for sb in found {
         let attempt = sb.labels.get(labels::ATTEMPT).cloned().unwrap_or_default();
-        if !keep.contains(&attempt) {
+        if keep.contains(&attempt) {
+            kept.push(sb);
+        } else {
             tracing::info!(sandbox = %sb.id, %attempt, "removing a sandbox no attempt owns");
             if let Err(e) = driver.destroy(&sb.id).await {
                 tracing::warn!(sandbox = %sb.id, "cannot remove: {e}");
             }
         }
     }
+    Some(kept)
 }
 
 /// The loop: start queued attempts while slots are free.

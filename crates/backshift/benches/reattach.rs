@@ -1,0 +1,287 @@
+//! Restart re-attach: with N attempts running (each in a long command in
+//! its own sandbox), the server is killed with SIGKILL and started again;
+//! measured is the time from the restart until every attempt has adopted
+//! its surviving sandbox and is running again. Beside it, from the same
+//! run, the raw Docker work a re-attach cannot avoid: one exec in each of
+//! the N containers through the API, all at once.
+//!
+//! Run with `cargo xtask bench` (or `cargo bench -p backshift --bench
+//! reattach -- --attempts 50`). Needs dockerd and the default image.
+
+use backshift_sandbox::docker::DockerDriver;
+use backshift_sandbox::{ExecSpec, SandboxDriver, SandboxId, labels};
+use fake_model::FakeModel;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() {
+    if let Err(e) = tokio::runtime::Runtime::new()
+        .map_err(|e| e.into())
+        .and_then(|rt| rt.block_on(run()))
+    {
+        eprintln!("reattach: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn attempts_arg() -> BenchResult<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--bench") {
+        return Ok(2); // `cargo test --benches`: a quick pass
+    }
+    match args.iter().position(|a| a == "--attempts") {
+        Some(i) => Ok(args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .filter(|n: &usize| *n > 0)
+            .ok_or("--attempts needs a positive number")?),
+        None => Ok(50),
+    }
+}
+
+struct Server {
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(dir: &Path, config: &Path) -> BenchResult<(Server, String)> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backshift"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("BACKSHIFT_CONFIG_DIR", dir.join("config"))
+        .env("BACKSHIFT_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let server = Server { child };
+    use std::io::BufRead;
+    let mut url = None;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let line = line?;
+        if let Some(u) = line.strip_prefix("backshift listening on ") {
+            url = Some(u.trim().to_owned());
+        }
+        if line.contains("ready for tasks") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Ok((
+        server,
+        url.ok_or("the server did not say where it listens")?,
+    ))
+}
+
+fn token(dir: &Path, url: &str) -> BenchResult<String> {
+    let text = std::fs::read_to_string(dir.join("config/credentials.toml"))?;
+    let v: toml::Value = toml::from_str(&text)?;
+    Ok(v["servers"][url]["token"]
+        .as_str()
+        .ok_or("no token saved")?
+        .to_owned())
+}
+
+async fn get(http: &reqwest::Client, url: &str, token: &str) -> BenchResult<Value> {
+    Ok(http
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
+/// Waits until every attempt has an event matching `done` after `after[i]`.
+async fn wait_for(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    attempts: &[String],
+    after: &[u64],
+    done: impl Fn(&Value) -> bool,
+    limit: Duration,
+) -> BenchResult<()> {
+    let start = Instant::now();
+    let mut pending: Vec<usize> = (0..attempts.len()).collect();
+    while !pending.is_empty() {
+        if start.elapsed() > limit {
+            return Err(format!("{} attempts not there after {limit:?}", pending.len()).into());
+        }
+        let mut still = Vec::new();
+        for i in pending {
+            let evs = get(
+                http,
+                &format!(
+                    "{url}/api/v1/attempts/{}/events?after={}",
+                    attempts[i], after[i]
+                ),
+                token,
+            )
+            .await?;
+            if !evs.as_array().is_some_and(|a| a.iter().any(&done)) {
+                still.push(i);
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn run() -> BenchResult<()> {
+    let n = attempts_arg()?;
+    let driver = DockerDriver::connect()
+        .await
+        .map_err(|e| format!("{e}; start dockerd (cargo xtask setup does)"))?;
+    let script = serde_json::from_value(json!({"mode": "turn", "steps": [
+        {"reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "sleep 3000"}}]}}
+    ]}))?;
+    let fake = FakeModel::start(script).await?;
+    let dir = tempfile::tempdir()?;
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo)?;
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(&repo)
+            .env("GIT_AUTHOR_NAME", "b")
+            .env("GIT_AUTHOR_EMAIL", "b@example.invalid")
+            .env("GIT_COMMITTER_NAME", "b")
+            .env("GIT_COMMITTER_EMAIL", "b@example.invalid")
+            .status()
+    };
+    git(&["init", "-q", "-b", "main"])?;
+    std::fs::write(repo.join("README.md"), "bench\n")?;
+    git(&["add", "."])?;
+    git(&["commit", "-qm", "init"])?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.path().join("backshift.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nmax_concurrent_attempts = {n}\n\n[model]\nbase_url = \"{}\"\nmodel = \"scripted\"\n",
+            dir.path().join("data").display(),
+            fake.base_url()
+        ),
+    )?;
+
+    let (server, url) = start_server(dir.path(), &config)?;
+    let token = token(dir.path(), &url)?;
+    let http = reqwest::Client::new();
+    let mut attempts = Vec::new();
+    for _ in 0..n {
+        let created: Value = http
+            .post(format!("{url}/api/v1/tasks"))
+            .bearer_auth(&token)
+            .json(&json!({"prompt": "wait", "repo": repo}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let task = created["id"]
+            .as_str()
+            .ok_or(format!("no task id: {created}"))?;
+        attempts.push(format!("{task}-1"));
+    }
+    println!("re-attach: {n} attempts running, then SIGKILL and restart");
+    let zeros = vec![0; n];
+    let is_running_command = |e: &Value| e["type"] == "tool_call" && e["name"] == "run_command";
+    wait_for(
+        &http,
+        &url,
+        &token,
+        &attempts,
+        &zeros,
+        is_running_command,
+        Duration::from_secs(600),
+    )
+    .await?;
+    let mut before = Vec::new();
+    for a in &attempts {
+        let evs = get(
+            &http,
+            &format!("{url}/api/v1/attempts/{a}/events?limit=10000"),
+            &token,
+        )
+        .await?;
+        before.push(evs.as_array().map_or(0, |v| v.len() as u64));
+    }
+
+    drop(server); // SIGKILL
+    let restart = Instant::now();
+    let (server, _) = start_server(dir.path(), &config)?;
+    let restored = |e: &Value| {
+        e["type"] == "state_changed" && e["from"] == "recovering" && e["to"] == "running"
+    };
+    wait_for(
+        &http,
+        &url,
+        &token,
+        &attempts,
+        &before,
+        restored,
+        Duration::from_secs(600),
+    )
+    .await?;
+    let reattach = restart.elapsed();
+
+    // The baseline: one exec in each surviving container, all at once.
+    let containers: Vec<SandboxId> = driver
+        .list(&[(labels::MANAGED, "true")])
+        .await?
+        .into_iter()
+        .filter(|s| {
+            s.labels
+                .get(labels::ATTEMPT)
+                .is_some_and(|a| attempts.contains(a))
+        })
+        .map(|s| s.id)
+        .collect();
+    let start = Instant::now();
+    let execs = containers.iter().map(|id| {
+        let driver = driver.clone();
+        let id = id.clone();
+        async move { driver.exec_collect(&id, &ExecSpec::new(["true"])).await }
+    });
+    for r in futures::future::join_all(execs).await {
+        r?;
+    }
+    let raw = start.elapsed();
+
+    drop(server);
+    for id in &containers {
+        let _ = driver.destroy(id).await;
+    }
+    println!(
+        "{:<44} {:>10}   {:<40} {:>7}",
+        "measure", "time", "baseline", "ratio"
+    );
+    println!(
+        "{:<44} {:>10}   {:<40} {:>6.1}x",
+        format!("restart -> {n} attempts re-attached"),
+        format!("{:.0} ms", reattach.as_secs_f64() * 1000.0),
+        format!(
+            "{} x docker exec true, parallel {:.0} ms",
+            containers.len(),
+            raw.as_secs_f64() * 1000.0
+        ),
+        reattach.as_secs_f64() / raw.as_secs_f64()
+    );
+    Ok(())
+}
