@@ -97,8 +97,10 @@ fn setup() -> anyhow::Result<()> {
         "debootstrap",
         "docker-registry",
         "git",
+        "postgresql",
         "procps",
     ])?;
+    postgres()?;
     if docker_answers() {
         step("Docker engine is running");
     } else {
@@ -127,6 +129,56 @@ fn setup() -> anyhow::Result<()> {
     // when this recipe's image is missing.
     step("ensuring the default sandbox image");
     run(Command::new(target_dir().join("debug/backshift")).args(["image", "bootstrap"]))
+}
+
+/// The role and password the tests use (loopback only); tests create
+/// their own databases (`bs_test_*`) with it.
+const TEST_ROLE: &str = "backshift_test";
+
+/// PostgreSQL running (Debian's cluster, started as its owner: the server
+/// refuses root) with the tests' role.
+fn postgres() -> anyhow::Result<()> {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .context("PostgreSQL is not installed (no /etc/postgresql)")?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|v| v.parse::<u32>().ok()))
+        .max()
+        .context("no PostgreSQL cluster under /etc/postgresql")?
+        .to_string();
+    let online = Command::new("pg_ctlcluster")
+        .args([&version, "main", "status"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if online {
+        step(&format!("PostgreSQL {version} is running"));
+    } else {
+        step(&format!("starting PostgreSQL {version}"));
+        run(Command::new("pg_ctlcluster").args([&version, "main", "start"]))?;
+    }
+    let sql = format!(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{TEST_ROLE}') THEN \
+         CREATE ROLE {TEST_ROLE} LOGIN CREATEDB PASSWORD '{TEST_ROLE}'; END IF; END $$;"
+    );
+    run(Command::new("runuser").args(["-u", "postgres", "--", "psql", "-qc", &sql]))?;
+    // Databases left by killed test runs.
+    let leftovers = Command::new("runuser")
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            "psql",
+            "-Atc",
+            "SELECT datname FROM pg_database WHERE datname LIKE 'bs\\_test\\_%'",
+        ])
+        .output()
+        .context("cannot list databases")?;
+    for db in String::from_utf8_lossy(&leftovers.stdout).lines() {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", "dropdb", "--force", db])
+            .status();
+    }
+    Ok(())
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {

@@ -17,6 +17,9 @@ pub struct Config {
     /// Where the database and git store live; the user's data directory
     /// (`~/.local/share/backshift`) when absent.
     pub data_dir: Option<PathBuf>,
+    /// The database: `postgres://USER:PASSWORD@HOST/DB` for PostgreSQL;
+    /// SQLite in the data directory when absent.
+    pub database_url: Option<String>,
     /// Attempts that may be active at once; more wait in `queued`.
     pub max_concurrent_attempts: usize,
     /// Sandbox settings.
@@ -96,6 +99,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:7777".into(),
             data_dir: None,
+            database_url: None,
             max_concurrent_attempts: 4,
             sandbox: SandboxConfig::default(),
             model: ModelSection::default(),

@@ -105,6 +105,20 @@ impl Server {
 }
 
 /// Starts the server described by `config`.
+/// A database URL fit for messages: the password replaced.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// Pulls the configured sandbox image at startup when it is missing, so
 /// the first task does not wait for it (a task that comes first pulls it
 /// too; the daemon joins the two pulls).
@@ -137,9 +151,19 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
                 )
             })?;
     }
-    let store = Store::open_sqlite(&data_dir.join("backshift.db"))
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot open the database in {}: {e}", data_dir.display()))?;
+    let store = match &config.database_url {
+        Some(url) => Store::open(url).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the database at database_url ({}): {e}",
+                redact_url(url)
+            )
+        })?,
+        None => Store::open_sqlite(&data_dir.join("backshift.db"))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot open the database in {}: {e}", data_dir.display())
+            })?,
+    };
     let instance = store
         .meta_init("instance_id", TaskId::generate().as_str())
         .await?;

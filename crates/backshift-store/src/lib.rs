@@ -14,10 +14,9 @@ pub use rows::{AttemptRow, CheckpointRow, NewAttempt, NewTask, TaskRow};
 
 use backshift_core::{AttemptState, FailureReason};
 use backshift_protocol::{Event, EventKind};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Executor, Row};
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 /// What can go wrong in the store.
@@ -35,6 +34,9 @@ pub enum StoreError {
     /// A batched write failed (the batch's error, as text).
     #[error("writing events failed: {0}")]
     Write(String),
+    /// The database URL names no database backshift supports.
+    #[error("unsupported database: {0}")]
+    Unsupported(String),
 }
 
 /// Result alias for store operations.
@@ -43,7 +45,17 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// The database behind backshift.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// Which database is behind a [`Store`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite (the default; one server).
+    Sqlite,
+    /// PostgreSQL (teams; several servers can share it).
+    Postgres,
 }
 
 /// A state change to record: compare-and-set from `from` to `to`.
@@ -65,19 +77,55 @@ impl Store {
     /// Opens (creating if needed) the SQLite database at `path` and brings
     /// its schema up to date.
     pub async fn open_sqlite(path: &Path) -> Result<Store> {
-        let url = format!("sqlite://{}", path.display());
-        let options = SqliteConnectOptions::from_str(&url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Store { pool })
+        Store::open(&format!("sqlite://{}?mode=rwc", path.display())).await
+    }
+
+    /// Opens the database at `url` (`sqlite://PATH` or `postgres://...`)
+    /// and brings its schema up to date.
+    pub async fn open(url: &str) -> Result<Store> {
+        install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::Unsupported(format!(
+                "{url:?}: the database URL must start with sqlite:// or postgres://"
+            )));
+        };
+        let options = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 8 } else { 16 })
+            .acquire_timeout(Duration::from_secs(30));
+        let options = if backend == Backend::Sqlite {
+            options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    // WAL: readers never block the writer; NORMAL: a commit
+                    // survives a killed process. Per connection: the rest.
+                    for pragma in [
+                        "PRAGMA journal_mode = WAL",
+                        "PRAGMA synchronous = NORMAL",
+                        "PRAGMA foreign_keys = ON",
+                        "PRAGMA busy_timeout = 10000",
+                    ] {
+                        conn.execute(pragma).await?;
+                    }
+                    Ok(())
+                })
+            })
+        } else {
+            options
+        };
+        let pool = options.connect(url).await?;
+        match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
+        }
+        Ok(Store { pool, backend })
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Checks that the database answers.
@@ -88,7 +136,7 @@ impl Store {
 
     /// A value from the `meta` table.
     pub async fn meta_get(&self, key: &str) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT value FROM meta WHERE key = ?")
+        let row = sqlx::query("SELECT value FROM meta WHERE key = $1")
             .bind(key)
             .fetch_optional(&self.pool)
             .await?;
@@ -98,7 +146,7 @@ impl Store {
     /// Sets a value in the `meta` table only if it is not set yet; returns
     /// the value that is stored afterwards.
     pub async fn meta_init(&self, key: &str, value: &str) -> Result<String> {
-        sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING")
+        sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
             .bind(key)
             .bind(value)
             .execute(&self.pool)
@@ -118,19 +166,21 @@ impl Store {
 
     /// Stores a token by the SHA-256 of its value (never the value).
     pub async fn insert_token(&self, id: &str, name: &str, sha256: &str, now: i64) -> Result<()> {
-        sqlx::query("INSERT INTO api_tokens (id, name, sha256, created_at) VALUES (?, ?, ?, ?)")
-            .bind(id)
-            .bind(name)
-            .bind(sha256)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO api_tokens (id, name, sha256, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(sha256)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
     /// The name of the token with this hash, if there is one.
     pub async fn token_by_hash(&self, sha256: &str) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT name FROM api_tokens WHERE sha256 = ?")
+        let row = sqlx::query("SELECT name FROM api_tokens WHERE sha256 = $1")
             .bind(sha256)
             .fetch_optional(&self.pool)
             .await?;
@@ -140,7 +190,7 @@ impl Store {
     /// The project of a repository source, created with `new_id` if new.
     pub async fn project_for_source(&self, source: &str, new_id: &str, now: i64) -> Result<String> {
         sqlx::query(
-            "INSERT INTO projects (id, source, created_at) VALUES (?, ?, ?) \
+            "INSERT INTO projects (id, source, created_at) VALUES ($1, $2, $3) \
              ON CONFLICT (source) DO NOTHING",
         )
         .bind(new_id)
@@ -148,7 +198,7 @@ impl Store {
         .bind(now)
         .execute(&self.pool)
         .await?;
-        let row = sqlx::query("SELECT id FROM projects WHERE source = ?")
+        let row = sqlx::query("SELECT id FROM projects WHERE source = $1")
             .bind(source)
             .fetch_one(&self.pool)
             .await?;
@@ -160,7 +210,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO tasks (id, project_id, prompt, repo, base_ref, agent, limits, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&task.id)
         .bind(&task.project_id)
@@ -175,11 +225,11 @@ impl Store {
         for a in attempts {
             sqlx::query(
                 "INSERT INTO attempts (id, task_id, n, state, branch, created_at, updated_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(&a.id)
             .bind(&task.id)
-            .bind(a.n)
+            .bind(i64::from(a.n))
             .bind(AttemptState::Queued.as_str())
             .bind(&a.branch)
             .bind(task.created_at)
@@ -195,9 +245,9 @@ impl Store {
     pub async fn list_tasks(&self, limit: u32) -> Result<Vec<TaskRow>> {
         let rows = sqlx::query(concat!(
             rows::task_select!(),
-            " ORDER BY created_at DESC, id LIMIT ?"
+            " ORDER BY created_at DESC, id LIMIT $1"
         ))
-        .bind(limit)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(TaskRow::from_row).collect()
@@ -205,7 +255,7 @@ impl Store {
 
     /// One task.
     pub async fn task(&self, id: &str) -> Result<Option<TaskRow>> {
-        let row = sqlx::query(concat!(rows::task_select!(), " WHERE t.id = ?"))
+        let row = sqlx::query(concat!(rows::task_select!(), " WHERE t.id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -216,7 +266,7 @@ impl Store {
     pub async fn attempts_of(&self, task_id: &str) -> Result<Vec<AttemptRow>> {
         let rows = sqlx::query(concat!(
             rows::attempt_select!(),
-            " WHERE task_id = ? ORDER BY n"
+            " WHERE task_id = $1 ORDER BY n"
         ))
         .bind(task_id)
         .fetch_all(&self.pool)
@@ -226,7 +276,7 @@ impl Store {
 
     /// One attempt.
     pub async fn attempt(&self, id: &str) -> Result<Option<AttemptRow>> {
-        let row = sqlx::query(concat!(rows::attempt_select!(), " WHERE id = ?"))
+        let row = sqlx::query(concat!(rows::attempt_select!(), " WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -239,7 +289,7 @@ impl Store {
         for s in states {
             let rows = sqlx::query(concat!(
                 rows::attempt_select!(),
-                " WHERE state = ? ORDER BY created_at, id"
+                " WHERE state = $1 ORDER BY created_at, id"
             ))
             .bind(s.as_str())
             .fetch_all(&self.pool)
@@ -263,8 +313,8 @@ impl Store {
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
-            "UPDATE attempts SET state = ?, reason = COALESCE(?, reason), detail = COALESCE(?, detail), \
-             updated_at = ? WHERE id = ? AND state = ?",
+            "UPDATE attempts SET state = $1, reason = COALESCE($2, reason), detail = COALESCE($3, detail), \
+             updated_at = $4 WHERE id = $5 AND state = $6",
         )
         .bind(change.to.as_str())
         .bind(change.reason.map(|r| r.as_str()))
@@ -287,10 +337,10 @@ impl Store {
     /// Records facts learnt about an attempt; `None` fields are left alone.
     pub async fn update_attempt(&self, id: &str, update: &AttemptUpdate<'_>) -> Result<()> {
         sqlx::query(
-            "UPDATE attempts SET base_commit = COALESCE(?, base_commit), \
-             head_commit = COALESCE(?, head_commit), summary = COALESCE(?, summary), \
-             sandbox_id = COALESCE(?, sandbox_id), started_at = COALESCE(started_at, ?) \
-             WHERE id = ?",
+            "UPDATE attempts SET base_commit = COALESCE($1, base_commit), \
+             head_commit = COALESCE($2, head_commit), summary = COALESCE($3, summary), \
+             sandbox_id = COALESCE($4, sandbox_id), started_at = COALESCE(started_at, $5) \
+             WHERE id = $6",
         )
         .bind(update.base_commit)
         .bind(update.head_commit)
@@ -313,7 +363,7 @@ impl Store {
     /// idempotent like [`Store::append_event`]. Returns once committed.
     pub async fn append_events(&self, events: &[(Event, i64)]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        writer::insert_events(&mut tx, events).await?;
+        writer::insert_events(&mut tx, self.backend, events).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -326,11 +376,11 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<Event>> {
         let rows = sqlx::query(
-            "SELECT seq, ts, body FROM events WHERE attempt_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, ts, body FROM events WHERE attempt_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(attempt_id)
         .bind(after as i64)
-        .bind(limit)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -363,7 +413,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for (i, body) in messages.iter().enumerate() {
             sqlx::query(
-                "INSERT INTO agent_messages (attempt_id, idx, body) VALUES (?, ?, ?) \
+                "INSERT INTO agent_messages (attempt_id, idx, body) VALUES ($1, $2, $3) \
                  ON CONFLICT (attempt_id, idx) DO UPDATE SET body = excluded.body",
             )
             .bind(&cp.attempt_id)
@@ -374,13 +424,13 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO checkpoints (attempt_id, n, seq, turn, messages, commit_sha, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&cp.attempt_id)
-        .bind(cp.n)
+        .bind(i64::from(cp.n))
         .bind(cp.seq as i64)
-        .bind(cp.turn)
-        .bind(cp.messages)
+        .bind(i64::from(cp.turn))
+        .bind(i64::from(cp.messages))
         .bind(&cp.commit_sha)
         .bind(cp.created_at)
         .execute(&mut *tx)
@@ -393,7 +443,7 @@ impl Store {
     pub async fn latest_checkpoint(&self, attempt_id: &str) -> Result<Option<CheckpointRow>> {
         let row = sqlx::query(
             "SELECT n, seq, turn, messages, commit_sha, created_at FROM checkpoints \
-             WHERE attempt_id = ? ORDER BY n DESC LIMIT 1",
+             WHERE attempt_id = $1 ORDER BY n DESC LIMIT 1",
         )
         .bind(attempt_id)
         .fetch_optional(&self.pool)
@@ -413,10 +463,10 @@ impl Store {
     /// when one is missing: a checkpoint promised them.
     pub async fn messages(&self, attempt_id: &str, count: u32) -> Result<Vec<String>> {
         let rows = sqlx::query(
-            "SELECT idx, body FROM agent_messages WHERE attempt_id = ? AND idx < ? ORDER BY idx",
+            "SELECT idx, body FROM agent_messages WHERE attempt_id = $1 AND idx < $2 ORDER BY idx",
         )
         .bind(attempt_id)
-        .bind(count)
+        .bind(i64::from(count))
         .fetch_all(&self.pool)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
@@ -438,7 +488,7 @@ impl Store {
 
     /// The seq of an attempt's last event (0 when it has none).
     pub async fn last_seq(&self, attempt_id: &str) -> Result<u64> {
-        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM events WHERE attempt_id = ?")
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM events WHERE attempt_id = $1")
             .bind(attempt_id)
             .fetch_one(&self.pool)
             .await?;
@@ -463,12 +513,12 @@ pub struct AttemptUpdate<'a> {
 
 async fn insert_event<'e, E>(executor: E, event: &Event, now: i64) -> Result<()>
 where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
     let body =
         serde_json::to_string(&event.kind).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     sqlx::query(
-        "INSERT INTO events (attempt_id, seq, ts, kind, body) VALUES (?, ?, ?, ?, ?) \
+        "INSERT INTO events (attempt_id, seq, ts, kind, body) VALUES ($1, $2, $3, $4, $5) \
          ON CONFLICT (attempt_id, seq) DO NOTHING",
     )
     .bind(&event.attempt_id)

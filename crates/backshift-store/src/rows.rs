@@ -3,7 +3,7 @@
 use crate::{Result, StoreError};
 use backshift_core::{AttemptState, FailureReason, Limits};
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 
 macro_rules! task_select {
     () => {
@@ -74,7 +74,7 @@ pub struct TaskRow {
 }
 
 impl TaskRow {
-    pub(crate) fn from_row(r: &SqliteRow) -> Result<Self> {
+    pub(crate) fn from_row(r: &AnyRow) -> Result<Self> {
         let limits: String = r.get(6);
         Ok(TaskRow {
             id: r.get(0),
@@ -144,7 +144,7 @@ pub struct CheckpointRow {
 }
 
 impl AttemptRow {
-    pub(crate) fn from_row(r: &SqliteRow) -> Result<Self> {
+    pub(crate) fn from_row(r: &AnyRow) -> Result<Self> {
         let state: String = r.get(3);
         let reason: Option<String> = r.get(4);
         Ok(AttemptRow {

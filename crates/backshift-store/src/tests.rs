@@ -2,12 +2,34 @@ use super::*;
 use backshift_core::Limits;
 use backshift_protocol::format_ts;
 
-async fn store() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
-        .await
-        .unwrap();
-    (dir, store)
+/// Every test here runs twice: on SQLite and on PostgreSQL.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = super::Store::open_sqlite(&dir.path().join("db.sqlite"))
+                        .await
+                        .unwrap();
+                    assert_eq!(store.backend(), super::Backend::Sqlite);
+                    super::$name(store).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let db = testkit::PgDatabase::create().await.unwrap();
+                    let store = super::Store::open(&db.url).await.unwrap();
+                    assert_eq!(store.backend(), super::Backend::Postgres);
+                    super::$name(store).await;
+                }
+            )*
+        }
+    };
 }
 
 async fn one_task(store: &Store) -> String {
@@ -57,9 +79,7 @@ fn state_event(attempt: &str, seq: u64, from: AttemptState, to: AttemptState) ->
     )
 }
 
-#[tokio::test]
-async fn a_created_task_reads_back_with_a_queued_attempt() {
-    let (_d, store) = store().await;
+async fn a_created_task_reads_back_with_a_queued_attempt(store: Store) {
     let attempt = one_task(&store).await;
     let task = store.task("aaaaaaaa").await.unwrap().unwrap();
     assert_eq!(task.prompt, "do it");
@@ -72,18 +92,14 @@ async fn a_created_task_reads_back_with_a_queued_attempt() {
     assert!(store.task("bbbbbbbb").await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn projects_are_one_per_source() {
-    let (_d, store) = store().await;
+async fn projects_are_one_per_source(store: Store) {
     let a = store.project_for_source("/repo", "p1", 1).await.unwrap();
     let b = store.project_for_source("/repo", "p2", 2).await.unwrap();
     let c = store.project_for_source("/other", "p3", 3).await.unwrap();
     assert_eq!((a.as_str(), b.as_str(), c.as_str()), ("p1", "p1", "p3"));
 }
 
-#[tokio::test]
-async fn transitions_are_compare_and_set_and_carry_their_event() {
-    let (_d, store) = store().await;
+async fn transitions_are_compare_and_set_and_carry_their_event(store: Store) {
     let attempt = one_task(&store).await;
     let change = StateChange {
         attempt_id: &attempt,
@@ -137,9 +153,7 @@ async fn transitions_are_compare_and_set_and_carry_their_event() {
     assert_eq!(failed.len(), 1);
 }
 
-#[tokio::test]
-async fn events_are_idempotent_on_seq_and_read_in_order() {
-    let (_d, store) = store().await;
+async fn events_are_idempotent_on_seq_and_read_in_order(store: Store) {
     let attempt = one_task(&store).await;
     for seq in [2, 1, 3] {
         let e = event(
@@ -175,9 +189,7 @@ async fn events_are_idempotent_on_seq_and_read_in_order() {
     assert_eq!(store.last_seq(&attempt).await.unwrap(), 3);
 }
 
-#[tokio::test]
-async fn tokens_are_found_by_hash_only() {
-    let (_d, store) = store().await;
+async fn tokens_are_found_by_hash_only(store: Store) {
     assert_eq!(store.token_count().await.unwrap(), 0);
     store.insert_token("t1", "admin", "abc", 1).await.unwrap();
     assert_eq!(
@@ -189,9 +201,7 @@ async fn tokens_are_found_by_hash_only() {
     assert_eq!(store.meta_init("instance", "y").await.unwrap(), "x");
 }
 
-#[tokio::test]
-async fn checkpoints_carry_the_conversation_and_a_resume_overwrites_its_tail() {
-    let (_dir, store) = store().await;
+async fn checkpoints_carry_the_conversation_and_a_resume_overwrites_its_tail(store: Store) {
     let attempt = one_task(&store).await;
     assert_eq!(store.latest_checkpoint(&attempt).await.unwrap(), None);
     let cp = |n: u32, messages: u32| CheckpointRow {
@@ -234,3 +244,12 @@ async fn checkpoints_carry_the_conversation_and_a_resume_overwrites_its_tail() {
     // Checkpoint numbers are unique per attempt.
     assert!(store.record_checkpoint(&cp(3, 4), 4, &[]).await.is_err());
 }
+
+on_both!(
+    a_created_task_reads_back_with_a_queued_attempt,
+    projects_are_one_per_source,
+    transitions_are_compare_and_set_and_carry_their_event,
+    events_are_idempotent_on_seq_and_read_in_order,
+    tokens_are_found_by_hash_only,
+    checkpoints_carry_the_conversation_and_a_resume_overwrites_its_tail,
+);

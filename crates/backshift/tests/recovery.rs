@@ -173,3 +173,24 @@ async fn a_killed_server_resumes_its_attempt_on_restart() {
         "{interrupted}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_a_killed_server_resumes_its_attempt_too() {
+    let db = testkit::PgDatabase::create().await.unwrap();
+    let mut w = World::start(
+        Some(resumable_script()),
+        &format!("database_url = \"{}\"\n", db.url),
+    )
+    .await;
+    let ready: Value = reqwest::get(format!("{}/readyz", w.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(ready.to_string().contains("PostgreSQL answers"), "{ready}");
+    let (task, attempt) = submit_and_wait_for_the_command(&w).await;
+    w.kill_server().await;
+    w.restart_server().await;
+    assert_recovered(&w, &task, &attempt, true).await;
+}

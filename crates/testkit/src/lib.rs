@@ -122,3 +122,68 @@ pub fn docker(args: &[&str]) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// The PostgreSQL server the tests use: `BACKSHIFT_TEST_POSTGRES`, or the
+/// local cluster with the role `cargo xtask setup` creates.
+pub fn postgres_admin_url() -> String {
+    std::env::var("BACKSHIFT_TEST_POSTGRES").unwrap_or_else(|_| {
+        "postgres://backshift_test:backshift_test@127.0.0.1:5432/postgres".to_owned()
+    })
+}
+
+/// A fresh, empty PostgreSQL database for one test; dropped with it.
+pub struct PgDatabase {
+    /// Its URL.
+    pub url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    /// Creates the database, or says what to install or start.
+    pub async fn create() -> anyhow::Result<PgDatabase> {
+        use sqlx::Connection;
+        let admin = postgres_admin_url();
+        let mut conn = sqlx::PgConnection::connect(&admin).await.with_context(|| {
+            format!(
+                "cannot reach PostgreSQL at {admin}: install and start it with the tests' role (`cargo xtask setup` does), or set BACKSHIFT_TEST_POSTGRES"
+            )
+        })?;
+        let name = format!("bs_test_{:016x}", rand::random::<u64>());
+        sqlx::Executor::execute(
+            &mut conn,
+            sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
+        )
+        .await?;
+        let url = match admin.rfind('/') {
+            Some(i) => format!("{}/{name}", &admin[..i]),
+            None => anyhow::bail!("{admin} has no database part"),
+        };
+        Ok(PgDatabase { url, name })
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside any runtime the test may still be inside.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async move {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&postgres_admin_url())
+                    .await
+                    .ok()?;
+                sqlx::Executor::execute(
+                    &mut conn,
+                    sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")),
+                )
+                .await
+                .ok()
+            })
+        })
+        .join();
+    }
+}

@@ -20,7 +20,15 @@ pub async fn healthz() -> &'static str {
 pub async fn readyz(State(app): State<Arc<App>>) -> (StatusCode, Json<ReadyView>) {
     let mut checks = Vec::new();
     checks.push(match app.store.ping().await {
-        Ok(()) => check("database", true, "SQLite answers".into(), None),
+        Ok(()) => check(
+            "database",
+            true,
+            match app.store.backend() {
+                backshift_store::Backend::Sqlite => "SQLite answers".into(),
+                backshift_store::Backend::Postgres => "PostgreSQL answers".into(),
+            },
+            None,
+        ),
         Err(e) => check(
             "database",
             false,
