@@ -69,12 +69,38 @@ impl GitStore {
         self.root.join(format!("{project}.git"))
     }
 
-    /// Creates the project's bare repository if it does not exist.
+    /// Creates the project's bare repository if it does not exist. The
+    /// repository is made aside and renamed into place, so a process
+    /// killed half-way (or a concurrent creation) never leaves a broken
+    /// one where the store looks.
     pub async fn ensure_repo(&self, project: &str) -> Result<PathBuf> {
         let path = self.repo_path(project);
-        if !path.join("HEAD").exists() {
-            tokio::fs::create_dir_all(&self.root).await?;
-            git(None, &["init", "--quiet", "--bare"], Some(&path)).await?;
+        if path.join("HEAD").exists() && path.join("config").exists() {
+            return Ok(path);
+        }
+        tokio::fs::create_dir_all(&self.root).await?;
+        if path.exists() {
+            // Left half-made by an older, killed creation.
+            tokio::fs::remove_dir_all(&path).await?;
+        }
+        let scratch = self.root.join(format!(
+            ".new-{project}-{}-{:x}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        ));
+        git(None, &["init", "--quiet", "--bare"], Some(&scratch)).await?;
+        if tokio::fs::rename(&scratch, &path).await.is_err() {
+            // Someone else made it first.
+            let _ = tokio::fs::remove_dir_all(&scratch).await;
+            if !path.join("config").exists() {
+                return Err(GitError::Failed {
+                    args: "init --bare".into(),
+                    stderr: format!("{} could not be created", path.display()),
+                });
+            }
         }
         Ok(path)
     }
@@ -90,6 +116,7 @@ impl GitStore {
         pin_ref: &str,
     ) -> Result<String> {
         let repo = self.ensure_repo(project).await?;
+        clear_stale_lock(&repo, pin_ref).await;
         let want = base_ref.unwrap_or("HEAD");
         git(
             Some(&repo),
@@ -158,6 +185,7 @@ impl GitStore {
         to: &str,
     ) -> Result<String> {
         let repo = self.repo_path(project);
+        clear_stale_lock(&repo, to).await;
         let bundle = bundle.to_string_lossy();
         let refspec = format!("+{from}:{to}");
         git(
@@ -211,6 +239,7 @@ impl GitStore {
     /// Points `branch` at `commit` (used when the agent changed nothing).
     pub async fn set_branch(&self, project: &str, branch: &str, commit: &str) -> Result<()> {
         let repo = self.repo_path(project);
+        clear_stale_lock(&repo, &format!("refs/heads/{branch}")).await;
         git(
             Some(&repo),
             &["update-ref", &format!("refs/heads/{branch}"), commit],
@@ -302,6 +331,16 @@ pub fn is_url(s: &str) -> bool {
     s.contains("://") || (s.contains('@') && s.contains(':') && !s.starts_with('/'))
 }
 
+/// Removes the lock file of `refname` left by a git process that was
+/// killed while updating it. Only for refs that belong to one attempt,
+/// whose single driver is the caller: any lock on them is stale.
+async fn clear_stale_lock(repo: &Path, refname: &str) {
+    let lock = repo.join(format!("{refname}.lock"));
+    if tokio::fs::remove_file(&lock).await.is_ok() {
+        tracing::warn!("removed a stale lock {}", lock.display());
+    }
+}
+
 async fn rev_parse(repo: &Path, rev: &str) -> Result<String> {
     Ok(git(Some(repo), &["rev-parse", "--verify", rev], None)
         .await?
@@ -345,6 +384,11 @@ pub(crate) fn base_command(cwd: Option<&Path>) -> Command {
         "core.hooksPath=/dev/null",
         "-c",
         "advice.detachedHead=false",
+        // No background gc or maintenance taking locks behind our back.
+        "-c",
+        "gc.auto=0",
+        "-c",
+        "maintenance.auto=false",
     ])
     .env("GIT_TERMINAL_PROMPT", "0")
     .env("GIT_ASKPASS", "/bin/false")

@@ -135,3 +135,55 @@ fn urls_are_told_from_paths() {
     assert!(!is_url("/home/me/repo"));
     assert!(!is_url("./repo"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_survives_killed_and_concurrent_git_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream(dir.path()).await;
+    let store = GitStore::new(dir.path().join("store"));
+
+    // Ten attempts of one project creating its repository at once.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let store = store.clone();
+        let up = up.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .fetch_source(
+                    "p",
+                    up.to_str().unwrap(),
+                    None,
+                    &format!("refs/backshift/base/a-{i}"),
+                )
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+
+    // A repository half-made by a killed `git init` is made again.
+    let half = store.repo_path("q");
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(half.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+    store
+        .fetch_source("q", up.to_str().unwrap(), None, "refs/backshift/base/q-1")
+        .await
+        .unwrap();
+
+    // A ref lock left by a killed fetch does not block the attempt's next
+    // update of that ref.
+    let repo = store.repo_path("p");
+    let base = store
+        .fetch_source("p", up.to_str().unwrap(), None, "refs/backshift/base/a-0")
+        .await
+        .unwrap();
+    std::fs::create_dir_all(repo.join("refs/heads/backshift")).unwrap();
+    std::fs::write(repo.join("refs/heads/backshift/x.lock"), "").unwrap();
+    store.set_branch("p", "backshift/x", &base).await.unwrap();
+    std::fs::write(repo.join("refs/backshift/base/a-0.lock"), "").unwrap();
+    store
+        .fetch_source("p", up.to_str().unwrap(), None, "refs/backshift/base/a-0")
+        .await
+        .unwrap();
+}

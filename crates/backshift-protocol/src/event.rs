@@ -14,6 +14,9 @@ pub struct Event {
     pub seq: u64,
     /// When it was recorded (RFC 3339, UTC).
     pub ts: String,
+    /// The server replica that recorded it (the one driving the attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
     /// What happened.
     #[serde(flatten)]
     pub kind: EventKind,
@@ -214,6 +217,7 @@ mod tests {
             attempt_id: "k3f9x2m1-1".into(),
             seq: 3,
             ts: "2026-11-23T10:00:00Z".into(),
+            driver: None,
             kind: EventKind::Progress {
                 message: "cloning".into(),
             },

@@ -92,7 +92,7 @@ async fn measure(
 ) -> BenchResult<(f64, f64)> {
     let total = (attempts * per_attempt) as f64;
     let (store, ids) = setup(hub_url, attempts).await?;
-    let hub = Arc::new(EventHub::new(store.clone()));
+    let hub = Arc::new(EventHub::new(store.clone(), "bench"));
     let took = timed(attempts, |i| {
         let hub = hub.clone();
         let id = ids[i].clone();

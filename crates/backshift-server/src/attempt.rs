@@ -4,7 +4,7 @@
 
 use crate::checkpoint::{self, AttemptJournal};
 use crate::serve::App;
-use crate::supervisor::Stop;
+use crate::supervisor::{Stop, StopReason};
 use async_trait::async_trait;
 use backshift_agent::{
     AgentOutcome, Conversation, EventSink, ModelClient, SandboxTools, run_agent,
@@ -172,10 +172,15 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
     let (transition, detail) = match end {
         End::Done(Ok(())) => (None, None),
         End::Done(Err(Failure(reason, detail))) => (Some(Transition::Fail(reason)), Some(detail)),
-        End::Stopped => {
-            let (t, detail) = stop.reason();
-            (Some(t), Some(detail))
-        }
+        End::Stopped => match stop.reason() {
+            StopReason::End(t, detail) => (Some(t), Some(detail)),
+            StopReason::Abandon(why) => {
+                // Another replica drives the attempt now: its sandbox and
+                // state are that replica's to change.
+                tracing::warn!(attempt = %run.attempt.id, "leaving the attempt: {why}");
+                return;
+            }
+        },
         End::TimedOut => (
             Some(Transition::Timeout),
             Some(format!(

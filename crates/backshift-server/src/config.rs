@@ -20,6 +20,14 @@ pub struct Config {
     /// The database: `postgres://USER:PASSWORD@HOST/DB` for PostgreSQL;
     /// SQLite in the data directory when absent.
     pub database_url: Option<String>,
+    /// This server's name among replicas sharing one database; derived
+    /// from the host name, data directory and listen address when absent
+    /// (stable across restarts, so a restarted server takes its own
+    /// attempts back at once).
+    pub replica_id: Option<String>,
+    /// How long a replica's lease on an attempt lasts without a heartbeat;
+    /// after that another replica takes the attempt over.
+    pub lease_secs: u64,
     /// Attempts that may be active at once; more wait in `queued`.
     pub max_concurrent_attempts: usize,
     /// Sandbox settings.
@@ -100,6 +108,8 @@ impl Default for Config {
             listen: "127.0.0.1:7777".into(),
             data_dir: None,
             database_url: None,
+            replica_id: None,
+            lease_secs: 15,
             max_concurrent_attempts: 4,
             sandbox: SandboxConfig::default(),
             model: ModelSection::default(),
@@ -182,6 +192,20 @@ impl Config {
             .image
             .clone()
             .unwrap_or_else(backshift_sandbox::image::default_image_tag)
+    }
+
+    /// The replica id in effect (see [`Config::replica_id`]).
+    pub fn replica(&self) -> String {
+        if let Some(id) = &self.replica_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "host".into());
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            format!("{host}\n{}\n{}", self.data_dir().display(), self.listen).as_bytes(),
+        ));
+        format!("{host}-{}", &digest[..8])
     }
 
     /// Whether the image in effect is pulled from its registry when it is

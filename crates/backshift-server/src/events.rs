@@ -30,6 +30,8 @@ enum Item {
 
 struct Shared {
     store: Store,
+    /// This replica: the `driver` of every event it writes.
+    driver: String,
     channels: Mutex<HashMap<String, broadcast::Sender<Event>>>,
 }
 
@@ -75,11 +77,12 @@ pub enum TransitionFailed {
 }
 
 impl EventHub {
-    /// A hub over `store`; starts its writer task (call inside a Tokio
-    /// runtime).
-    pub fn new(store: Store) -> Self {
+    /// A hub over `store` for replica `driver`; starts its writer task
+    /// (call inside a Tokio runtime).
+    pub fn new(store: Store, driver: &str) -> Self {
         let shared = Arc::new(Shared {
             store,
+            driver: driver.to_owned(),
             channels: Mutex::new(HashMap::new()),
         });
         let (queue, rx) = mpsc::unbounded_channel();
@@ -124,6 +127,7 @@ impl EventHub {
             attempt_id: attempt.to_owned(),
             seq,
             ts: format_ts(now),
+            driver: Some(self.shared.driver.clone()),
             kind,
         };
         Ok((event, now))
@@ -141,6 +145,13 @@ impl EventHub {
                 map.remove(attempt);
             }
         }
+    }
+
+    /// Forgets what this hub knows of `attempt`'s numbering: the next event
+    /// reads the last seq from the store (another replica may have
+    /// written since).
+    pub fn forget(&self, attempt: &str) {
+        self.given_out(attempt, None);
     }
 
     /// Appends an event to `attempt`'s log. It is numbered and queued at
@@ -319,7 +330,12 @@ mod tests {
             .await
             .unwrap();
         let ids = attempts.into_iter().map(|a| a.id).collect();
-        (dir, Arc::new(EventHub::new(store.clone())), store, ids)
+        (
+            dir,
+            Arc::new(EventHub::new(store.clone(), "r1")),
+            store,
+            ids,
+        )
     }
 
     fn progress(i: usize) -> EventKind {
@@ -375,7 +391,7 @@ mod tests {
         assert_eq!(events[50].kind.type_name(), "state_changed");
         assert_eq!(events[50].seq, 51);
         // A hub started over the same store continues the numbering.
-        let again = EventHub::new(store.clone());
+        let again = EventHub::new(store.clone(), "r1");
         let next = again.emit(id, progress(0)).await.unwrap();
         assert_eq!(next.seq, 52);
     }

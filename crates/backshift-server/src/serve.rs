@@ -32,6 +32,8 @@ pub struct App {
     pub git: GitStore,
     /// This server's identity on the Docker host (labels its sandboxes).
     pub instance: String,
+    /// This replica's id: the owner of the leases it holds.
+    pub replica: String,
     /// Running attempts.
     pub supervisor: Supervisor,
     docker: Mutex<Option<Arc<DockerDriver>>>,
@@ -190,9 +192,11 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             )
         })?;
     let addr = listener.local_addr()?;
+    let replica = config.replica();
     let app = Arc::new(App {
         git: GitStore::new(data_dir.join("git")),
-        hub: EventHub::new(store.clone()),
+        hub: EventHub::new(store.clone(), &replica),
+        replica,
         store,
         instance,
         supervisor: Supervisor::default(),

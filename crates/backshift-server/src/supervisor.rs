@@ -28,16 +28,34 @@ pub struct Supervisor {
 #[derive(Default)]
 pub struct Stop {
     token: CancellationToken,
-    why: Mutex<Option<(Transition, String)>>,
+    why: Mutex<Option<StopReason>>,
+}
+
+/// Why a runner stops before its attempt ends by itself.
+#[derive(Debug, Clone)]
+pub enum StopReason {
+    /// End the attempt with this transition and detail.
+    End(Transition, String),
+    /// Walk away without touching it: another replica drives it now.
+    Abandon(String),
 }
 
 impl Stop {
     /// Asks the runner to end the attempt with `transition` (the first
     /// reason given wins).
     pub fn stop(&self, transition: Transition, detail: String) {
+        self.request(StopReason::End(transition, detail));
+    }
+
+    /// Asks the runner to leave the attempt alone from now on.
+    pub fn abandon(&self, why: String) {
+        self.request(StopReason::Abandon(why));
+    }
+
+    fn request(&self, reason: StopReason) {
         let mut why = self.why.lock().unwrap_or_else(|p| p.into_inner());
         if why.is_none() {
-            *why = Some((transition, detail));
+            *why = Some(reason);
         }
         self.token.cancel();
     }
@@ -47,14 +65,16 @@ impl Stop {
         self.token.cancelled().await
     }
 
-    /// The transition and detail asked for (cancellation when none was
-    /// given).
-    pub fn reason(&self) -> (Transition, String) {
+    /// What was asked for (cancellation when nothing was said).
+    pub fn reason(&self) -> StopReason {
         self.why
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .unwrap_or((Transition::Cancel, "cancelled on request".to_owned()))
+            .unwrap_or(StopReason::End(
+                Transition::Cancel,
+                "cancelled on request".to_owned(),
+            ))
     }
 }
 
@@ -114,53 +134,139 @@ impl Supervisor {
     }
 }
 
-/// Picks up what a previous run of the server left: every attempt that was
-/// active (not queued, not paused) gets a runner again, which records the
-/// interruption and recovers it from its last checkpoint, adopting its
-/// sandbox when that survived. Sandboxes of this instance that belong to
-/// no active attempt are removed. Queued attempts stay queued.
+/// Start-up: removes sandboxes of this installation that belong to no
+/// unfinished attempt, then takes back every active attempt this replica
+/// drove before it stopped (and any other whose lease ran out): each gets
+/// a runner again, which records the interruption and recovers it from
+/// its last checkpoint, adopting its sandbox when that survived. Queued
+/// attempts stay queued.
 pub async fn recover(app: &Arc<App>) -> anyhow::Result<()> {
-    let active: Vec<AttemptState> = AttemptState::ALL
+    take_over(app, true).await
+}
+
+fn active_states() -> Vec<AttemptState> {
+    AttemptState::ALL
         .into_iter()
         .filter(|s| !s.is_terminal() && *s != AttemptState::Queued && *s != AttemptState::Paused)
+        .collect()
+}
+
+/// Claims active attempts that nobody drives: this replica's own from
+/// before a restart, unowned ones, and those whose owner's lease ran out
+/// (a replica that died). `sweep` also removes sandboxes of no
+/// unfinished attempt.
+async fn take_over(app: &Arc<App>, sweep: bool) -> anyhow::Result<()> {
+    let now = backshift_protocol::now_ms();
+    let attempts = app.store.attempts_in_states(&active_states()).await?;
+    let orphans: Vec<_> = attempts
+        .into_iter()
+        .filter(|a| !app.supervisor.is_running(&a.id))
+        .filter(|a| {
+            a.owner.is_none()
+                || a.owner.as_deref() == Some(app.replica.as_str())
+                || a.lease_until.unwrap_or(0) < now
+        })
         .collect();
-    let attempts = app.store.attempts_in_states(&active).await?;
-    let keep: HashSet<String> = attempts.iter().map(|a| a.id.clone()).collect();
-    let kept = remove_strays(app, &keep).await;
+    if orphans.is_empty() && !sweep {
+        return Ok(());
+    }
+    let found = if sweep {
+        remove_strays(app).await
+    } else {
+        list_sandboxes(app).await
+    };
     {
         let mut survivors = app
             .supervisor
             .survivors
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        for a in &attempts {
-            survivors.insert(a.id.clone(), Vec::new());
-        }
-        if let Some(kept) = kept {
-            for sb in kept {
-                let attempt = sb.labels.get(labels::ATTEMPT).cloned().unwrap_or_default();
-                survivors.entry(attempt).or_default().push(sb);
+        survivors.clear();
+        if let Some(found) = found {
+            for a in &orphans {
+                survivors.insert(a.id.clone(), Vec::new());
             }
-        } else {
-            // Docker did not answer: the runners list for themselves.
-            survivors.clear();
+            for sb in found {
+                let attempt = sb.labels.get(labels::ATTEMPT).cloned().unwrap_or_default();
+                if let Some(list) = survivors.get_mut(&attempt) {
+                    list.push(sb);
+                }
+            }
         }
     }
-    for a in attempts {
-        tracing::info!(attempt = %a.id, state = %a.state, "resuming attempt after a restart");
+    let until = now + lease_ms(app);
+    for a in orphans {
+        if !app.store.claim(&a.id, &app.replica, now, until).await? {
+            continue; // another replica was quicker
+        }
+        let whose = match &a.owner {
+            Some(o) if *o == app.replica => "this replica's, from before a restart".to_owned(),
+            Some(o) => format!("from replica {o}, whose lease ran out"),
+            None => "unowned".to_owned(),
+        };
+        tracing::info!(attempt = %a.id, state = %a.state, "taking over attempt ({whose})");
         spawn(app, a);
     }
     Ok(())
 }
 
-/// Removes this instance's sandboxes whose attempt is not in `keep`;
-/// returns the ones kept (`None` when Docker did not answer).
-async fn remove_strays(app: &App, keep: &HashSet<String>) -> Option<Vec<SandboxInfo>> {
+fn lease_ms(app: &App) -> i64 {
+    app.config.lease_secs.max(1) as i64 * 1000
+}
+
+/// Extends the leases of the attempts running here; a runner whose lease
+/// another replica took walks away.
+async fn heartbeat(app: &Arc<App>) {
+    let running: Vec<(String, Arc<Stop>)> = app
+        .supervisor
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let until = backshift_protocol::now_ms() + lease_ms(app);
+    for (id, stop) in running {
+        match app.store.renew(&id, &app.replica, until).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(attempt = %id, "lease lost to another replica; leaving the attempt to it");
+                stop.abandon("another replica took the attempt over".into());
+            }
+            // Keep driving: if the database stays away, the lease runs out
+            // and the next renewal says so.
+            Err(e) => tracing::warn!(attempt = %id, "cannot renew the lease: {e}"),
+        }
+    }
+}
+
+/// The sandboxes of this installation (`None` when Docker does not answer).
+async fn list_sandboxes(app: &App) -> Option<Vec<SandboxInfo>> {
     let driver = app.docker().await.ok()?;
-    let found = driver
+    driver
         .list(&[(labels::MANAGED, "true"), (labels::INSTANCE, &app.instance)])
         .await
-        .ok()?;
+        .ok()
+}
+
+/// Removes this installation's sandboxes whose attempt is finished or
+/// unknown (any replica's unfinished attempts keep theirs); returns the
+/// ones kept (`None` when Docker or the database did not answer).
+async fn remove_strays(app: &App) -> Option<Vec<SandboxInfo>> {
+    let found = list_sandboxes(app).await?;
+    let unfinished: Vec<AttemptState> = AttemptState::ALL
+        .into_iter()
+        .filter(|s| !s.is_terminal())
+        .collect();
+    let keep: HashSet<String> = app
+        .store
+        .attempts_in_states(&unfinished)
+        .await
+        .ok()?
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    let driver = app.docker().await.ok()?;
     let mut kept = Vec::new();
     for sb in found {
         let attempt = sb.labels.get(labels::ATTEMPT).cloned().unwrap_or_default();
@@ -186,17 +292,13 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         if let Err(e) = enforce_deadlines(&app).await {
             tracing::error!("supervisor: deadlines: {e:#}");
         }
-        if last_sweep.elapsed() >= SWEEP_EVERY {
+        heartbeat(&app).await;
+        let sweep = last_sweep.elapsed() >= SWEEP_EVERY;
+        if sweep {
             last_sweep = std::time::Instant::now();
-            let keep: HashSet<String> = app
-                .supervisor
-                .running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .cloned()
-                .collect();
-            remove_strays(&app, &keep).await;
+        }
+        if let Err(e) = take_over(&app, sweep).await {
+            tracing::error!("supervisor: take-over: {e:#}");
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -218,6 +320,14 @@ async fn start_queued(app: &Arc<App>) -> anyhow::Result<()> {
         }
         if app.supervisor.is_running(&a.id) {
             continue;
+        }
+        let now = backshift_protocol::now_ms();
+        if !app
+            .store
+            .claim(&a.id, &app.replica, now, now + lease_ms(app))
+            .await?
+        {
+            continue; // another replica starts it
         }
         spawn(app, a);
     }
@@ -272,8 +382,11 @@ async fn enforce_deadlines(app: &Arc<App>) -> anyhow::Result<()> {
             .unwrap_or_else(|p| p.into_inner())
             .get(&a.id)
             .cloned();
+        let orphan = a.owner.is_none() || a.lease_until.unwrap_or(0) < now;
         match stop {
             Some(stop) => stop.stop(Transition::Timeout, detail),
+            // Another replica drives it: its supervisor ends it.
+            None if !orphan => {}
             None => {
                 let _ = app
                     .hub
@@ -293,10 +406,16 @@ fn spawn(app: &Arc<App>, a: backshift_store::AttemptRow) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(a.id.clone(), stop.clone());
+    // Another replica may have written to the attempt since this one
+    // last did: number its events from the store.
+    app.hub.forget(&a.id);
     let app2 = app.clone();
     app.supervisor.tracker.spawn(async move {
         let id = a.id.clone();
         attempt::run(app2.clone(), a, stop).await;
+        if let Err(e) = app2.store.release(&id, &app2.replica).await {
+            tracing::warn!(attempt = %id, "cannot release the lease: {e}");
+        }
         app2.supervisor
             .running
             .lock()

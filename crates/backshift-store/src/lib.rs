@@ -376,7 +376,8 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<Event>> {
         let rows = sqlx::query(
-            "SELECT seq, ts, body FROM events WHERE attempt_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            "SELECT seq, ts, body, driver FROM events WHERE attempt_id = $1 AND seq > $2 \
+             ORDER BY seq LIMIT $3",
         )
         .bind(attempt_id)
         .bind(after as i64)
@@ -392,6 +393,7 @@ impl Store {
                     .map_err(|e| StoreError::Corrupt(format!("event {attempt_id}/{seq}: {e}")))?;
                 Ok(Event {
                     attempt_id: attempt_id.to_owned(),
+                    driver: r.get(3),
                     seq: seq as u64,
                     ts: backshift_protocol::format_ts(ts),
                     kind,
@@ -486,6 +488,52 @@ impl Store {
         Ok(out)
     }
 
+    /// Takes (or keeps) the lease on an attempt for `owner` until
+    /// `until`: only when nobody holds it, `owner` already does, or the
+    /// holder's lease ran out before `now`. Returns whether `owner` holds
+    /// it now.
+    pub async fn claim(&self, attempt_id: &str, owner: &str, now: i64, until: i64) -> Result<bool> {
+        let updated = sqlx::query(
+            "UPDATE attempts SET owner = $1, lease_until = $2 WHERE id = $3 \
+             AND (owner IS NULL OR owner = $1 OR lease_until < $4)",
+        )
+        .bind(owner)
+        .bind(until)
+        .bind(attempt_id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(updated == 1)
+    }
+
+    /// Extends `owner`'s lease on an attempt; false when `owner` no longer
+    /// holds it (another replica took it over).
+    pub async fn renew(&self, attempt_id: &str, owner: &str, until: i64) -> Result<bool> {
+        let updated =
+            sqlx::query("UPDATE attempts SET lease_until = $1 WHERE id = $2 AND owner = $3")
+                .bind(until)
+                .bind(attempt_id)
+                .bind(owner)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        Ok(updated == 1)
+    }
+
+    /// Gives up `owner`'s lease on an attempt (it ended, or the replica
+    /// stops driving it).
+    pub async fn release(&self, attempt_id: &str, owner: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE attempts SET owner = NULL, lease_until = NULL WHERE id = $1 AND owner = $2",
+        )
+        .bind(attempt_id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// The seq of an attempt's last event (0 when it has none).
     pub async fn last_seq(&self, attempt_id: &str) -> Result<u64> {
         let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM events WHERE attempt_id = $1")
@@ -518,7 +566,7 @@ where
     let body =
         serde_json::to_string(&event.kind).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     sqlx::query(
-        "INSERT INTO events (attempt_id, seq, ts, kind, body) VALUES ($1, $2, $3, $4, $5) \
+        "INSERT INTO events (attempt_id, seq, ts, kind, body, driver) VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (attempt_id, seq) DO NOTHING",
     )
     .bind(&event.attempt_id)
@@ -526,6 +574,7 @@ where
     .bind(now)
     .bind(event.kind.type_name())
     .bind(body)
+    .bind(event.driver.as_deref())
     .execute(executor)
     .await?;
     Ok(())

@@ -15,7 +15,7 @@ pub(crate) use task_select;
 macro_rules! attempt_select {
     () => {
         "SELECT id, task_id, n, state, reason, detail, branch, base_commit, head_commit, summary, \
-         sandbox_id, created_at, updated_at, started_at FROM attempts"
+         sandbox_id, created_at, updated_at, started_at, owner, lease_until FROM attempts"
     };
 }
 pub(crate) use attempt_select;
@@ -121,6 +121,10 @@ pub struct AttemptRow {
     pub updated_at: i64,
     /// When it left the queue, unix ms.
     pub started_at: Option<i64>,
+    /// The replica driving it (holding its lease).
+    pub owner: Option<String>,
+    /// When that lease runs out, unix ms.
+    pub lease_until: Option<i64>,
 }
 
 /// A checkpoint: the working tree at the end of a turn, tied to the event
@@ -168,6 +172,8 @@ impl AttemptRow {
             created_at: r.get(11),
             updated_at: r.get(12),
             started_at: r.get(13),
+            owner: r.get(14),
+            lease_until: r.get(15),
         })
     }
 }

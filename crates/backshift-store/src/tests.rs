@@ -60,6 +60,7 @@ async fn one_task(store: &Store) -> String {
 fn event(attempt: &str, seq: u64, kind: EventKind) -> Event {
     Event {
         attempt_id: attempt.into(),
+        driver: None,
         seq,
         ts: format_ts(0),
         kind,

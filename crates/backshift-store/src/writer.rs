@@ -6,7 +6,7 @@ use backshift_protocol::Event;
 use sqlx::AnyConnection;
 use std::fmt::Write;
 
-/// Rows per INSERT statement: 5 parameters each, well under SQLite's
+/// Rows per INSERT statement: 6 parameters each, well under SQLite's
 /// limit of 32766 parameters (PostgreSQL allows 65535).
 const ROWS_PER_STATEMENT: usize = 1000;
 
@@ -24,25 +24,27 @@ pub(crate) async fn insert_events(
         rows.push((e, *now, body));
     }
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = String::from("INSERT INTO events (attempt_id, seq, ts, kind, body) VALUES ");
+        let mut sql =
+            String::from("INSERT INTO events (attempt_id, seq, ts, kind, body, driver) VALUES ");
         for i in 0..chunk.len() {
             let sep = if i == 0 { "" } else { ", " };
             match backend {
                 // Positional: sqlx maps `$N` on SQLite by parameter name,
                 // which costs quadratic time in a statement this size.
                 Backend::Sqlite => {
-                    let _ = write!(sql, "{sep}(?, ?, ?, ?, ?)");
+                    let _ = write!(sql, "{sep}(?, ?, ?, ?, ?, ?)");
                 }
                 Backend::Postgres => {
-                    let p = i * 5;
+                    let p = i * 6;
                     let _ = write!(
                         sql,
-                        "{sep}(${}, ${}, ${}, ${}, ${})",
+                        "{sep}(${}, ${}, ${}, ${}, ${}, ${})",
                         p + 1,
                         p + 2,
                         p + 3,
                         p + 4,
-                        p + 5
+                        p + 5,
+                        p + 6
                     );
                 }
             }
@@ -56,7 +58,8 @@ pub(crate) async fn insert_events(
                 .bind(e.seq as i64)
                 .bind(*now)
                 .bind(e.kind.type_name())
-                .bind(body.as_str());
+                .bind(body.as_str())
+                .bind(e.driver.as_deref());
         }
         q.execute(&mut *conn).await?;
     }

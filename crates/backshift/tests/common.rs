@@ -48,7 +48,7 @@ pub async fn sh(dir: &Path, script: &str) -> String {
 
 /// Starts `backshift serve` and waits until it says it is ready (or what
 /// it says instead); returns the process and its URL.
-async fn spawn_server(config_path: &Path, dir: &Path) -> (tokio::process::Child, String) {
+pub async fn spawn_server(config_path: &Path, dir: &Path) -> (tokio::process::Child, String) {
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_backshift"))
         .args(["serve", "--config"])
         .arg(config_path)

@@ -1,0 +1,190 @@
+//! Two `backshift serve` replicas share one PostgreSQL database. One is
+//! killed with SIGKILL mid-run; the other takes its attempts over once
+//! their leases run out and finishes them. The events show that no
+//! attempt was ever driven by both: each attempt's `driver` changes at
+//! most once, from the dead replica to the survivor.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{script, sh, spawn_server};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::Duration;
+use testkit::{PgDatabase, docker};
+
+fn config(dir: &Path, name: &str, db: &str, model: &str) -> std::path::PathBuf {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ndatabase_url = \"{db}\"\n\
+             replica_id = \"{name}\"\nlease_secs = 3\nmax_concurrent_attempts = 3\n\n\
+             [model]\nbase_url = \"{model}\"\nmodel = \"scripted\"\nmax_retries = 1\nretry_base_ms = 50\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn api(
+    url: &str,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
+    let mut req = reqwest::Client::new()
+        .request(method, format!("{url}{path}"))
+        .bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+async fn events(url: &str, token: &str, attempt: &str) -> Vec<Value> {
+    api(
+        url,
+        token,
+        reqwest::Method::GET,
+        &format!("/api/v1/attempts/{attempt}/events?limit=10000"),
+        None,
+    )
+    .await
+    .as_array()
+    .cloned()
+    .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_dies_and_the_other_finishes_its_attempts() {
+    let db = PgDatabase::create().await.unwrap();
+    let fake = fake_model::FakeModel::start(script(json!({"mode": "turn", "steps": [
+        {"reply": {"tool_calls": [{"name": "write_file", "arguments": {"path": "one.txt", "content": "one\n"}}]}},
+        {"reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "sleep 2; echo slept"}}]}},
+        {"expect": {"tool_results": [{"contains": "slept"}]},
+         "reply": {"tool_calls": [{"name": "write_file", "arguments": {"path": "two.txt", "content": "two\n"}}]}},
+        {"reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Two files"}}]}}
+    ]})))
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    sh(
+        &repo,
+        "git init -q -b main && echo hi > README.md && git add . && git commit -qm init",
+    )
+    .await;
+
+    let a_config = config(dir.path(), "replica-a", &db.url, &fake.base_url());
+    let b_config = config(dir.path(), "replica-b", &db.url, &fake.base_url());
+    let (mut a, a_url) = spawn_server(&a_config, dir.path()).await;
+    let (mut b, b_url) = spawn_server(&b_config, dir.path()).await;
+    let creds: toml::Value = toml::from_str(
+        &std::fs::read_to_string(dir.path().join("config/credentials.toml")).unwrap(),
+    )
+    .unwrap();
+    let token = creds["servers"][&a_url]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let mut attempts = Vec::new();
+    for _ in 0..6 {
+        let created = api(
+            &a_url,
+            &token,
+            reqwest::Method::POST,
+            "/api/v1/tasks",
+            Some(json!({"prompt": "Two files", "repo": repo})),
+        )
+        .await;
+        attempts.push(format!("{}-1", created["id"].as_str().unwrap()));
+    }
+    // Both replicas take work; wait until replica A is inside a command.
+    let mut a_busy = false;
+    for _ in 0..300 {
+        for at in &attempts {
+            let evs = events(&b_url, &token, at).await;
+            if evs.iter().any(|e| {
+                e["type"] == "tool_call" && e["name"] == "run_command" && e["driver"] == "replica-a"
+            }) {
+                a_busy = true;
+            }
+        }
+        if a_busy {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(a_busy, "replica A never started an attempt");
+    a.start_kill().unwrap();
+    a.wait().await.unwrap();
+
+    // Replica B finishes everything.
+    for at in &attempts {
+        let task = at.trim_end_matches("-1");
+        let mut state = Value::Null;
+        for _ in 0..600 {
+            let view = api(
+                &b_url,
+                &token,
+                reqwest::Method::GET,
+                &format!("/api/v1/tasks/{task}"),
+                None,
+            )
+            .await;
+            state = view["state"].clone();
+            if ["succeeded", "failed", "cancelled", "timed_out"]
+                .contains(&state.as_str().unwrap_or(""))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(state, "succeeded", "{at}");
+    }
+    assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+
+    let mut taken_over = 0;
+    for at in &attempts {
+        let evs = events(&b_url, &token, at).await;
+        for (i, e) in evs.iter().enumerate() {
+            assert_eq!(e["seq"], i as u64 + 1, "{at}: gapless");
+        }
+        let drivers: Vec<&str> = evs.iter().map(|e| e["driver"].as_str().unwrap()).collect();
+        let mut changes = drivers.windows(2).filter(|w| w[0] != w[1]);
+        match changes.next() {
+            None => {}
+            Some(w) => {
+                assert_eq!(w, ["replica-a", "replica-b"], "{at}: {drivers:?}");
+                assert!(
+                    changes.next().is_none(),
+                    "{at} driven by both at once: {drivers:?}"
+                );
+                taken_over += 1;
+            }
+        }
+    }
+    println!("{taken_over} of {} attempts taken over", attempts.len());
+    assert!(taken_over >= 1, "no attempt was taken over");
+    for at in &attempts {
+        let left = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=dev.backshift.attempt={at}"),
+        ])
+        .unwrap();
+        assert_eq!(left.trim(), "", "sandbox of {at} left behind");
+    }
+    b.start_kill().unwrap();
+}
