@@ -39,6 +39,8 @@ pub struct Conversation {
     pub messages: Vec<Value>,
     /// Turns already taken.
     pub turns: u32,
+    /// Model tokens already used (input and output).
+    pub tokens_used: u64,
 }
 
 impl Conversation {
@@ -50,16 +52,26 @@ impl Conversation {
                 json!({"role": "user", "content": prompt}),
             ],
             turns: 0,
+            tokens_used: 0,
         }
     }
 
     /// A conversation resumed from a checkpoint after `turns` turns, with a
     /// note telling the model what happened.
-    pub fn resumed(mut messages: Vec<Value>, turns: u32, why: &str) -> Conversation {
+    pub fn resumed(
+        mut messages: Vec<Value>,
+        turns: u32,
+        tokens_used: u64,
+        why: &str,
+    ) -> Conversation {
         messages.push(json!({"role": "user", "content": format!(
             "[backshift] This session was interrupted ({why}) and resumed from the checkpoint taken after your last completed step. The files are as they were then; anything started after it, including running commands and background processes, is gone. Continue with the task."
         )}));
-        Conversation { messages, turns }
+        Conversation {
+            messages,
+            turns,
+            tokens_used,
+        }
     }
 }
 
@@ -85,9 +97,11 @@ pub async fn run_agent(
     journal: &dyn Journal,
     start: Conversation,
     max_turns: u32,
+    max_tokens: Option<u64>,
 ) -> AgentOutcome {
     let definitions = SandboxTools::definitions();
     let mut messages = start.messages;
+    let mut tokens_used = start.tokens_used;
     let mut plain_replies = 0;
     for turn in start.turns + 1..=max_turns {
         elide_old_output(&mut messages);
@@ -142,6 +156,20 @@ pub async fn run_agent(
             latency_ms: elapsed_ms(started),
         })
         .await;
+
+        if let Some(u) = &completion.usage {
+            tokens_used += u.input_tokens + u.output_tokens;
+        }
+        if let Some(budget) = max_tokens
+            && tokens_used >= budget
+        {
+            return AgentOutcome::Stopped {
+                reason: FailureReason::BudgetExhausted,
+                detail: format!(
+                    "the agent used {tokens_used} model tokens of the {budget} allowed (limits.max_tokens) without finishing; retry with a larger budget or a narrower task"
+                ),
+            };
+        }
 
         let mut assistant =
             json!({"role": "assistant", "content": completion.text.clone().unwrap_or_default()});

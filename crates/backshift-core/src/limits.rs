@@ -14,6 +14,10 @@ pub struct Limits {
     pub wall_time_secs: u64,
     /// Seconds one tool command may run before it is killed.
     pub command_timeout_secs: u64,
+    /// Model tokens (input and output, all turns, across recoveries) before
+    /// `budget_exhausted`; no limit when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
 }
 
 impl Default for Limits {
@@ -22,6 +26,7 @@ impl Default for Limits {
             max_turns: 50,
             wall_time_secs: 3600,
             command_timeout_secs: 300,
+            max_tokens: None,
         }
     }
 }
@@ -36,6 +41,8 @@ pub struct LimitsRequest {
     pub wall_time_secs: Option<u64>,
     /// See [`Limits::command_timeout_secs`].
     pub command_timeout_secs: Option<u64>,
+    /// See [`Limits::max_tokens`].
+    pub max_tokens: Option<u64>,
 }
 
 impl LimitsRequest {
@@ -48,7 +55,11 @@ impl LimitsRequest {
             command_timeout_secs: self
                 .command_timeout_secs
                 .unwrap_or(defaults.command_timeout_secs),
+            max_tokens: self.max_tokens.or(defaults.max_tokens),
         };
+        if limits.max_tokens == Some(0) {
+            return Err("limits.max_tokens must be at least 1 (leave it out for no limit)".into());
+        }
         if !(1..=10_000).contains(&limits.max_turns) {
             return Err(format!(
                 "limits.max_turns must be between 1 and 10000, got {}",

@@ -231,6 +231,8 @@ pub enum FailureReason {
     ModelError,
     /// The agent used all its turns without finishing.
     MaxTurns,
+    /// The agent used its model-token budget without finishing.
+    BudgetExhausted,
     /// The agent misbehaved in a way it could not recover from.
     AgentError,
     /// The branch could not be committed or brought back.
@@ -243,13 +245,14 @@ pub enum FailureReason {
 
 impl FailureReason {
     /// Every reason, for exhaustive tests and documentation.
-    pub const ALL: [FailureReason; 10] = [
+    pub const ALL: [FailureReason; 11] = [
         FailureReason::ImageMissing,
         FailureReason::SandboxFailed,
         FailureReason::CloneFailed,
         FailureReason::ModelUnreachable,
         FailureReason::ModelError,
         FailureReason::MaxTurns,
+        FailureReason::BudgetExhausted,
         FailureReason::AgentError,
         FailureReason::PublishFailed,
         FailureReason::ControlPlaneRestarted,
@@ -265,6 +268,7 @@ impl FailureReason {
             FailureReason::ModelUnreachable => "model_unreachable",
             FailureReason::ModelError => "model_error",
             FailureReason::MaxTurns => "max_turns",
+            FailureReason::BudgetExhausted => "budget_exhausted",
             FailureReason::AgentError => "agent_error",
             FailureReason::PublishFailed => "publish_failed",
             FailureReason::ControlPlaneRestarted => "control_plane_restarted",

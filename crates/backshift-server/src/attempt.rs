@@ -303,9 +303,18 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
             } else {
                 "the sandbox was lost and rebuilt"
             };
-            Conversation::resumed(messages, cp.turn, why)
+            Conversation::resumed(messages, cp.turn, 0, why)
         }
         None => Conversation::new(&run.task.prompt, WORKDIR),
+    };
+    // Every token the attempt used counts, the interrupted turn's too.
+    let conversation = Conversation {
+        tokens_used: app
+            .store
+            .model_tokens_used(&run.attempt.id)
+            .await
+            .map_err(|e| fail(FailureReason::Internal, e.to_string()))?,
+        ..conversation
     };
     finish(run, checkpoint.as_ref(), conversation).await
 }
@@ -662,6 +671,7 @@ async fn work(
         &journal,
         conversation,
         run.task.limits.max_turns,
+        run.task.limits.max_tokens,
     );
     let watch = async {
         loop {

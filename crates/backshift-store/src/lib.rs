@@ -534,6 +534,26 @@ impl Store {
         Ok(())
     }
 
+    /// Model tokens (input + output) an attempt has used, from its
+    /// `model_response` events: the budget survives recoveries.
+    pub async fn model_tokens_used(&self, attempt_id: &str) -> Result<u64> {
+        let rows = sqlx::query(
+            "SELECT body FROM events WHERE attempt_id = $1 AND kind = 'model_response'",
+        )
+        .bind(attempt_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut total = 0;
+        for r in rows {
+            let body: String = r.get(0);
+            if let Ok(EventKind::ModelResponse { usage: Some(u), .. }) = serde_json::from_str(&body)
+            {
+                total += u.input_tokens + u.output_tokens;
+            }
+        }
+        Ok(total)
+    }
+
     /// The seq of an attempt's last event (0 when it has none).
     pub async fn last_seq(&self, attempt_id: &str) -> Result<u64> {
         let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM events WHERE attempt_id = $1")

@@ -42,6 +42,7 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             agent,
             max_turns,
             timeout,
+            max_tokens,
             follow,
         } => {
             let repo = if backshift_git::is_url(&repo) {
@@ -52,11 +53,13 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                     .to_string_lossy()
                     .into_owned()
             };
-            let limits = (max_turns.is_some() || timeout.is_some()).then_some(LimitsRequest {
-                max_turns,
-                wall_time_secs: timeout,
-                command_timeout_secs: None,
-            });
+            let limits = (max_turns.is_some() || timeout.is_some() || max_tokens.is_some())
+                .then_some(LimitsRequest {
+                    max_turns,
+                    wall_time_secs: timeout,
+                    command_timeout_secs: None,
+                    max_tokens,
+                });
             let req = CreateTaskRequest {
                 prompt,
                 repo,

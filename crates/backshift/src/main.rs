@@ -60,6 +60,9 @@ enum Command {
         /// Wall-time limit in seconds.
         #[arg(long)]
         timeout: Option<u64>,
+        /// Model tokens (input + output) before the agent is stopped.
+        #[arg(long)]
+        max_tokens: Option<u64>,
         /// Follow the events until the task ends; exit 0 only if it succeeded.
         #[arg(long, short)]
         follow: bool,

@@ -266,3 +266,52 @@ async fn a_state_that_overstays_its_deadline_ends_timed_out() {
         "ended promptly, not at the pull's own timeout"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_budget_ends_with_budget_exhausted() {
+    // The scripted model reports a quarter of the request's bytes as input
+    // tokens: about a thousand per turn here.
+    let step = json!({"reply": {"tool_calls": [{"name": "list_files", "arguments": {}}]}});
+    let w = World::start(
+        Some(script(
+            json!({"steps": [step.clone(), step.clone(), step.clone(), step.clone(), step]}),
+        )),
+        "",
+    )
+    .await;
+    let (_, view) = w.run_task("loop", &["--max-tokens", "1500"]).await;
+    let a = &view["attempts"][0];
+    assert_eq!(
+        (a["state"].as_str(), a["reason"].as_str()),
+        (Some("failed"), Some("budget_exhausted")),
+        "{view}"
+    );
+    let detail = a["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("of the 1500 allowed (limits.max_tokens)"),
+        "{detail}"
+    );
+    let (_, events) = w
+        .api(
+            Method::GET,
+            &format!("/api/v1/attempts/{}/events", a["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    let responses = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "model_response")
+        .count();
+    assert!(responses >= 1, "it stopped after a response, not before");
+    let (code, body) = w
+        .api(
+            Method::POST,
+            "/api/v1/tasks",
+            Some(json!({"prompt": "x", "repo": w.repo, "limits": {"max_tokens": 0}})),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_string().contains("max_tokens"), "{body}");
+}
