@@ -199,6 +199,20 @@ async fn take_over(app: &Arc<App>, sweep: bool) -> anyhow::Result<()> {
         if !app.store.claim(&a.id, &app.replica, now, until).await? {
             continue; // another replica was quicker
         }
+        if a.cancel_requested.is_some() {
+            // Nobody drives it: end it here; the sweep removes its sandbox.
+            let _ = app
+                .hub
+                .transition(
+                    &a.id,
+                    a.state,
+                    Transition::Cancel,
+                    Some("cancelled on request".into()),
+                )
+                .await;
+            let _ = app.store.release(&a.id, &app.replica).await;
+            continue;
+        }
         let whose = match &a.owner {
             Some(o) if *o == app.replica => "this replica's, from before a restart".to_owned(),
             Some(o) => format!("from replica {o}, whose lease ran out"),
@@ -225,8 +239,19 @@ async fn heartbeat(app: &Arc<App>) {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let cancels = app
+        .store
+        .cancel_requests(&app.replica)
+        .await
+        .unwrap_or_default();
     let until = backshift_protocol::now_ms() + lease_ms(app);
     for (id, stop) in running {
+        if cancels.contains(&id) {
+            stop.stop(
+                Transition::Cancel,
+                "cancelled on request (through another replica)".into(),
+            );
+        }
         match app.store.renew(&id, &app.replica, until).await {
             Ok(true) => {}
             Ok(false) => {

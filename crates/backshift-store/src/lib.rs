@@ -521,6 +521,30 @@ impl Store {
         Ok(updated == 1)
     }
 
+    /// Records that a person asked to cancel an attempt (for the replica
+    /// that drives it to act on).
+    pub async fn request_cancel(&self, attempt_id: &str, now: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE attempts SET cancel_requested = COALESCE(cancel_requested, $1) WHERE id = $2",
+        )
+        .bind(now)
+        .bind(attempt_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Attempts `owner` drives that someone asked to cancel.
+    pub async fn cancel_requests(&self, owner: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT id FROM attempts WHERE owner = $1 AND cancel_requested IS NOT NULL",
+        )
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// Gives up `owner`'s lease on an attempt (it ended, or the replica
     /// stops driving it).
     pub async fn release(&self, attempt_id: &str, owner: &str) -> Result<()> {

@@ -15,7 +15,8 @@ pub(crate) use task_select;
 macro_rules! attempt_select {
     () => {
         "SELECT id, task_id, n, state, reason, detail, branch, base_commit, head_commit, summary, \
-         sandbox_id, created_at, updated_at, started_at, owner, lease_until FROM attempts"
+         sandbox_id, created_at, updated_at, started_at, owner, lease_until, \
+         cancel_requested FROM attempts"
     };
 }
 pub(crate) use attempt_select;
@@ -125,6 +126,8 @@ pub struct AttemptRow {
     pub owner: Option<String>,
     /// When that lease runs out, unix ms.
     pub lease_until: Option<i64>,
+    /// When a cancellation was asked for through another replica, unix ms.
+    pub cancel_requested: Option<i64>,
 }
 
 /// A checkpoint: the working tree at the end of a turn, tied to the event
@@ -174,6 +177,7 @@ impl AttemptRow {
             started_at: r.get(13),
             owner: r.get(14),
             lease_until: r.get(15),
+            cancel_requested: r.get(16),
         })
     }
 }

@@ -188,3 +188,91 @@ async fn a_replica_dies_and_the_other_finishes_its_attempts() {
     }
     b.start_kill().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_through_one_replica_stops_an_attempt_the_other_drives() {
+    let db = PgDatabase::create().await.unwrap();
+    let fake = fake_model::FakeModel::start(script(json!({"mode": "turn", "steps": [
+        {"reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "sleep 600"}}]}}
+    ]})))
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    sh(
+        &repo,
+        "git init -q -b main && echo hi > README.md && git add . && git commit -qm init",
+    )
+    .await;
+    let b_config = config(dir.path(), "replica-b", &db.url, &fake.base_url());
+    let (mut b, b_url) = spawn_server(&b_config, dir.path()).await;
+    let creds: toml::Value = toml::from_str(
+        &std::fs::read_to_string(dir.path().join("config/credentials.toml")).unwrap(),
+    )
+    .unwrap();
+    let token = creds["servers"][&b_url]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let created = api(
+        &b_url,
+        &token,
+        reqwest::Method::POST,
+        "/api/v1/tasks",
+        Some(json!({"prompt": "wait", "repo": repo})),
+    )
+    .await;
+    let task = created["id"].as_str().unwrap().to_owned();
+    let attempt = format!("{task}-1");
+    let mut running = false;
+    for _ in 0..300 {
+        if events(&b_url, &token, &attempt)
+            .await
+            .iter()
+            .any(|e| e["type"] == "tool_call")
+        {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running, "replica B never started the command");
+
+    // Replica A joins and is asked to cancel what B drives.
+    let a_config = config(dir.path(), "replica-a", &db.url, &fake.base_url());
+    let (mut a, a_url) = spawn_server(&a_config, dir.path()).await;
+    let view = api(
+        &a_url,
+        &token,
+        reqwest::Method::POST,
+        &format!("/api/v1/tasks/{task}/cancel"),
+        None,
+    )
+    .await;
+    assert_eq!(view["state"], "cancelled", "{view}");
+    let evs = events(&a_url, &token, &attempt).await;
+    let last = evs.last().unwrap();
+    assert_eq!(last["to"], "cancelled", "{last}");
+    assert_eq!(
+        last["driver"], "replica-b",
+        "the driving replica ended it: {last}"
+    );
+    assert!(
+        last["detail"]
+            .as_str()
+            .unwrap()
+            .contains("through another replica"),
+        "{last}"
+    );
+    let left = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=dev.backshift.attempt={attempt}"),
+    ])
+    .unwrap();
+    assert_eq!(left.trim(), "", "the sandbox is gone");
+    a.start_kill().unwrap();
+    b.start_kill().unwrap();
+}

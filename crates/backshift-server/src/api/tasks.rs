@@ -176,7 +176,13 @@ pub async fn cancel_task(
         if a.state.is_terminal() {
             continue;
         }
-        if !app.supervisor.cancel(&a.id) && a.state == AttemptState::Queued {
+        if app.supervisor.cancel(&a.id) {
+            continue;
+        }
+        // Not running here: the replica that drives it (or takes it over)
+        // acts on the request.
+        app.store.request_cancel(&a.id, now_ms()).await?;
+        if a.state == AttemptState::Queued {
             // Not started: cancel it in place. If it started meanwhile, the
             // compare-and-set fails and the runner's token is used instead.
             if app
@@ -194,7 +200,8 @@ pub async fn cancel_task(
             }
         }
     }
-    // Give a running attempt a moment to record its end.
+    // Give a running attempt (here or on another replica) a moment to
+    // record its end.
     for _ in 0..50 {
         let attempts = app.store.attempts_of(&id).await?;
         if attempts.iter().all(|a| a.state.is_terminal()) {
