@@ -1,7 +1,9 @@
-//! Project automation. `cargo xtask test` sets up what the tests need
-//! (Docker engine, dockerd, the default sandbox image) and runs the whole
-//! suite; `cargo xtask up` does the same setup, builds a release binary and
-//! starts the server; `cargo xtask ci` is what `.ci/run` runs.
+//! Project automation. `cargo xtask up` sets up what backshift needs
+//! (Docker engine, dockerd, the default sandbox image), builds a release
+//! binary and starts the server; `cargo xtask test` sets up that plus what
+//! the tests need (a local image registry, PostgreSQL with the tests'
+//! role) and runs the whole suite; `cargo xtask ci` is what `.ci/run`
+//! runs.
 
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
@@ -11,14 +13,14 @@ use std::time::{Duration, Instant};
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("test") => setup().and_then(|()| test(&args[1..])),
+        Some("test") => setup_tests().and_then(|()| test(&args[1..])),
         Some("up") => setup().and_then(|()| up(&args[1..])),
-        Some("setup") => setup(),
-        Some("bench") => setup().and_then(|()| bench(&args[1..])),
+        Some("setup") => setup_tests(),
+        Some("bench") => setup_tests().and_then(|()| bench(&args[1..])),
         Some("ci") => ci(),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|up|setup|bench|ci> [args]\n  test  set up Docker and the sandbox image, run the whole suite\n  up    set up, build release, start `backshift serve` (args are passed on)\n  setup only the setup\n  bench set up, run the benchmarks (args are passed on, e.g. --iterations 50)\n  ci    fmt --check, clippy -D warnings, then test"
+                "usage: cargo xtask <test|up|setup|bench|ci> [args]\n  test  set up Docker and the sandbox image, run the whole suite\n  up    set up, build release, start `backshift serve` (args are passed on)\n  setup only the setup (for the tests)\n  bench set up, run the benchmarks (args are passed on, e.g. --iterations 50)\n  ci    fmt --check, clippy -D warnings, then test"
             );
             std::process::exit(2);
         }
@@ -92,15 +94,7 @@ fn docker_answers() -> bool {
 
 /// Docker engine installed and running, default image present.
 fn setup() -> anyhow::Result<()> {
-    apt_install(&[
-        "docker.io",
-        "debootstrap",
-        "docker-registry",
-        "git",
-        "postgresql",
-        "procps",
-    ])?;
-    postgres()?;
+    apt_install(&["docker.io", "debootstrap", "git", "procps"])?;
     if docker_answers() {
         step("Docker engine is running");
     } else {
@@ -129,6 +123,15 @@ fn setup() -> anyhow::Result<()> {
     // when this recipe's image is missing.
     step("ensuring the default sandbox image");
     run(Command::new(target_dir().join("debug/backshift")).args(["image", "bootstrap"]))
+}
+
+/// What `setup` does, plus what only the tests need: a local image
+/// registry (Debian's `docker-registry`, started by the tests themselves)
+/// and PostgreSQL with the tests' role.
+fn setup_tests() -> anyhow::Result<()> {
+    apt_install(&["docker-registry", "postgresql"])?;
+    postgres()?;
+    setup()
 }
 
 /// The role and password the tests use (loopback only); tests create
@@ -254,6 +257,6 @@ fn ci() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    setup()?;
+    setup_tests()?;
     test(&[])
 }
