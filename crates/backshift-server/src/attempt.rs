@@ -673,14 +673,11 @@ async fn work(
         run.task.limits.max_turns,
         run.task.limits.max_tokens,
     );
-    let watch = async {
-        loop {
-            tokio::time::sleep(SANDBOX_WATCH).await;
-            if !checkpoint::sandbox_alive(driver.as_ref(), &run.attempt.id, &id).await {
-                break;
-            }
-        }
-    };
+    // The supervisor lists all sandboxes once a second; a listing taken
+    // after this point that lacks ours means it is gone.
+    let watch = app
+        .supervisor
+        .sandbox_gone(&id.0, std::time::Instant::now());
     let outcome = tokio::select! {
         outcome = agent => outcome,
         () = watch => return Err(Halt::Lost("the sandbox stopped while the agent worked".into())),
@@ -691,9 +688,6 @@ async fn work(
         AgentOutcome::Interrupted { detail } => Err(Halt::Lost(detail)),
     }
 }
-
-/// How often a running attempt checks that its sandbox lives.
-const SANDBOX_WATCH: Duration = Duration::from_secs(1);
 
 async fn publish(run: &mut Run, summary: &str) -> Result<(), Halt> {
     let app = run.app.clone();

@@ -20,10 +20,11 @@ pub struct Config {
     /// The database: `postgres://USER:PASSWORD@HOST/DB` for PostgreSQL;
     /// SQLite in the data directory when absent.
     pub database_url: Option<String>,
-    /// This server's name among replicas sharing one database; derived
-    /// from the host name, data directory and listen address when absent
+    /// This server's name among replicas sharing one database. When
+    /// absent, one is made on first start and kept in the data directory
     /// (stable across restarts, so a restarted server takes its own
-    /// attempts back at once).
+    /// attempts back at once). Replicas sharing a data directory need
+    /// their own.
     pub replica_id: Option<String>,
     /// How long a replica's lease on an attempt lasts without a heartbeat;
     /// after that another replica takes the attempt over.
@@ -192,20 +193,6 @@ impl Config {
             .image
             .clone()
             .unwrap_or_else(backshift_sandbox::image::default_image_tag)
-    }
-
-    /// The replica id in effect (see [`Config::replica_id`]).
-    pub fn replica(&self) -> String {
-        if let Some(id) = &self.replica_id {
-            return id.clone();
-        }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "host".into());
-        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-            format!("{host}\n{}\n{}", self.data_dir().display(), self.listen).as_bytes(),
-        ));
-        format!("{host}-{}", &digest[..8])
     }
 
     /// Whether the image in effect is pulled from its registry when it is

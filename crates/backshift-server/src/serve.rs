@@ -12,7 +12,7 @@ use backshift_protocol::now_ms;
 use backshift_sandbox::docker::DockerDriver;
 use backshift_store::Store;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -34,6 +34,9 @@ pub struct App {
     pub instance: String,
     /// This replica's id: the owner of the leases it holds.
     pub replica: String,
+    /// Held while the server runs: no second process drives attempts
+    /// under the same replica id.
+    _replica_lock: std::fs::File,
     /// Running attempts.
     pub supervisor: Supervisor,
     docker: Mutex<Option<Arc<DockerDriver>>>,
@@ -107,6 +110,52 @@ impl Server {
 }
 
 /// Starts the server described by `config`.
+/// This server's replica id (configured, or made once and kept in the
+/// data directory) and an exclusive lock on it: two processes must never
+/// drive attempts under one id. The lock goes with the process, even when
+/// it is killed.
+fn claim_replica_id(config: &Config, data_dir: &Path) -> anyhow::Result<(String, std::fs::File)> {
+    let id = match &config.replica_id {
+        Some(id)
+            if !id.is_empty()
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+        {
+            id.clone()
+        }
+        Some(id) => {
+            anyhow::bail!("replica_id {id:?} is not valid: use letters, digits, '-', '_' or '.'")
+        }
+        None => {
+            let file = data_dir.join("replica-id");
+            match std::fs::read_to_string(&file) {
+                Ok(id) if !id.trim().is_empty() => id.trim().to_owned(),
+                _ => {
+                    let id = format!("r-{:08x}", rand::random::<u32>());
+                    std::fs::write(&file, format!("{id}\n"))
+                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", file.display()))?;
+                    id
+                }
+            }
+        }
+    };
+    let path = data_dir.join(format!("replica-{id}.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(
+            "another backshift server is running as replica {id} on this data directory ({}). Stop it, or give each server its own replica_id (BACKSHIFT_REPLICA_ID)",
+            data_dir.display()
+        );
+    }
+    Ok((id, lock))
+}
+
 /// A database URL fit for messages: the password replaced.
 fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -192,11 +241,12 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             )
         })?;
     let addr = listener.local_addr()?;
-    let replica = config.replica();
+    let (replica, replica_lock) = claim_replica_id(&config, &data_dir)?;
     let app = Arc::new(App {
         git: GitStore::new(data_dir.join("git")),
         hub: EventHub::new(store.clone(), &replica),
         replica,
+        _replica_lock: replica_lock,
         store,
         instance,
         supervisor: Supervisor::default(),
@@ -212,6 +262,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let shutdown = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(supervisor::run(app.clone(), shutdown.clone()));
+    tasks.spawn(supervisor::watch_sandboxes(app.clone(), shutdown.clone()));
     let router = crate::api::router(app.clone());
     let stop = shutdown.clone();
     tasks.spawn(async move {

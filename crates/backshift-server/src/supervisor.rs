@@ -22,6 +22,19 @@ pub struct Supervisor {
     /// Sandboxes found at start-up, by attempt, for the recovering
     /// runners to adopt without listing again.
     survivors: Mutex<HashMap<String, Vec<SandboxInfo>>>,
+    /// The running sandboxes, from one listing a second for all runners
+    /// (instead of one Docker call per runner per second).
+    alive: tokio::sync::watch::Sender<Option<Arc<Alive>>>,
+}
+
+/// One listing of the running sandboxes.
+#[derive(Debug)]
+pub struct Alive {
+    /// When the listing was asked for: a sandbox created later may be
+    /// missing from it.
+    pub taken_at: std::time::Instant,
+    /// Ids of the running sandboxes.
+    pub running: HashSet<String>,
 }
 
 /// How a runner is told to stop, and why.
@@ -91,6 +104,26 @@ impl Supervisor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(attempt)
+    }
+
+    /// Resolves when a listing taken after `since` no longer shows sandbox
+    /// `id` running. Never resolves while Docker does not answer.
+    pub async fn sandbox_gone(&self, id: &str, since: std::time::Instant) {
+        let mut rx = self.alive.subscribe();
+        loop {
+            {
+                let seen = rx.borrow_and_update();
+                if let Some(a) = seen.as_ref()
+                    && a.taken_at > since
+                    && !a.running.contains(id)
+                {
+                    return;
+                }
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Cancels a running attempt; false when it is not running here.
@@ -357,6 +390,34 @@ async fn start_queued(app: &Arc<App>) -> anyhow::Result<()> {
         spawn(app, a);
     }
     Ok(())
+}
+
+/// How often the running sandboxes are listed for the runners' watchers.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Lists the running sandboxes once a second while attempts run here and
+/// publishes the listing to every runner's watcher.
+pub async fn watch_sandboxes(app: Arc<App>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(WATCH_EVERY) => {}
+        }
+        if app.supervisor.running_count() == 0 {
+            continue;
+        }
+        let taken_at = std::time::Instant::now();
+        if let Some(found) = list_sandboxes(&app).await {
+            let running = found
+                .into_iter()
+                .filter(|s| s.running)
+                .map(|s| s.id.0)
+                .collect();
+            app.supervisor
+                .alive
+                .send_replace(Some(Arc::new(Alive { taken_at, running })));
+        }
+    }
 }
 
 /// How often sandboxes that no running attempt owns are swept away.

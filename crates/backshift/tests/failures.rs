@@ -315,3 +315,22 @@ async fn the_token_budget_ends_with_budget_exhausted() {
     assert_eq!(code, 400, "{body}");
     assert!(body.to_string().contains("max_tokens"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_directory_is_refused() {
+    let w = World::start(Some(script(json!({"steps": []}))), "").await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_backshift"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(w.dir.path().join("backshift.toml"))
+        .env("BACKSHIFT_CONFIG_DIR", w.dir.path().join("config"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another backshift server is running as replica")
+            && err.contains("replica_id"),
+        "{err}"
+    );
+}
