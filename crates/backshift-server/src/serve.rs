@@ -95,12 +95,15 @@ pub struct Server {
 }
 
 impl Server {
-    /// Stops accepting requests, cancels running attempts (their sandboxes
-    /// are removed) and waits for everything to end.
+    /// Stops accepting requests and stops driving attempts without ending
+    /// them: their sandboxes keep running and their leases are released,
+    /// so the next server to start (this one again, or another replica)
+    /// recovers them. Waits until every event is stored.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        self.app.hub.flush().await;
     }
 
     /// Resolves when the server has been asked to stop.

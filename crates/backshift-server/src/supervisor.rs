@@ -149,7 +149,8 @@ impl Supervisor {
             .contains_key(attempt)
     }
 
-    /// Cancels everything and waits for the attempts' tasks to end.
+    /// Leaves every running attempt (to be recovered by the next server)
+    /// and waits for the runners to end.
     pub async fn shutdown(&self) {
         for stop in self
             .running
@@ -157,9 +158,8 @@ impl Supervisor {
             .unwrap_or_else(|p| p.into_inner())
             .values()
         {
-            stop.stop(
-                Transition::Cancel,
-                "cancelled: the server was shut down".to_owned(),
+            stop.abandon(
+                "the server is shutting down; the attempt resumes when a server starts".into(),
             );
         }
         self.tracker.close();

@@ -437,11 +437,15 @@ async fn serve(
         );
     }
     let _ = std::io::stdout().flush();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
         _ = server.stopped() => {}
     }
-    println!("shutting down: cancelling running attempts");
+    println!(
+        "shutting down: running attempts stay in their sandboxes and resume when a server starts again"
+    );
     server.shutdown().await;
     Ok(0)
 }

@@ -126,6 +126,23 @@ impl World {
         self.server.wait().await.unwrap();
     }
 
+    /// Stops the server the way a service manager does (SIGTERM) and
+    /// waits until it has exited.
+    pub async fn stop_server(&mut self) {
+        let pid = self.server.id().unwrap();
+        let status = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::time::timeout(std::time::Duration::from_secs(30), self.server.wait())
+            .await
+            .expect("the server did not stop within 30 s of SIGTERM")
+            .unwrap();
+        assert!(exit.success(), "the server exited {exit}");
+    }
+
     /// Starts the server again on the same address, data and config.
     pub async fn restart_server(&mut self) {
         let (server, url) =

@@ -194,3 +194,14 @@ async fn on_postgresql_a_killed_server_resumes_its_attempt_too() {
     w.restart_server().await;
     assert_recovered(&w, &task, &attempt, true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stopped_with_sigterm_leaves_its_attempt_to_resume() {
+    let mut w = World::start(Some(resumable_script()), "").await;
+    let (task, attempt) = submit_and_wait_for_the_command(&w).await;
+    w.stop_server().await;
+    // Stopped, not ended: still running, its sandbox alive.
+    assert_eq!(containers_of(&attempt).len(), 1);
+    w.restart_server().await;
+    assert_recovered(&w, &task, &attempt, true).await;
+}
