@@ -134,6 +134,14 @@ fn setup_tests() -> anyhow::Result<()> {
     setup()
 }
 
+/// A command run as the `postgres` user, from `/` (it may not enter the
+/// working directory).
+fn as_postgres() -> Command {
+    let mut cmd = Command::new("runuser");
+    cmd.current_dir("/");
+    cmd
+}
+
 /// The role and password the tests use (loopback only); tests create
 /// their own databases (`bs_test_*`) with it.
 const TEST_ROLE: &str = "backshift_test";
@@ -163,9 +171,9 @@ fn postgres() -> anyhow::Result<()> {
         "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{TEST_ROLE}') THEN \
          CREATE ROLE {TEST_ROLE} LOGIN CREATEDB PASSWORD '{TEST_ROLE}'; END IF; END $$;"
     );
-    run(Command::new("runuser").args(["-u", "postgres", "--", "psql", "-qc", &sql]))?;
+    run(as_postgres().args(["-u", "postgres", "--", "psql", "-qc", &sql]))?;
     // Databases left by killed test runs.
-    let leftovers = Command::new("runuser")
+    let leftovers = as_postgres()
         .args([
             "-u",
             "postgres",
@@ -177,7 +185,7 @@ fn postgres() -> anyhow::Result<()> {
         .output()
         .context("cannot list databases")?;
     for db in String::from_utf8_lossy(&leftovers.stdout).lines() {
-        let _ = Command::new("runuser")
+        let _ = as_postgres()
             .args(["-u", "postgres", "--", "dropdb", "--force", db])
             .status();
     }
