@@ -79,6 +79,13 @@ pub struct AttemptView {
     pub created_at: String,
     /// When its state last changed (RFC 3339).
     pub updated_at: String,
+    /// The server replica driving it now, while it is active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// For an attempt that ended without success: the last lines of its
+    /// log, which show what led to the end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_tail: Vec<String>,
 }
 
 /// `201` answer to a created task.

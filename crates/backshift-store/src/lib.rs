@@ -558,6 +558,13 @@ impl Store {
         Ok(())
     }
 
+    /// The attempt's last `n` events, in order.
+    pub async fn last_events(&self, attempt_id: &str, n: u32) -> Result<Vec<Event>> {
+        let last = self.last_seq(attempt_id).await?;
+        self.events_after(attempt_id, last.saturating_sub(u64::from(n)), n)
+            .await
+    }
+
     /// Model tokens (input + output) an attempt has used, from its
     /// `model_response` events: the budget survives recoveries.
     pub async fn model_tokens_used(&self, attempt_id: &str) -> Result<u64> {

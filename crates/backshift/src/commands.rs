@@ -143,6 +143,15 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                 if let Some(d) = &a.detail {
                     println!("detail   {d}");
                 }
+                if let Some(r) = &a.driver {
+                    println!("driver   {r}");
+                }
+                if !a.log_tail.is_empty() {
+                    println!("log tail (the end of `backshift logs {}`):", a.id);
+                    for l in &a.log_tail {
+                        println!("  | {l}");
+                    }
+                }
                 if let Some(h) = &a.head_commit {
                     println!("head     {h}");
                 }

@@ -134,6 +134,27 @@ async fn an_unreachable_model_fails_with_model_unreachable() {
     assert!(a["detail"].as_str().unwrap().contains("3 tries"), "{a}");
     let (_, logs, _) = w.cli(&["logs", &task]).await;
     assert!(logs.contains("retry 2"), "retries are visible:\n{logs}");
+    // The failure carries the end of its log, shown by `show`.
+    let tail: Vec<&str> = a["log_tail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert!(
+        tail.iter()
+            .any(|l| l.starts_with("model request failed (retry 2)")),
+        "{tail:?}"
+    );
+    assert!(
+        tail.last().unwrap().starts_with("state → failed"),
+        "{tail:?}"
+    );
+    let (_, shown, _) = w.cli(&["show", &task]).await;
+    assert!(
+        shown.contains("log tail") && shown.contains("| model request failed"),
+        "{shown}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

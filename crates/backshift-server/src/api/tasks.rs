@@ -239,6 +239,13 @@ pub(super) async fn attempt_view(
     a: AttemptRow,
 ) -> Result<AttemptView, ApiError> {
     let last_seq = app.store.last_seq(&a.id).await?;
+    let ended_badly = a.state.is_terminal() && a.state != AttemptState::Succeeded;
+    let log_tail = if ended_badly {
+        log_tail(&app.store.last_events(&a.id, 40).await?)
+    } else {
+        Vec::new()
+    };
+    let driver = if a.state.is_terminal() { None } else { a.owner };
     Ok(AttemptView {
         id: a.id,
         task_id: a.task_id,
@@ -254,5 +261,56 @@ pub(super) async fn attempt_view(
         last_seq,
         created_at: format_ts(a.created_at),
         updated_at: format_ts(a.updated_at),
+        driver,
+        log_tail,
     })
+}
+
+/// The lines of the last events that explain how an attempt ended:
+/// progress, command output, tool results, model retries, state changes.
+/// At most 30 lines of at most 300 characters.
+fn log_tail(events: &[backshift_protocol::Event]) -> Vec<String> {
+    use backshift_protocol::EventKind as K;
+    let mut lines = Vec::new();
+    for e in events {
+        match &e.kind {
+            K::Progress { message } => lines.push(message.clone()),
+            K::CommandOutput { text, .. } => {
+                lines.extend(text.lines().map(str::to_owned));
+            }
+            K::ToolCall {
+                name, arguments, ..
+            } => lines.push(format!("→ {name} {}", arguments)),
+            K::ToolResult {
+                name,
+                ok,
+                exit_code,
+                ..
+            } => lines.push(format!(
+                "{} {name}{}",
+                if *ok { "✔" } else { "✗" },
+                exit_code.map(|c| format!(" exit {c}")).unwrap_or_default()
+            )),
+            K::ModelRetry { error, retry, .. } => {
+                lines.push(format!("model request failed (retry {retry}): {error}"))
+            }
+            K::StateChanged { to, detail, .. } => lines.push(match detail {
+                Some(d) => format!("state → {to}: {d}"),
+                None => format!("state → {to}"),
+            }),
+            _ => {}
+        }
+    }
+    let skip = lines.len().saturating_sub(30);
+    lines
+        .into_iter()
+        .skip(skip)
+        .map(|l| {
+            if l.chars().count() > 300 {
+                l.chars().take(299).chain(['…']).collect()
+            } else {
+                l
+            }
+        })
+        .collect()
 }
