@@ -438,9 +438,14 @@ async fn enforce_deadlines(app: &Arc<App>) -> anyhow::Result<()> {
             AttemptState::Running => a.started_at.unwrap_or(a.updated_at),
             _ => a.updated_at,
         };
-        let limits = match app.store.task(&a.task_id).await? {
-            Some(t) => t.limits,
-            None => continue,
+        // Only a running attempt's deadline comes from its task.
+        let limits = if a.state == AttemptState::Running {
+            match app.store.task(&a.task_id).await? {
+                Some(t) => t.limits,
+                None => continue,
+            }
+        } else {
+            backshift_core::Limits::default()
         };
         let Some(deadline) = a.state.deadline(&app.config.deadlines, &limits) else {
             continue;

@@ -285,21 +285,22 @@ impl Store {
 
     /// Attempts in any of `states`, oldest first.
     pub async fn attempts_in_states(&self, states: &[AttemptState]) -> Result<Vec<AttemptRow>> {
-        let mut all = Vec::new();
-        for s in states {
-            let rows = sqlx::query(concat!(
-                rows::attempt_select!(),
-                " WHERE state = $1 ORDER BY created_at, id"
-            ))
-            .bind(s.as_str())
-            .fetch_all(&self.pool)
-            .await?;
-            for r in &rows {
-                all.push(AttemptRow::from_row(r)?);
-            }
+        if states.is_empty() {
+            return Ok(Vec::new());
         }
-        all.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        Ok(all)
+        // One query: `state IN ($1, $2, ...)`, every state bound.
+        let placeholders: Vec<String> = (1..=states.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "{} WHERE state IN ({}) ORDER BY created_at, id",
+            rows::attempt_select!(),
+            placeholders.join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for s in states {
+            q = q.bind(s.as_str());
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(AttemptRow::from_row).collect()
     }
 
     /// Moves an attempt from `change.from` to `change.to` and appends the
