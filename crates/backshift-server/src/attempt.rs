@@ -303,6 +303,13 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
             } else {
                 "the sandbox was lost and rebuilt"
             };
+            // A checkpoint taken during the first turn has no
+            // conversation yet: start it, with the note.
+            let messages = if messages.is_empty() {
+                Conversation::new(&run.task.prompt, WORKDIR).messages
+            } else {
+                messages
+            };
             Conversation::resumed(messages, cp.turn, 0, why)
         }
         None => Conversation::new(&run.task.prompt, WORKDIR),
@@ -678,8 +685,20 @@ async fn work(
     let watch = app
         .supervisor
         .sandbox_gone(&id.0, std::time::Instant::now());
+    // Long turns are checkpointed meanwhile; a sandbox found gone then
+    // ends the work like a failed turn-end checkpoint.
+    let every = Duration::from_secs(app.config.checkpoint_every_secs.max(1));
+    let ticker = async {
+        loop {
+            tokio::time::sleep(every.min(Duration::from_secs(1)).max(every / 4)).await;
+            if let Err(why) = journal.tick(every).await {
+                return why;
+            }
+        }
+    };
     let outcome = tokio::select! {
         outcome = agent => outcome,
+        why = ticker => return Err(Halt::Lost(why)),
         () = watch => return Err(Halt::Lost("the sandbox stopped while the agent worked".into())),
     };
     match outcome {

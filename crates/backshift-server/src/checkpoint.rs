@@ -82,6 +82,10 @@ enum Snapshot {
 struct Progress {
     next_n: u32,
     stored: u32,
+    /// The last completed turn.
+    turn: u32,
+    /// When the last checkpoint was taken.
+    at: std::time::Instant,
 }
 
 /// The built-in agent's journal for one attempt in one sandbox.
@@ -120,6 +124,8 @@ impl AttemptJournal {
             progress: tokio::sync::Mutex::new(Progress {
                 next_n: latest.map_or(1, |c| c.n + 1),
                 stored: latest.map_or(0, |c| c.messages),
+                turn: latest.map_or(0, |c| c.turn),
+                at: std::time::Instant::now(),
             }),
         }
     }
@@ -222,8 +228,33 @@ impl AttemptJournal {
 #[async_trait]
 impl Journal for AttemptJournal {
     async fn turn_ended(&self, turn: u32, messages: &[Value]) -> Result<(), String> {
+        self.checkpoint(Some((turn, messages))).await
+    }
+}
+
+impl AttemptJournal {
+    /// A checkpoint in the middle of a long turn (a command running for
+    /// minutes): the tree as it is now, with the conversation as of the
+    /// last completed turn. Skipped when the last checkpoint is younger
+    /// than `every`.
+    pub async fn tick(&self, every: std::time::Duration) -> Result<(), String> {
+        if self.progress.lock().await.at.elapsed() < every {
+            return Ok(());
+        }
+        self.checkpoint(None).await
+    }
+
+    /// Takes a checkpoint: after `turn` with the whole conversation
+    /// `messages`, or (`None`) mid-turn with the conversation stored so
+    /// far.
+    async fn checkpoint(&self, turn_end: Option<(u32, &[Value])>) -> Result<(), String> {
         let mut progress = self.progress.lock().await;
         let n = progress.next_n;
+        let (turn, messages): (u32, &[Value]) = match turn_end {
+            Some((turn, messages)) => (turn, messages),
+            None => (progress.turn, &[]),
+        };
+        let mid_turn = turn_end.is_none();
         let (commit, changed) = match self.snapshot(n).await {
             Snapshot::Taken { commit, changed } => (commit, changed),
             Snapshot::Gone(why) => return Err(why),
@@ -247,26 +278,33 @@ impl Journal for AttemptJournal {
         let seq = self.app.store.last_seq(&self.attempt).await.unwrap_or(0);
         let from = (progress.stored as usize).min(messages.len());
         let bodies: Vec<String> = messages[from..].iter().map(Value::to_string).collect();
+        let total = if mid_turn {
+            progress.stored
+        } else {
+            messages.len() as u32
+        };
         let row = CheckpointRow {
             attempt_id: self.attempt.clone(),
             n,
             seq,
             turn,
-            messages: messages.len() as u32,
+            messages: total,
             commit_sha: commit.clone(),
             created_at: now_ms(),
         };
         if let Err(e) = self
             .app
             .store
-            .record_checkpoint(&row, from as u32, &bodies)
+            .record_checkpoint(&row, progress.stored.min(total), &bodies)
             .await
         {
             tracing::error!(attempt = %self.attempt, "cannot record checkpoint {n}: {e}");
             return Ok(());
         }
         progress.next_n = n + 1;
-        progress.stored = messages.len() as u32;
+        progress.stored = total;
+        progress.turn = turn;
+        progress.at = std::time::Instant::now();
         let _ = self
             .app
             .hub

@@ -29,6 +29,9 @@ pub struct Config {
     /// How long a replica's lease on an attempt lasts without a heartbeat;
     /// after that another replica takes the attempt over.
     pub lease_secs: u64,
+    /// Longest time without a checkpoint while the agent works: a turn
+    /// that runs longer (a long build) is checkpointed meanwhile.
+    pub checkpoint_every_secs: u64,
     /// Attempts that may be active at once; more wait in `queued`.
     pub max_concurrent_attempts: usize,
     /// Sandbox settings.
@@ -111,6 +114,7 @@ impl Default for Config {
             database_url: None,
             replica_id: None,
             lease_secs: 15,
+            checkpoint_every_secs: 60,
             max_concurrent_attempts: 4,
             sandbox: SandboxConfig::default(),
             model: ModelSection::default(),

@@ -205,3 +205,53 @@ async fn a_server_stopped_with_sigterm_leaves_its_attempt_to_resume() {
     w.restart_server().await;
     assert_recovered(&w, &task, &attempt, true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_turn_is_checkpointed_meanwhile_and_restored_from_that() {
+    let s = script(json!({"mode": "turn", "steps": [
+        {"expect": {"user_contains": "Long"},
+         "reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "echo partial > partial.txt; sleep 4; echo done > done.txt"}}]}},
+        {"reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Long turn"}}]}}
+    ]}));
+    let w = World::start(Some(s), "checkpoint_every_secs = 1\n").await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (_, out, _) = w.cli(&["run", "Long", "--repo", &repo]).await;
+    let task = out.split_whitespace().nth(1).unwrap().to_owned();
+    let attempt = format!("{task}-1");
+    // Wait for a checkpoint taken while the command runs, holding its
+    // partial work.
+    let mut mid = None;
+    for _ in 0..100 {
+        mid = events(&w, &attempt)
+            .await
+            .into_iter()
+            .find(|e| e["type"] == "checkpoint" && e["turn"] == 0 && e["changed"] == true);
+        if mid.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mid = mid.expect("no checkpoint during the long command");
+    let ids = containers_of(&attempt);
+    docker(&["kill", &ids[0]]).unwrap();
+    let view = w.wait(&task).await;
+    let fake = w.fake.as_ref().unwrap();
+    assert!(
+        fake.failures().is_empty(),
+        "the resumed turn has its task: {:?}",
+        fake.failures()
+    );
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let evs = events(&w, &attempt).await;
+    let restored = evs.iter().find(|e| e["type"] == "restored").unwrap();
+    assert!(
+        restored["checkpoint"].as_u64().unwrap() >= mid["n"].as_u64().unwrap(),
+        "{restored}"
+    );
+    assert_eq!(restored["turn"], 0, "{restored}");
+    let (_, diff, _) = w.cli(&["diff", &task]).await;
+    assert!(
+        diff.contains("+partial") && diff.contains("+done"),
+        "{diff}"
+    );
+}
