@@ -69,6 +69,20 @@ impl AttemptState {
         )
     }
 
+    /// Between leaving the queue and the end, with a sandbox at work
+    /// (not recovering or paused).
+    fn has_sandbox_work(self) -> bool {
+        matches!(
+            self,
+            AttemptState::Provisioning
+                | AttemptState::Preparing
+                | AttemptState::Running
+                | AttemptState::WaitingApproval
+                | AttemptState::Verifying
+                | AttemptState::Publishing
+        )
+    }
+
     /// The name used in the API, the database and the CLI.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -113,26 +127,10 @@ impl AttemptState {
             (S::Verifying, T::VerificationPassed) => Some(S::Publishing),
             (S::Verifying, T::VerificationFailed) => Some(S::Running),
             (S::Publishing, T::Published) => Some(S::Succeeded),
-            (
-                S::Provisioning
-                | S::Preparing
-                | S::Running
-                | S::WaitingApproval
-                | S::Verifying
-                | S::Publishing
-                | S::Paused,
-                T::SandboxLost,
-            ) => Some(S::Recovering),
-            (
-                S::Provisioning
-                | S::Preparing
-                | S::Running
-                | S::WaitingApproval
-                | S::Verifying
-                | S::Publishing
-                | S::Recovering,
-                T::Interrupted,
-            ) => Some(S::Recovering),
+            (s, T::SandboxLost) if s.has_sandbox_work() || s == S::Paused => Some(S::Recovering),
+            (s, T::Interrupted) if s.has_sandbox_work() || s == S::Recovering => {
+                Some(S::Recovering)
+            }
             (S::Recovering, T::Recovered) => Some(S::Running),
             (S::Running | S::WaitingApproval, T::Pause) => Some(S::Paused),
             (S::Paused, T::Resume) => Some(S::Running),

@@ -6,6 +6,7 @@ use crate::attempt;
 use crate::serve::App;
 use backshift_core::{AttemptState, Transition};
 use backshift_sandbox::{SandboxDriver, SandboxInfo, labels};
+use backshift_store::AttemptRow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -174,31 +175,36 @@ impl Supervisor {
 /// its last checkpoint, adopting its sandbox when that survived. Queued
 /// attempts stay queued.
 pub async fn recover(app: &Arc<App>) -> anyhow::Result<()> {
-    take_over(app, true).await
+    let started = started_attempts(app).await?;
+    take_over(app, &started, true).await
 }
 
-fn active_states() -> Vec<AttemptState> {
-    AttemptState::ALL
+/// Attempts that left the queue and have not ended (paused ones too): the
+/// ones with a deadline and, unless paused, a driver.
+async fn started_attempts(app: &App) -> anyhow::Result<Vec<AttemptRow>> {
+    let states: Vec<AttemptState> = AttemptState::ALL
         .into_iter()
-        .filter(|s| !s.is_terminal() && *s != AttemptState::Queued && *s != AttemptState::Paused)
-        .collect()
+        .filter(|s| !s.is_terminal() && *s != AttemptState::Queued)
+        .collect();
+    Ok(app.store.attempts_in_states(&states).await?)
 }
 
 /// Claims active attempts that nobody drives: this replica's own from
 /// before a restart, unowned ones, and those whose owner's lease ran out
 /// (a replica that died). `sweep` also removes sandboxes of no
 /// unfinished attempt.
-async fn take_over(app: &Arc<App>, sweep: bool) -> anyhow::Result<()> {
+async fn take_over(app: &Arc<App>, started: &[AttemptRow], sweep: bool) -> anyhow::Result<()> {
     let now = backshift_protocol::now_ms();
-    let attempts = app.store.attempts_in_states(&active_states()).await?;
-    let orphans: Vec<_> = attempts
-        .into_iter()
+    let orphans: Vec<AttemptRow> = started
+        .iter()
+        .filter(|a| a.state != AttemptState::Paused)
         .filter(|a| !app.supervisor.is_running(&a.id))
         .filter(|a| {
             a.owner.is_none()
                 || a.owner.as_deref() == Some(app.replica.as_str())
                 || a.lease_until.unwrap_or(0) < now
         })
+        .cloned()
         .collect();
     if orphans.is_empty() && !sweep {
         return Ok(());
@@ -347,16 +353,24 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         if let Err(e) = start_queued(&app).await {
             tracing::error!("supervisor: {e:#}");
         }
-        if let Err(e) = enforce_deadlines(&app).await {
-            tracing::error!("supervisor: deadlines: {e:#}");
-        }
         heartbeat(&app).await;
-        let sweep = last_sweep.elapsed() >= SWEEP_EVERY;
-        if sweep {
-            last_sweep = std::time::Instant::now();
-        }
-        if let Err(e) = take_over(&app, sweep).await {
-            tracing::error!("supervisor: take-over: {e:#}");
+        // One read of the started attempts serves the deadlines and the
+        // take-over (a runner spawned for an attempt the deadline just
+        // ended finds it moved and stops: transitions are compare-and-set).
+        match started_attempts(&app).await {
+            Ok(started) => {
+                if let Err(e) = enforce_deadlines(&app, &started).await {
+                    tracing::error!("supervisor: deadlines: {e:#}");
+                }
+                let sweep = last_sweep.elapsed() >= SWEEP_EVERY;
+                if sweep {
+                    last_sweep = std::time::Instant::now();
+                }
+                if let Err(e) = take_over(&app, &started, sweep).await {
+                    tracing::error!("supervisor: take-over: {e:#}");
+                }
+            }
+            Err(e) => tracing::error!("supervisor: {e:#}"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -425,13 +439,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
 /// Ends attempts that overstayed their state's deadline: `timed_out`,
 /// with the state and the deadline in the detail.
-async fn enforce_deadlines(app: &Arc<App>) -> anyhow::Result<()> {
-    let active: Vec<AttemptState> = AttemptState::ALL
-        .into_iter()
-        .filter(|s| !s.is_terminal() && *s != AttemptState::Queued)
-        .collect();
+async fn enforce_deadlines(app: &Arc<App>, started: &[AttemptRow]) -> anyhow::Result<()> {
     let now = backshift_protocol::now_ms();
-    for a in app.store.attempts_in_states(&active).await? {
+    for a in started {
         // The wall time of a running attempt counts from its first start
         // (the runner enforces it too); other states from their entry.
         let since = match a.state {
@@ -490,7 +500,7 @@ async fn enforce_deadlines(app: &Arc<App>) -> anyhow::Result<()> {
 }
 
 /// Starts a runner for `a` (from the queue, or resuming an interrupted one).
-fn spawn(app: &Arc<App>, a: backshift_store::AttemptRow) {
+fn spawn(app: &Arc<App>, a: AttemptRow) {
     let stop = Arc::new(Stop::default());
     app.supervisor
         .running

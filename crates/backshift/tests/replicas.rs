@@ -63,39 +63,67 @@ async fn events(url: &str, token: &str, attempt: &str) -> Vec<Value> {
     .unwrap_or_default()
 }
 
+/// What both replicas share: one database, one scripted model, one data
+/// directory, one repository.
+struct Cluster {
+    db: PgDatabase,
+    fake: fake_model::FakeModel,
+    dir: tempfile::TempDir,
+    repo: std::path::PathBuf,
+}
+
+impl Cluster {
+    async fn new(steps: Value) -> Cluster {
+        let db = PgDatabase::create().await.unwrap();
+        let fake = fake_model::FakeModel::start(script(json!({"mode": "turn", "steps": steps})))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        sh(
+            &repo,
+            "git init -q -b main && echo hi > README.md && git add . && git commit -qm init",
+        )
+        .await;
+        Cluster {
+            db,
+            fake,
+            dir,
+            repo,
+        }
+    }
+
+    /// Starts replica `name`; returns its process and URL.
+    async fn replica(&self, name: &str) -> (tokio::process::Child, String) {
+        let path = config(self.dir.path(), name, &self.db.url, &self.fake.base_url());
+        spawn_server(&path, self.dir.path()).await
+    }
+
+    /// The admin token the first replica saved for `url`.
+    fn token(&self, url: &str) -> String {
+        let creds: toml::Value = toml::from_str(
+            &std::fs::read_to_string(self.dir.path().join("config/credentials.toml")).unwrap(),
+        )
+        .unwrap();
+        creds["servers"][url]["token"].as_str().unwrap().to_owned()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_dies_and_the_other_finishes_its_attempts() {
-    let db = PgDatabase::create().await.unwrap();
-    let fake = fake_model::FakeModel::start(script(json!({"mode": "turn", "steps": [
+    let c = Cluster::new(json!([
         {"reply": {"tool_calls": [{"name": "write_file", "arguments": {"path": "one.txt", "content": "one\n"}}]}},
         {"reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "sleep 2; echo slept"}}]}},
         {"expect": {"tool_results": [{"contains": "slept"}]},
          "reply": {"tool_calls": [{"name": "write_file", "arguments": {"path": "two.txt", "content": "two\n"}}]}},
         {"reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Two files"}}]}}
-    ]})))
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    sh(
-        &repo,
-        "git init -q -b main && echo hi > README.md && git add . && git commit -qm init",
-    )
+    ]))
     .await;
-
-    let a_config = config(dir.path(), "replica-a", &db.url, &fake.base_url());
-    let b_config = config(dir.path(), "replica-b", &db.url, &fake.base_url());
-    let (mut a, a_url) = spawn_server(&a_config, dir.path()).await;
-    let (mut b, b_url) = spawn_server(&b_config, dir.path()).await;
-    let creds: toml::Value = toml::from_str(
-        &std::fs::read_to_string(dir.path().join("config/credentials.toml")).unwrap(),
-    )
-    .unwrap();
-    let token = creds["servers"][&a_url]["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (mut a, a_url) = c.replica("replica-a").await;
+    let (mut b, b_url) = c.replica("replica-b").await;
+    let token = c.token(&a_url);
+    let (repo, fake) = (&c.repo, &c.fake);
 
     let mut attempts = Vec::new();
     for _ in 0..6 {
@@ -191,30 +219,13 @@ async fn a_replica_dies_and_the_other_finishes_its_attempts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_through_one_replica_stops_an_attempt_the_other_drives() {
-    let db = PgDatabase::create().await.unwrap();
-    let fake = fake_model::FakeModel::start(script(json!({"mode": "turn", "steps": [
+    let c = Cluster::new(json!([
         {"reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "sleep 600"}}]}}
-    ]})))
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    sh(
-        &repo,
-        "git init -q -b main && echo hi > README.md && git add . && git commit -qm init",
-    )
+    ]))
     .await;
-    let b_config = config(dir.path(), "replica-b", &db.url, &fake.base_url());
-    let (mut b, b_url) = spawn_server(&b_config, dir.path()).await;
-    let creds: toml::Value = toml::from_str(
-        &std::fs::read_to_string(dir.path().join("config/credentials.toml")).unwrap(),
-    )
-    .unwrap();
-    let token = creds["servers"][&b_url]["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (mut b, b_url) = c.replica("replica-b").await;
+    let token = c.token(&b_url);
+    let repo = &c.repo;
     let created = api(
         &b_url,
         &token,
@@ -240,8 +251,7 @@ async fn a_cancel_through_one_replica_stops_an_attempt_the_other_drives() {
     assert!(running, "replica B never started the command");
 
     // Replica A joins and is asked to cancel what B drives.
-    let a_config = config(dir.path(), "replica-a", &db.url, &fake.base_url());
-    let (mut a, a_url) = spawn_server(&a_config, dir.path()).await;
+    let (mut a, a_url) = c.replica("replica-a").await;
     let view = api(
         &a_url,
         &token,

@@ -145,6 +145,14 @@ pub async fn list_tasks(State(app): State<Arc<App>>) -> Result<Json<Vec<TaskView
     Ok(Json(out))
 }
 
+/// The task `id`, or a 404 saying so.
+async fn find_task(app: &App, id: &str) -> Result<TaskRow, ApiError> {
+    app.store
+        .task(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("task", id))
+}
+
 /// One task with its attempts.
 #[utoipa::path(get, path = "/api/v1/tasks/{id}", params(("id" = String, Path, description = "Task id")),
     responses((status = 200, body = TaskView), (status = 404, body = backshift_protocol::ErrorBody)))]
@@ -152,11 +160,7 @@ pub async fn get_task(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    let task = app
-        .store
-        .task(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("task", &id))?;
+    let task = find_task(&app, &id).await?;
     Ok(Json(task_view(&app, task).await?))
 }
 
@@ -167,11 +171,7 @@ pub async fn cancel_task(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    let task = app
-        .store
-        .task(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("task", &id))?;
+    let task = find_task(&app, &id).await?;
     for a in app.store.attempts_of(&id).await? {
         if a.state.is_terminal() {
             continue;
