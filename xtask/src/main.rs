@@ -38,11 +38,27 @@ fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// Where cargo puts what it builds for this host: every build names its
+/// target (`.cargo/config.toml`), so that is `<target dir>/<host tuple>`.
 fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
+    let base = match std::env::var_os("CARGO_TARGET_DIR") {
         Some(d) => root().join(d),
         None => root().join("target"),
-    }
+    };
+    base.join(host_tuple())
+}
+
+fn host_tuple() -> String {
+    Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        })
+        .unwrap_or_else(|| format!("{}-unknown-linux-gnu", std::env::consts::ARCH))
 }
 
 fn step(msg: &str) {

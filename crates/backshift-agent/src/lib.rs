@@ -1,7 +1,7 @@
 //! The built-in agent: a tool-calling loop in the control plane against any
 //! OpenAI-compatible chat-completions endpoint. Its tools (run a command,
 //! read, write, replace, list, finish) run inside the attempt's sandbox
-//! through the driver.
+//! through its shim.
 //!
 //! Architecture invariant: the agent never touches the host. Everything
 //! it does goes through [`tools::SandboxTools`], and everything it sees or
@@ -12,8 +12,8 @@ pub mod run;
 pub mod tools;
 
 pub use model::{ModelClient, ModelConfig, ModelFailure};
-pub use run::{AgentOutcome, Conversation, run_agent};
-pub use tools::SandboxTools;
+pub use run::{AgentOutcome, Conversation, Replay, run_agent};
+pub use tools::{CallKey, SandboxTools};
 
 use async_trait::async_trait;
 use backshift_protocol::EventKind;
@@ -28,9 +28,14 @@ pub trait EventSink: Send + Sync {
 }
 
 /// Where the agent's conversation is kept so that it can be resumed: told
-/// at the end of every turn, with every tool result in.
+/// when the model has decided its tool calls (before any runs), after each
+/// tool result, and at the end of every turn.
 #[async_trait]
 pub trait Journal: Send + Sync {
+    /// `messages` is the whole conversation so far, mid-turn. `Err` stops
+    /// the agent like in [`Journal::turn_ended`].
+    async fn progressed(&self, messages: &[Value]) -> Result<(), String>;
+
     /// Turn `turn` ended and `messages` is the whole conversation. `Err`
     /// stops the agent (with [`AgentOutcome::Interrupted`]): the place the
     /// work happens is gone, and going on would lose what follows.

@@ -2,11 +2,13 @@
 //! until it calls `finish` or a limit ends it.
 
 use crate::model::{ModelClient, ModelFailure, elapsed_ms};
-use crate::tools::SandboxTools;
+use crate::tools::{CallKey, SandboxTools};
 use crate::{EventSink, Journal};
+use async_trait::async_trait;
 use backshift_core::FailureReason;
-use backshift_protocol::EventKind;
+use backshift_protocol::{EventKind, ToolCallRecord};
 use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 /// How the agent's run ended.
@@ -41,6 +43,20 @@ pub struct Conversation {
     pub turns: u32,
     /// Model tokens already used (input and output).
     pub tokens_used: u64,
+    /// What the event log already holds of the interrupted turn's calls.
+    pub replay: Replay,
+}
+
+/// What the event log already holds of an interrupted turn's tool calls,
+/// so that resuming it records nothing twice.
+#[derive(Debug, Clone, Default)]
+pub struct Replay {
+    /// Calls whose `tool_call` event is recorded.
+    pub announced: HashSet<String>,
+    /// Calls whose `tool_result` event is recorded.
+    pub reported: HashSet<String>,
+    /// Per call: its command output up to this journal seq is recorded.
+    pub output_recorded: HashMap<String, u64>,
 }
 
 impl Conversation {
@@ -53,6 +69,25 @@ impl Conversation {
             ],
             turns: 0,
             tokens_used: 0,
+            replay: Replay::default(),
+        }
+    }
+
+    /// A conversation continued exactly where it was: the sandbox and
+    /// what ran in it survived, so nothing needs saying. When the last
+    /// message holds tool calls without results, the agent carries them
+    /// out (a command already running is followed, not started again).
+    pub fn continued(
+        messages: Vec<Value>,
+        turns: u32,
+        tokens_used: u64,
+        replay: Replay,
+    ) -> Conversation {
+        Conversation {
+            messages,
+            turns,
+            tokens_used,
+            replay,
         }
     }
 
@@ -71,8 +106,52 @@ impl Conversation {
             messages,
             turns,
             tokens_used,
+            replay: Replay::default(),
         }
     }
+}
+
+/// The tool calls of the conversation's last assistant message that have
+/// no result yet.
+fn pending_calls(messages: &[Value]) -> Vec<ToolCallRecord> {
+    let Some(last) = messages
+        .iter()
+        .rposition(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+    else {
+        return Vec::new();
+    };
+    let answered: HashSet<&str> = messages[last + 1..]
+        .iter()
+        .filter_map(|m| m.get("tool_call_id").and_then(Value::as_str))
+        .collect();
+    messages[last]
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            let call_id = c.get("id")?.as_str()?.to_owned();
+            let f = c.get("function")?;
+            Some(ToolCallRecord {
+                name: f.get("name")?.as_str()?.to_owned(),
+                arguments: f
+                    .get("arguments")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
+                call_id,
+            })
+        })
+        .filter(|c| !answered.contains(c.call_id.as_str()))
+        .collect()
+}
+
+/// A sink that records nothing: for a call whose events the log has.
+struct Silent;
+
+#[async_trait]
+impl EventSink for Silent {
+    async fn emit(&self, _: EventKind) {}
 }
 
 /// Conversations larger than this have old tool output elided.
@@ -102,120 +181,132 @@ pub async fn run_agent(
     let definitions = SandboxTools::definitions();
     let mut messages = start.messages;
     let mut tokens_used = start.tokens_used;
+    let replay = start.replay;
     let mut plain_replies = 0;
+    // An interrupted turn whose calls were decided: carry them out first.
+    let mut resumed_calls = pending_calls(&messages);
     for turn in start.turns + 1..=max_turns {
-        elide_old_output(&mut messages);
-        let bytes: usize = messages.iter().map(|m| m.to_string().len()).sum();
-        sink.emit(EventKind::ModelRequest {
-            turn,
-            messages: messages.len(),
-            bytes,
-        })
-        .await;
-        let started = Instant::now();
-        let mut retries = Vec::new();
-        let result = model
-            .complete(&messages, &definitions, &mut |r| retries.push(r))
-            .await;
-        // Retries are reported after the fact, in order; the request's
-        // latency includes their waits.
-        for r in retries {
-            sink.emit(EventKind::ModelRetry {
+        let calls = if !resumed_calls.is_empty() {
+            std::mem::take(&mut resumed_calls)
+        } else {
+            elide_old_output(&mut messages);
+            let bytes: usize = messages.iter().map(|m| m.to_string().len()).sum();
+            sink.emit(EventKind::ModelRequest {
                 turn,
-                retry: r.retry,
-                error: r.error,
-                wait_ms: r.wait.as_millis() as u64,
+                messages: messages.len(),
+                bytes,
             })
             .await;
-        }
-        let completion = match result {
-            Ok(c) => c,
-            Err(e @ ModelFailure::Unreachable { .. }) => {
-                return AgentOutcome::Stopped {
-                    reason: FailureReason::ModelUnreachable,
-                    detail: format!(
-                        "{e}. Check that the model endpoint in the server config ([model] base_url) is up and reachable from the server."
-                    ),
-                };
+            let started = Instant::now();
+            let mut retries = Vec::new();
+            let result = model
+                .complete(&messages, &definitions, &mut |r| retries.push(r))
+                .await;
+            // Retries are reported after the fact, in order; the request's
+            // latency includes their waits.
+            for r in retries {
+                sink.emit(EventKind::ModelRetry {
+                    turn,
+                    retry: r.retry,
+                    error: r.error,
+                    wait_ms: r.wait.as_millis() as u64,
+                })
+                .await;
             }
-            Err(e @ ModelFailure::Rejected { .. }) => {
-                return AgentOutcome::Stopped {
-                    reason: FailureReason::ModelError,
-                    detail: format!(
-                        "{e}. Check the model name and API key in the server config ([model])."
-                    ),
-                };
-            }
-        };
-        sink.emit(EventKind::ModelResponse {
-            turn,
-            text: completion.text.clone(),
-            tool_calls: completion.tool_calls.clone(),
-            finish_reason: completion.finish_reason.clone(),
-            usage: completion.usage,
-            latency_ms: elapsed_ms(started),
-        })
-        .await;
-
-        if let Some(u) = &completion.usage {
-            tokens_used += u.input_tokens + u.output_tokens;
-        }
-        if let Some(budget) = max_tokens
-            && tokens_used >= budget
-        {
-            return AgentOutcome::Stopped {
-                reason: FailureReason::BudgetExhausted,
-                detail: format!(
-                    "the agent used {tokens_used} model tokens of the {budget} allowed (limits.max_tokens) without finishing; retry with a larger budget or a narrower task"
-                ),
+            let completion = match result {
+                Ok(c) => c,
+                Err(e @ ModelFailure::Unreachable { .. }) => {
+                    return AgentOutcome::Stopped {
+                        reason: FailureReason::ModelUnreachable,
+                        detail: format!(
+                            "{e}. Check that the model endpoint in the server config ([model] base_url) is up and reachable from the server."
+                        ),
+                    };
+                }
+                Err(e @ ModelFailure::Rejected { .. }) => {
+                    return AgentOutcome::Stopped {
+                        reason: FailureReason::ModelError,
+                        detail: format!(
+                            "{e}. Check the model name and API key in the server config ([model])."
+                        ),
+                    };
+                }
             };
-        }
+            sink.emit(EventKind::ModelResponse {
+                turn,
+                text: completion.text.clone(),
+                tool_calls: completion.tool_calls.clone(),
+                finish_reason: completion.finish_reason.clone(),
+                usage: completion.usage,
+                latency_ms: elapsed_ms(started),
+            })
+            .await;
 
-        let mut assistant =
-            json!({"role": "assistant", "content": completion.text.clone().unwrap_or_default()});
-        if !completion.tool_calls.is_empty() {
-            assistant["tool_calls"] = Value::Array(
+            if let Some(u) = &completion.usage {
+                tokens_used += u.input_tokens + u.output_tokens;
+            }
+            if let Some(budget) = max_tokens
+                && tokens_used >= budget
+            {
+                return AgentOutcome::Stopped {
+                    reason: FailureReason::BudgetExhausted,
+                    detail: format!(
+                        "the agent used {tokens_used} model tokens of the {budget} allowed (limits.max_tokens) without finishing; retry with a larger budget or a narrower task"
+                    ),
+                };
+            }
+
+            let mut assistant = json!({"role": "assistant", "content": completion.text.clone().unwrap_or_default()});
+            if !completion.tool_calls.is_empty() {
+                assistant["tool_calls"] = Value::Array(
                 completion
                     .tool_calls
                     .iter()
                     .map(|c| json!({"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
                     .collect(),
             );
-        }
-        messages.push(assistant);
+            }
+            messages.push(assistant);
 
-        if completion.tool_calls.is_empty() {
-            let truncated = completion.finish_reason.as_deref() == Some("length");
-            if truncated {
-                messages.push(json!({"role": "user", "content":
+            if completion.tool_calls.is_empty() {
+                let truncated = completion.finish_reason.as_deref() == Some("length");
+                if truncated {
+                    messages.push(json!({"role": "user", "content":
                     "Your reply was cut off at the output token limit. Continue with smaller steps: one tool call at a time, shorter file contents."}));
+                    if let Err(detail) = journal.turn_ended(turn, &messages).await {
+                        return AgentOutcome::Interrupted { detail };
+                    }
+                    continue;
+                }
+                plain_replies += 1;
+                if plain_replies >= 2 {
+                    let summary = completion
+                        .text
+                        .unwrap_or_else(|| "The agent stopped without a summary.".into());
+                    sink.emit(EventKind::AgentFinished {
+                        summary: summary.clone(),
+                    })
+                    .await;
+                    return AgentOutcome::Finished { summary };
+                }
+                messages.push(json!({"role": "user", "content":
+                "Use the tools to work on the task. If the task is complete, call `finish` with a summary."}));
                 if let Err(detail) = journal.turn_ended(turn, &messages).await {
                     return AgentOutcome::Interrupted { detail };
                 }
                 continue;
             }
-            plain_replies += 1;
-            if plain_replies >= 2 {
-                let summary = completion
-                    .text
-                    .unwrap_or_else(|| "The agent stopped without a summary.".into());
-                sink.emit(EventKind::AgentFinished {
-                    summary: summary.clone(),
-                })
-                .await;
-                return AgentOutcome::Finished { summary };
-            }
-            messages.push(json!({"role": "user", "content":
-                "Use the tools to work on the task. If the task is complete, call `finish` with a summary."}));
-            if let Err(detail) = journal.turn_ended(turn, &messages).await {
+            plain_replies = 0;
+            // The decided calls are kept before any runs: a restart carries
+            // them out instead of asking the model again.
+            if let Err(detail) = journal.progressed(&messages).await {
                 return AgentOutcome::Interrupted { detail };
             }
-            continue;
-        }
-        plain_replies = 0;
+            completion.tool_calls
+        };
 
         let mut finished = None;
-        for call in &completion.tool_calls {
+        for call in &calls {
             let started = Instant::now();
             let parsed: Result<Value, String> = if call.arguments.trim().is_empty() {
                 Ok(json!({}))
@@ -233,12 +324,19 @@ pub async fn run_agent(
             let shown = parsed
                 .clone()
                 .unwrap_or_else(|_| json!({"raw": call.arguments}));
-            sink.emit(EventKind::ToolCall {
-                call_id: call.call_id.clone(),
-                name: call.name.clone(),
-                arguments: shown,
-            })
-            .await;
+            // A call resumed after a restart: its events are not recorded
+            // twice.
+            let reported = replay.reported.contains(&call.call_id);
+            let call_sink: &dyn EventSink = if reported { &Silent } else { sink };
+            if !replay.announced.contains(&call.call_id) {
+                call_sink
+                    .emit(EventKind::ToolCall {
+                        call_id: call.call_id.clone(),
+                        name: call.name.clone(),
+                        arguments: shown,
+                    })
+                    .await;
+            }
             let (ok, exit_code, output) = match (&parsed, call.name.as_str()) {
                 (Err(e), _) => (
                     false,
@@ -266,20 +364,36 @@ pub async fn run_agent(
                     }
                 }
                 (Ok(args), name) => {
-                    let out = tools.call(&call.call_id, name, args, sink).await;
+                    let key = CallKey {
+                        turn,
+                        call_id: call.call_id.clone(),
+                        output_recorded: replay
+                            .output_recorded
+                            .get(&call.call_id)
+                            .copied()
+                            .unwrap_or(0),
+                    };
+                    let out = tools.call(&key, name, args, call_sink).await;
+                    if let Some(detail) = out.lost {
+                        return AgentOutcome::Interrupted { detail };
+                    }
                     (out.ok, out.exit_code, out.output)
                 }
             };
-            sink.emit(EventKind::ToolResult {
-                call_id: call.call_id.clone(),
-                name: call.name.clone(),
-                ok,
-                exit_code,
-                output: output.clone(),
-                duration_ms: elapsed_ms(started),
-            })
-            .await;
+            call_sink
+                .emit(EventKind::ToolResult {
+                    call_id: call.call_id.clone(),
+                    name: call.name.clone(),
+                    ok,
+                    exit_code,
+                    output: output.clone(),
+                    duration_ms: elapsed_ms(started),
+                })
+                .await;
             messages.push(json!({"role": "tool", "tool_call_id": call.call_id, "content": output}));
+            if let Err(detail) = journal.progressed(&messages).await {
+                return AgentOutcome::Interrupted { detail };
+            }
         }
         // The turn is kept before it counts: an interrupted turn is taken
         // again from the previous checkpoint.
@@ -334,6 +448,27 @@ const ELIDED: &str =
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_calls_are_the_last_assistant_calls_without_results() {
+        let call = |id: &str| json!({"id": id, "type": "function", "function": {"name": "run_command", "arguments": "{}"}});
+        let mut messages = vec![
+            json!({"role": "system", "content": "s"}),
+            json!({"role": "user", "content": "u"}),
+            json!({"role": "assistant", "content": "", "tool_calls": [call("a")]}),
+            json!({"role": "tool", "tool_call_id": "a", "content": "done"}),
+        ];
+        assert!(pending_calls(&messages).is_empty(), "all answered");
+        messages.push(
+            json!({"role": "assistant", "content": "", "tool_calls": [call("b"), call("c")]}),
+        );
+        messages.push(json!({"role": "tool", "tool_call_id": "b", "content": "done"}));
+        let pending = pending_calls(&messages);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].call_id, "c");
+        assert_eq!(pending[0].name, "run_command");
+        assert!(pending_calls(&messages[..2]).is_empty(), "no assistant yet");
+    }
 
     #[test]
     fn old_tool_output_is_elided_first_and_recent_kept() {

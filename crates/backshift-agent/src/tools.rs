@@ -1,16 +1,17 @@
-//! The built-in agent's tools, run inside the sandbox as its user.
+//! The built-in agent's tools, run inside the sandbox as its user by the
+//! sandbox's shim.
 //!
-//! Commands run as `setsid bash -c ...` under `timeout`, with their session
-//! id written to a file, so that a command that outlives its deadline (or
-//! whose background children keep its output open) can be killed as a
-//! whole: Docker has no call to kill an exec.
+//! Every tool call becomes shim commands named after the turn and the
+//! call (`t3:call_7:read`): the shim starts a name only once, so a control
+//! plane that restarts mid-call and asks again gets the journaled output
+//! of the run already under way instead of a second run. Timeouts are the
+//! shim's: it kills the command's whole process group.
 
 use crate::EventSink;
 use backshift_protocol::{EventKind, OutputStream};
-use backshift_sandbox::{ExecSpec, OutputChunk, SandboxDriver, SandboxId};
+use backshift_shim::{Entry, ShimClient, ShimError, SpawnRequest, Stream};
+use base64::Engine;
 use serde_json::{Value, json};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Largest file `read_file` returns whole.
@@ -34,6 +35,9 @@ pub struct ToolOutput {
     pub exit_code: Option<i64>,
     /// Text for the model.
     pub output: String,
+    /// The sandbox's shim stopped answering: the sandbox is gone, and the
+    /// call has no result.
+    pub lost: Option<String>,
 }
 
 impl ToolOutput {
@@ -42,6 +46,7 @@ impl ToolOutput {
             ok: true,
             exit_code: None,
             output: output.into(),
+            lost: None,
         }
     }
 
@@ -50,33 +55,58 @@ impl ToolOutput {
             ok: false,
             exit_code: None,
             output: format!("error: {}", output.into()),
+            lost: None,
+        }
+    }
+
+    fn lost(e: &ShimError) -> Self {
+        ToolOutput {
+            lost: Some(e.to_string()),
+            ..ToolOutput::err(e.to_string())
         }
     }
 }
 
-/// The tools, bound to one sandbox.
+/// Where one tool call stands: its name for the shim, and how much of its
+/// command output is already recorded as events (after a restart).
+#[derive(Debug, Clone)]
+pub struct CallKey {
+    /// The turn the call belongs to.
+    pub turn: u32,
+    /// The model's id for the call.
+    pub call_id: String,
+    /// Output with a journal sequence up to this is already recorded.
+    pub output_recorded: u64,
+}
+
+impl CallKey {
+    fn command(&self, op: &str) -> String {
+        format!("t{}:{}:{op}", self.turn, self.call_id)
+    }
+}
+
+/// A command's collected result.
+struct Collected {
+    code: i64,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    error: Option<String>,
+}
+
+/// The tools, bound to one sandbox's shim.
 pub struct SandboxTools {
-    driver: Arc<dyn SandboxDriver>,
-    sandbox: SandboxId,
+    shim: ShimClient,
     workdir: String,
     command_timeout: Duration,
-    counter: AtomicU64,
 }
 
 impl SandboxTools {
-    /// Tools working in `workdir` of `sandbox`.
-    pub fn new(
-        driver: Arc<dyn SandboxDriver>,
-        sandbox: SandboxId,
-        workdir: &str,
-        command_timeout: Duration,
-    ) -> Self {
+    /// Tools working in `workdir` through `shim`.
+    pub fn new(shim: ShimClient, workdir: &str, command_timeout: Duration) -> Self {
         SandboxTools {
-            driver,
-            sandbox,
+            shim,
             workdir: workdir.to_owned(),
             command_timeout,
-            counter: AtomicU64::new(0),
         }
     }
 
@@ -129,7 +159,7 @@ impl SandboxTools {
     /// Runs tool `name` with `args`. `finish` is handled by the loop.
     pub async fn call(
         &self,
-        call_id: &str,
+        key: &CallKey,
         name: &str,
         args: &Value,
         sink: &dyn EventSink,
@@ -145,20 +175,22 @@ impl SandboxTools {
                     let timeout = asked.map_or(self.command_timeout, |t| {
                         t.min(self.command_timeout).max(Duration::from_secs(1))
                     });
-                    self.run_command(call_id, cmd, timeout, sink).await
+                    self.run_command(key, cmd, timeout, sink).await
                 }
                 None => ToolOutput::err("run_command needs a string `command`"),
             },
             "read_file" => match text("path") {
-                Some(path) => self.read_file(path).await,
+                Some(path) => self.read_file(key, "read", path).await,
                 None => ToolOutput::err("read_file needs a string `path`"),
             },
             "write_file" => match (text("path"), text("content")) {
-                (Some(path), Some(content)) => self.write_file(path, content).await,
+                (Some(path), Some(content)) => self.write_file(key, "write", path, content).await,
                 _ => ToolOutput::err("write_file needs string `path` and `content`"),
             },
             "replace_in_file" => match (text("path"), text("old"), text("new")) {
-                (Some(path), Some(old), Some(new)) => self.replace_in_file(path, old, new).await,
+                (Some(path), Some(old), Some(new)) => {
+                    self.replace_in_file(key, path, old, new).await
+                }
                 _ => ToolOutput::err("replace_in_file needs string `path`, `old` and `new`"),
             },
             "list_files" => {
@@ -167,7 +199,8 @@ impl SandboxTools {
                     .and_then(Value::as_u64)
                     .unwrap_or(4)
                     .clamp(1, 20);
-                self.list_files(text("path").unwrap_or("."), depth).await
+                self.list_files(key, text("path").unwrap_or("."), depth)
+                    .await
             }
             other => ToolOutput::err(format!(
                 "unknown tool {other:?}; the tools are run_command, read_file, write_file, replace_in_file, list_files, finish"
@@ -175,118 +208,117 @@ impl SandboxTools {
         }
     }
 
+    /// Runs one shim command to its end and collects its output.
+    async fn collect(
+        &self,
+        id: String,
+        argv: Vec<String>,
+        stdin: Option<&str>,
+    ) -> Result<Collected, ShimError> {
+        let req = SpawnRequest {
+            id,
+            argv,
+            cwd: Some(self.workdir.clone()),
+            stdin_b64: stdin.map(|s| base64::engine::general_purpose::STANDARD.encode(s)),
+            timeout_ms: Some(self.command_timeout.as_millis() as u64),
+            ..Default::default()
+        };
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let (exit, _) = self
+            .shim
+            .run(req, 0, &mut |e| {
+                if let Entry::Output { stream, text, .. } = e {
+                    match stream {
+                        Stream::Stdout => stdout.extend_from_slice(text.as_bytes()),
+                        Stream::Stderr => stderr.extend_from_slice(text.as_bytes()),
+                    }
+                }
+            })
+            .await?;
+        Ok(Collected {
+            code: exit.code,
+            stdout,
+            stderr,
+            error: exit.error,
+        })
+    }
+
     async fn run_command(
         &self,
-        call_id: &str,
+        key: &CallKey,
         command: &str,
         timeout: Duration,
         sink: &dyn EventSink,
     ) -> ToolOutput {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let pidfile = format!("/tmp/.backshift-exec-{n}.sid");
         let secs = timeout.as_secs().max(1);
-        let script = format!("echo $$ > {pidfile}; exec timeout -k 5 {secs} bash -c \"$0\"");
-        let spec = ExecSpec {
-            argv: vec![
-                "setsid".into(),
-                "--wait".into(),
-                "bash".into(),
-                "-c".into(),
-                script,
-                command.into(),
-            ],
-            workdir: Some(self.workdir.clone()),
+        let req = SpawnRequest {
+            id: key.command("run"),
+            argv: vec!["bash".into(), "-c".into(), command.into()],
+            cwd: Some(self.workdir.clone()),
+            timeout_ms: Some(secs * 1000),
             ..Default::default()
         };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<OutputChunk>();
-        let driver = self.driver.clone();
-        let sandbox = self.sandbox.clone();
-        let exec = async move {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Entry>();
+        let shim = self.shim.clone();
+        let run = async move {
             let mut tx = Some(tx);
-            driver
-                .exec(&sandbox, &spec, &mut |chunk| {
-                    if let Some(t) = &tx
-                        && t.send(chunk).is_err()
-                    {
-                        tx = None;
-                    }
-                })
-                .await
+            shim.run(req, 0, &mut |e| {
+                if let Some(t) = &tx
+                    && t.send(e.clone()).is_err()
+                {
+                    tx = None;
+                }
+            })
+            .await
         };
-        tokio::pin!(exec);
-        // The in-sandbox `timeout` should end it; this is the backstop for
-        // commands whose children keep the output open.
-        let deadline = tokio::time::sleep(timeout + Duration::from_secs(10));
-        tokio::pin!(deadline);
-        let mut stream = OutputStreamer::new(call_id, sink);
+        tokio::pin!(run);
+        let mut stream = OutputStreamer::new(&key.call_id, sink, key.output_recorded);
         let mut ticker = tokio::time::interval(FLUSH_EVERY);
         let result = loop {
             tokio::select! {
-                r = &mut exec => break Some(r),
-                Some(chunk) = rx.recv() => stream.push(chunk).await,
+                r = &mut run => break r,
+                Some(entry) = rx.recv() => stream.push(&entry).await,
                 _ = ticker.tick() => stream.flush().await,
-                _ = &mut deadline => break None,
             }
         };
-        while let Ok(chunk) = rx.try_recv() {
-            stream.push(chunk).await;
+        while let Ok(entry) = rx.try_recv() {
+            stream.push(&entry).await;
         }
         stream.flush().await;
-        if !matches!(result, Some(Ok(code)) if code != 124 && code != 137) {
-            // Timed out (or killed): take down whatever is left of its
-            // session, background children included.
-            self.kill_session(&pidfile).await;
-        }
-        let (exit_code, note) = match result {
-            Some(Ok(124)) => (
-                Some(124),
-                format!("\n[backshift: the command was killed after its {secs}s timeout (exit 124)]"),
-            ),
-            Some(Ok(137)) => (
-                Some(137),
-                "\n[backshift: the command was killed by SIGKILL: its timeout, or the sandbox's memory limit]".to_owned(),
-            ),
-            Some(Ok(code)) => (Some(code), String::new()),
-            Some(Err(e)) => return ToolOutput::err(format!("the command could not be run: {e}")),
-            None => (
-                None, format!("\n[backshift: the command was killed after its {secs}s timeout; its output stayed open]"),
-            ),
+        let exit = match result {
+            Ok((exit, _)) => exit,
+            Err(e) => return ToolOutput::lost(&e),
         };
-        let _ = self
-            .driver
-            .exec_collect(&self.sandbox, &ExecSpec::new(["rm", "-f", &pidfile]))
-            .await;
+        if let Some(error) = exit.error {
+            return ToolOutput::err(format!("the command could not be run: {error}"));
+        }
+        let note = if exit.timed_out {
+            format!("\n[backshift: the command was killed after its {secs}s timeout (exit 124)]")
+        } else if exit.code == 137 {
+            "\n[backshift: the command was killed by SIGKILL: the sandbox's memory limit, or a kill]".to_owned()
+        } else {
+            String::new()
+        };
         let body = stream.for_model();
-        let code_text = exit_code.map_or("killed".to_owned(), |c| c.to_string());
         ToolOutput {
-            ok: exit_code == Some(0),
-            exit_code,
-            output: format!("exit code: {code_text}\n{body}{note}"),
+            ok: exit.code == 0,
+            exit_code: Some(exit.code),
+            output: format!("exit code: {}\n{body}{note}", exit.code),
+            lost: None,
         }
     }
 
-    async fn kill_session(&self, pidfile: &str) {
-        let script = format!("sid=$(cat {pidfile} 2>/dev/null) && pkill -KILL -s \"$sid\"; true");
-        let _ = self
-            .driver
-            .exec_collect(&self.sandbox, &ExecSpec::new(["bash", "-c", &script]))
-            .await;
-    }
-
-    async fn read_file(&self, path: &str) -> ToolOutput {
-        let spec = ExecSpec {
-            argv: vec![
-                "head".into(),
-                "-c".into(),
-                (MAX_READ + 1).to_string(),
-                "--".into(),
-                path.into(),
-            ],
-            workdir: Some(self.workdir.clone()),
-            ..Default::default()
-        };
-        match self.driver.exec_collect(&self.sandbox, &spec).await {
-            Ok(out) if out.exit_code == 0 => {
+    async fn read_file(&self, key: &CallKey, op: &str, path: &str) -> ToolOutput {
+        let argv = vec![
+            "head".into(),
+            "-c".into(),
+            (MAX_READ + 1).to_string(),
+            "--".into(),
+            path.into(),
+        ];
+        match self.collect(key.command(op), argv, None).await {
+            Ok(out) if out.code == 0 && out.error.is_none() => {
                 if out.stdout.contains(&0) {
                     return ToolOutput::err(format!("{path} is a binary file"));
                 }
@@ -303,45 +335,40 @@ impl SandboxTools {
                 }
                 ToolOutput::ok(text)
             }
-            Ok(out) => ToolOutput::err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-            Err(e) => ToolOutput::err(format!("cannot read {path}: {e}")),
+            Ok(out) => ToolOutput::err(failure_text(&out)),
+            Err(e) => ToolOutput::lost(&e),
         }
     }
 
-    async fn write_file(&self, path: &str, content: &str) -> ToolOutput {
-        let spec = ExecSpec {
-            argv: vec![
-                "bash".into(),
-                "-c".into(),
-                "mkdir -p -- \"$(dirname -- \"$1\")\" && cat > \"$1\"".into(),
-                "write_file".into(),
-                path.into(),
-            ],
-            workdir: Some(self.workdir.clone()),
-            stdin: Some(content.as_bytes().to_vec().into()),
-            ..Default::default()
-        };
-        match self.driver.exec_collect(&self.sandbox, &spec).await {
-            Ok(out) if out.exit_code == 0 => {
+    async fn write_file(&self, key: &CallKey, op: &str, path: &str, content: &str) -> ToolOutput {
+        let argv = vec![
+            "bash".into(),
+            "-c".into(),
+            "mkdir -p -- \"$(dirname -- \"$1\")\" && cat > \"$1\"".into(),
+            "write_file".into(),
+            path.into(),
+        ];
+        match self.collect(key.command(op), argv, Some(content)).await {
+            Ok(out) if out.code == 0 && out.error.is_none() => {
                 ToolOutput::ok(format!("wrote {} bytes to {path}", content.len()))
             }
-            Ok(out) => ToolOutput::err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-            Err(e) => ToolOutput::err(format!("cannot write {path}: {e}")),
+            Ok(out) => ToolOutput::err(failure_text(&out)),
+            Err(e) => ToolOutput::lost(&e),
         }
     }
 
-    async fn replace_in_file(&self, path: &str, old: &str, new: &str) -> ToolOutput {
+    async fn replace_in_file(&self, key: &CallKey, path: &str, old: &str, new: &str) -> ToolOutput {
         if old.is_empty() {
             return ToolOutput::err("`old` must not be empty");
         }
-        let current = self.read_file(path).await;
+        let current = self.read_file(key, "read", path).await;
         if !current.ok {
             return current;
         }
         match current.output.matches(old).count() {
             1 => {
                 let updated = current.output.replacen(old, new, 1);
-                let written = self.write_file(path, &updated).await;
+                let written = self.write_file(key, "write", path, &updated).await;
                 if written.ok {
                     ToolOutput::ok(format!("replaced 1 occurrence in {path}"))
                 } else {
@@ -357,21 +384,17 @@ impl SandboxTools {
         }
     }
 
-    async fn list_files(&self, path: &str, depth: u64) -> ToolOutput {
-        let spec = ExecSpec {
-            argv: vec![
-                "bash".into(),
-                "-c".into(),
-                "find \"$1\" -mindepth 1 -maxdepth \"$2\" -name .git -prune -o -print | sed 's|^\\./||' | sort | head -n 2000".into(),
-                "list_files".into(),
-                path.into(),
-                depth.to_string(),
-            ],
-            workdir: Some(self.workdir.clone()),
-            ..Default::default()
-        };
-        match self.driver.exec_collect(&self.sandbox, &spec).await {
-            Ok(out) if out.stderr.is_empty() => {
+    async fn list_files(&self, key: &CallKey, path: &str, depth: u64) -> ToolOutput {
+        let argv = vec![
+            "bash".into(),
+            "-c".into(),
+            "find \"$1\" -mindepth 1 -maxdepth \"$2\" -name .git -prune -o -print | sed 's|^\\./||' | sort | head -n 2000".into(),
+            "list_files".into(),
+            path.into(),
+            depth.to_string(),
+        ];
+        match self.collect(key.command("list"), argv, None).await {
+            Ok(out) if out.stderr.is_empty() && out.error.is_none() => {
                 let text = String::from_utf8_lossy(&out.stdout).into_owned();
                 if text.is_empty() {
                     ToolOutput::ok("(no files)")
@@ -379,9 +402,17 @@ impl SandboxTools {
                     ToolOutput::ok(text)
                 }
             }
-            Ok(out) => ToolOutput::err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-            Err(e) => ToolOutput::err(format!("cannot list {path}: {e}")),
+            Ok(out) => ToolOutput::err(failure_text(&out)),
+            Err(e) => ToolOutput::lost(&e),
         }
+    }
+}
+
+/// What a failed helper command said.
+fn failure_text(out: &Collected) -> String {
+    match &out.error {
+        Some(e) => e.clone(),
+        None => String::from_utf8_lossy(&out.stderr).trim().to_owned(),
     }
 }
 
@@ -390,6 +421,10 @@ impl SandboxTools {
 struct OutputStreamer<'a> {
     call_id: &'a str,
     sink: &'a dyn EventSink,
+    /// Output up to this journal seq is already recorded as events.
+    recorded: u64,
+    /// The journal seq of the newest pending output.
+    pending_seq: u64,
     pending: Vec<(OutputStream, Vec<u8>)>,
     pending_bytes: usize,
     streamed: usize,
@@ -399,10 +434,12 @@ struct OutputStreamer<'a> {
 }
 
 impl<'a> OutputStreamer<'a> {
-    fn new(call_id: &'a str, sink: &'a dyn EventSink) -> Self {
+    fn new(call_id: &'a str, sink: &'a dyn EventSink, recorded: u64) -> Self {
         OutputStreamer {
             call_id,
             sink,
+            recorded,
+            pending_seq: 0,
             pending: Vec::new(),
             pending_bytes: 0,
             streamed: 0,
@@ -412,11 +449,18 @@ impl<'a> OutputStreamer<'a> {
         }
     }
 
-    async fn push(&mut self, chunk: OutputChunk) {
-        let (stream, bytes) = match chunk {
-            OutputChunk::Stdout(b) => (OutputStream::Stdout, b),
-            OutputChunk::Stderr(b) => (OutputStream::Stderr, b),
+    async fn push(&mut self, entry: &Entry) {
+        let Entry::Output {
+            seq, stream, text, ..
+        } = entry
+        else {
+            return;
         };
+        let stream = match stream {
+            Stream::Stdout => OutputStream::Stdout,
+            Stream::Stderr => OutputStream::Stderr,
+        };
+        let bytes = text.as_bytes();
         self.total += bytes.len();
         let room = MODEL_HEAD.saturating_sub(self.head.len());
         self.head.extend_from_slice(&bytes[..room.min(bytes.len())]);
@@ -427,12 +471,18 @@ impl<'a> OutputStreamer<'a> {
                 self.tail.drain(..cut);
             }
         }
+        if *seq <= self.recorded {
+            // Recorded before a restart: the model needs it, the log has it.
+            self.streamed += bytes.len();
+            return;
+        }
         if self.streamed + self.pending_bytes < MAX_STREAMED {
             match self.pending.last_mut() {
-                Some((s, buf)) if *s == stream => buf.extend_from_slice(&bytes),
+                Some((s, buf)) if *s == stream => buf.extend_from_slice(bytes),
                 _ => self.pending.push((stream, bytes.to_vec())),
             }
             self.pending_bytes += bytes.len();
+            self.pending_seq = *seq;
             if self.pending_bytes >= FLUSH_BYTES {
                 self.flush().await;
             }
@@ -447,6 +497,7 @@ impl<'a> OutputStreamer<'a> {
                     call_id: self.call_id.to_owned(),
                     stream,
                     text: String::from_utf8_lossy(&buf).into_owned(),
+                    journal_seq: Some(self.pending_seq),
                 })
                 .await;
         }

@@ -125,6 +125,11 @@ pub enum EventKind {
         stream: OutputStream,
         /// The text (lossy UTF-8).
         text: String,
+        /// The sandbox journal's sequence number of the last output this
+        /// event includes: where a control plane that restarted resumes
+        /// streaming the command's output.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        journal_seq: Option<u64>,
     },
     /// A tool call ended; `output` is what the model is told.
     ToolResult {

@@ -81,6 +81,8 @@ fn run() -> BenchResult<()> {
         user: format!("{SANDBOX_UID}:{SANDBOX_UID}"),
         workdir: "/workspace".into(),
         env: Vec::new(),
+        mounts: Vec::new(),
+        command: None,
     };
 
     println!("sandbox start: {n} iterations after {WARMUP} warm-up, image {image}");

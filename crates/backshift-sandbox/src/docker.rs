@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecResults};
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
     CreateContainerOptions, DownloadFromContainerOptions, ListContainersOptions,
     RemoveContainerOptions, UploadToContainerOptions,
@@ -21,8 +21,9 @@ use tokio::io::AsyncWriteExt;
 
 /// Sandboxes as Docker containers: non-root, all capabilities dropped,
 /// no-new-privileges, memory/CPU/pids limits, an init process, and no
-/// network at all (until the egress proxy gives them a fenced one). No
-/// host path and no Docker socket is ever mounted.
+/// network at all (until the egress proxy gives them a fenced one). The
+/// only host paths mounted are the ones the spec names (backshift's binary
+/// read-only, the shim's directory); never the Docker socket.
 #[derive(Clone)]
 pub struct DockerDriver {
     docker: Docker,
@@ -114,6 +115,18 @@ impl SandboxDriver for DockerDriver {
             init: Some(true),
             network_mode: Some("none".into()),
             privileged: Some(false),
+            mounts: (!spec.mounts.is_empty()).then(|| {
+                spec.mounts
+                    .iter()
+                    .map(|m| Mount {
+                        target: Some(m.target.clone()),
+                        source: Some(m.host.display().to_string()),
+                        typ: Some(MountType::BIND),
+                        read_only: Some(m.read_only),
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
             ..Default::default()
         };
         let body = ContainerCreateBody {
@@ -122,7 +135,11 @@ impl SandboxDriver for DockerDriver {
             working_dir: Some(spec.workdir.clone()),
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             labels: Some(spec.labels.clone().into_iter().collect::<HashMap<_, _>>()),
-            cmd: Some(vec!["sleep".into(), "infinity".into()]),
+            cmd: Some(
+                spec.command
+                    .clone()
+                    .unwrap_or_else(|| vec!["sleep".into(), "infinity".into()]),
+            ),
             hostname: Some("sandbox".into()),
             host_config: Some(host_config),
             ..Default::default()

@@ -27,6 +27,8 @@ pub mod labels {
     pub const TASK: &str = "dev.backshift.task";
     /// The attempt the sandbox serves.
     pub const ATTEMPT: &str = "dev.backshift.attempt";
+    /// The host directory of the sandbox's shim (socket and journal).
+    pub const SHIM_DIR: &str = "dev.backshift.shim-dir";
 }
 
 /// A sandbox's id within its driver.
@@ -77,6 +79,22 @@ pub struct SandboxSpec {
     pub workdir: String,
     /// Environment of every process.
     pub env: Vec<(String, String)>,
+    /// Host paths bound into the sandbox: only backshift's own (its binary,
+    /// read-only, and the shim's directory).
+    pub mounts: Vec<Mount>,
+    /// The sandbox's main process (default: one that idles).
+    pub command: Option<Vec<String>>,
+}
+
+/// A host path bound into a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// The path on the host.
+    pub host: std::path::PathBuf,
+    /// Where it appears in the sandbox.
+    pub target: String,
+    /// Whether the sandbox may not write to it.
+    pub read_only: bool,
 }
 
 /// A command to run inside a sandbox.

@@ -58,6 +58,8 @@ fn spec(test: &str) -> SandboxSpec {
         user: format!("{SANDBOX_UID}:{SANDBOX_UID}"),
         workdir: "/workspace".into(),
         env: vec![("BACKSHIFT_TEST".into(), "1".into())],
+        mounts: Vec::new(),
+        command: None,
     }
 }
 

@@ -7,7 +7,7 @@ use crate::serve::App;
 use crate::supervisor::{Stop, StopReason};
 use async_trait::async_trait;
 use backshift_agent::{
-    AgentOutcome, Conversation, EventSink, ModelClient, SandboxTools, run_agent,
+    AgentOutcome, Conversation, EventSink, ModelClient, Replay, SandboxTools, run_agent,
 };
 use backshift_core::{AttemptState, FailureReason, Transition};
 use backshift_protocol::EventKind;
@@ -15,10 +15,13 @@ use backshift_sandbox::docker::DockerDriver;
 use backshift_sandbox::image::SANDBOX_UID;
 use backshift_sandbox::tarball::{Owner, archive_dir, first_file};
 use backshift_sandbox::{
-    ExecSpec, ResourceLimits, SandboxDriver, SandboxError, SandboxId, SandboxSpec, labels,
+    ExecSpec, Mount, ResourceLimits, SandboxDriver, SandboxError, SandboxId, SandboxSpec, labels,
 };
+use backshift_shim::ShimClient;
+use backshift_shim::proto::{SANDBOX_BINARY, SANDBOX_DIR};
 use backshift_store::{AttemptRow, AttemptUpdate, CheckpointRow, TaskRow};
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +52,8 @@ struct Run {
     task: TaskRow,
     state: AttemptState,
     sandbox: Option<(Arc<dyn SandboxDriver>, SandboxId)>,
+    /// The sandbox's shim directory on the host.
+    shim_dir: Option<PathBuf>,
 }
 
 impl Run {
@@ -88,6 +93,27 @@ impl Run {
             .clone()
             .ok_or_else(|| Failure(FailureReason::Internal, "no sandbox at this step".into()))
     }
+
+    /// Removes the sandbox (if any) and its shim directory.
+    async fn discard_sandbox(&mut self) {
+        if let Some((driver, id)) = self.sandbox.take()
+            && let Err(e) = driver.destroy(&id).await
+        {
+            tracing::warn!(attempt = %self.attempt.id, "sandbox {id} not removed: {e}");
+        }
+        if let Some(dir) = self.shim_dir.take() {
+            remove_shim_dir(&dir).await;
+        }
+    }
+}
+
+/// Removes a shim directory (its socket and journal).
+pub async fn remove_shim_dir(dir: &Path) {
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("cannot remove shim directory {}: {e}", dir.display());
+    }
 }
 
 /// Why the steps stopped short of success.
@@ -121,6 +147,7 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         attempt,
         task,
         sandbox: None,
+        shim_dir: None,
     };
     let begun = if run.state == AttemptState::Queued {
         run.step(Transition::Start, None).await
@@ -190,12 +217,10 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
             )),
         ),
     };
-    if let Some((driver, id)) = run.sandbox.take() {
+    if run.sandbox.is_some() {
         run.progress("removing the sandbox").await;
-        if let Err(e) = driver.destroy(&id).await {
-            tracing::warn!(attempt = %run.attempt.id, "sandbox {id} not removed: {e}");
-        }
     }
+    run.discard_sandbox().await;
     if let Some(t) = transition
         && !run.state.is_terminal()
         && let Err(e) = app
@@ -238,9 +263,7 @@ async fn drive(run: &mut Run) -> Result<(), Failure> {
             Err(Halt::Fail(f)) => return Err(f),
             Err(Halt::Lost(why)) => {
                 run.progress(format!("sandbox lost: {why}")).await;
-                if let Some((driver, id)) = run.sandbox.take() {
-                    let _ = driver.destroy(&id).await;
-                }
+                run.discard_sandbox().await;
                 run.step(Transition::SandboxLost, Some(why)).await?;
             }
         }
@@ -254,25 +277,38 @@ async fn fresh(run: &mut Run) -> Result<(), Halt> {
     prepare(run, None).await?;
     run.step(Transition::Prepared, None).await?;
     let conversation = Conversation::new(&run.task.prompt, WORKDIR);
-    finish(run, None, conversation).await
+    finish(run, None, 0, conversation).await
 }
 
-/// Back to the newest checkpoint: the surviving sandbox is adopted (what
-/// was running in it is killed and its tree reset to the checkpoint), or
-/// a new one is built from the checkpoint; then the agent resumes its
-/// conversation, or, when it had already finished, publishing runs again.
+/// After a restart or a lost sandbox. A surviving sandbox whose shim
+/// answers is adopted as it is: nothing in it was lost, commands it runs
+/// keep running, and the agent continues its conversation exactly where
+/// it was (tool calls it had decided are carried out, a running command
+/// is followed rather than started again). Otherwise a new sandbox is
+/// built from the newest checkpoint and the agent resumes from there,
+/// told what was lost. When the agent had already finished, publishing
+/// runs again.
 async fn recover(run: &mut Run) -> Result<(), Halt> {
     let app = run.app.clone();
     let fail = |reason, msg: String| Halt::Fail(Failure(reason, msg));
+    let internal = |e: &dyn std::fmt::Display| fail(FailureReason::Internal, e.to_string());
     let checkpoint = app
         .store
         .latest_checkpoint(&run.attempt.id)
         .await
-        .map_err(|e| fail(FailureReason::Internal, e.to_string()))?;
-    let adopted = adopt(run, checkpoint.as_ref()).await?;
+        .map_err(|e| internal(&e))?;
+    let adopted = adopt(run).await?;
     if !adopted {
         provision(run).await?;
         prepare(run, checkpoint.as_ref()).await?;
+        // The conversation goes back to the checkpoint too.
+        app.store
+            .set_conversation_len(
+                &run.attempt.id,
+                checkpoint.as_ref().map_or(0, |c| c.messages),
+            )
+            .await
+            .map_err(|e| internal(&e))?;
     }
     let _ = app
         .hub
@@ -286,23 +322,44 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
         )
         .await;
     run.step(Transition::Recovered, None).await?;
+    // Every token the attempt used counts, the interrupted turn's too.
+    let tokens_used = app
+        .store
+        .model_tokens_used(&run.attempt.id)
+        .await
+        .map_err(|e| internal(&e))?;
+    let parse = |bodies: Vec<String>| {
+        bodies
+            .iter()
+            .map(|b| serde_json::from_str(b))
+            .collect::<Result<Vec<serde_json::Value>, _>>()
+            .map_err(|e| fail(FailureReason::Internal, format!("stored message: {e}")))
+    };
+    if adopted {
+        let live = parse(
+            app.store
+                .live_messages(&run.attempt.id)
+                .await
+                .map_err(|e| internal(&e))?,
+        )?;
+        if !live.is_empty() {
+            let replay = replay(&app, &run.attempt.id)
+                .await
+                .map_err(|e| internal(&e))?;
+            let turns = completed_turns(&live);
+            let saved = live.len() as u32;
+            let conversation = Conversation::continued(live, turns, tokens_used, replay);
+            return finish(run, checkpoint.as_ref(), saved, conversation).await;
+        }
+    }
     let conversation = match &checkpoint {
         Some(cp) => {
-            let bodies = app
-                .store
-                .messages(&run.attempt.id, cp.messages)
-                .await
-                .map_err(|e| fail(FailureReason::Internal, e.to_string()))?;
-            let messages = bodies
-                .iter()
-                .map(|b| serde_json::from_str(b))
-                .collect::<Result<Vec<serde_json::Value>, _>>()
-                .map_err(|e| fail(FailureReason::Internal, format!("stored message: {e}")))?;
-            let why = if adopted {
-                "the control plane restarted"
-            } else {
-                "the sandbox was lost and rebuilt"
-            };
+            let messages = parse(
+                app.store
+                    .messages(&run.attempt.id, cp.messages)
+                    .await
+                    .map_err(|e| internal(&e))?,
+            )?;
             // A checkpoint taken during the first turn has no
             // conversation yet: start it, with the note.
             let messages = if messages.is_empty() {
@@ -310,20 +367,82 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
             } else {
                 messages
             };
-            Conversation::resumed(messages, cp.turn, 0, why)
+            Conversation::resumed(messages, cp.turn, 0, "the sandbox was lost and rebuilt")
         }
         None => Conversation::new(&run.task.prompt, WORKDIR),
     };
-    // Every token the attempt used counts, the interrupted turn's too.
     let conversation = Conversation {
-        tokens_used: app
-            .store
-            .model_tokens_used(&run.attempt.id)
-            .await
-            .map_err(|e| fail(FailureReason::Internal, e.to_string()))?,
+        tokens_used,
         ..conversation
     };
-    finish(run, checkpoint.as_ref(), conversation).await
+    let saved = checkpoint.as_ref().map_or(0, |c| c.messages);
+    finish(run, checkpoint.as_ref(), saved, conversation).await
+}
+
+/// Turns the conversation has completed: one assistant message each, not
+/// counting a last one whose tool calls still wait for results.
+fn completed_turns(messages: &[serde_json::Value]) -> u32 {
+    let role = |m: &serde_json::Value| {
+        m.get("role")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    let assistants = messages
+        .iter()
+        .filter(|m| role(m).as_deref() == Some("assistant"))
+        .count() as u32;
+    let last = messages
+        .iter()
+        .rposition(|m| role(m).as_deref() == Some("assistant"));
+    let pending = last.is_some_and(|i| {
+        let calls = messages[i]
+            .get("tool_calls")
+            .and_then(serde_json::Value::as_array)
+            .map_or(0, Vec::len);
+        let results = messages[i + 1..]
+            .iter()
+            .filter(|m| role(m).as_deref() == Some("tool"))
+            .count();
+        results < calls
+    });
+    assistants - u32::from(pending)
+}
+
+/// What the log already holds of the calls of the interrupted turn.
+async fn replay(app: &App, attempt: &str) -> Result<Replay, backshift_store::StoreError> {
+    let since = app
+        .store
+        .last_seq_of_kind(attempt, "model_response")
+        .await?;
+    let events = app
+        .store
+        .events_of_kinds(
+            attempt,
+            &["tool_call", "tool_result", "command_output"],
+            since.saturating_sub(1),
+        )
+        .await?;
+    let mut replay = Replay::default();
+    for e in events {
+        match e.kind {
+            EventKind::ToolCall { call_id, .. } => {
+                replay.announced.insert(call_id);
+            }
+            EventKind::ToolResult { call_id, .. } => {
+                replay.reported.insert(call_id);
+            }
+            EventKind::CommandOutput {
+                call_id,
+                journal_seq: Some(seq),
+                ..
+            } => {
+                let upto = replay.output_recorded.entry(call_id).or_default();
+                *upto = (*upto).max(seq);
+            }
+            _ => {}
+        }
+    }
+    Ok(replay)
 }
 
 /// The agent (unless it already finished: its summary is stored), then
@@ -331,6 +450,7 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
 async fn finish(
     run: &mut Run,
     checkpoint: Option<&CheckpointRow>,
+    saved: u32,
     conversation: Conversation,
 ) -> Result<(), Halt> {
     let summary = match run.attempt.summary.clone() {
@@ -340,7 +460,7 @@ async fn finish(
             s
         }
         None => {
-            let s = work(run, checkpoint, conversation).await?;
+            let s = work(run, checkpoint, saved, conversation).await?;
             run.app
                 .store
                 .update_attempt(
@@ -363,10 +483,11 @@ async fn finish(
     Ok(())
 }
 
-/// Adopts the attempt's surviving sandbox, if one runs: kills what the
-/// interrupted attempt left running and resets the tree to `checkpoint`
-/// (or the base). Removes stopped ones. Returns whether it adopted.
-async fn adopt(run: &mut Run, checkpoint: Option<&CheckpointRow>) -> Result<bool, Halt> {
+/// Adopts the attempt's surviving sandbox when its shim answers (one
+/// request on the shim's socket: no call to Docker when the supervisor's
+/// listing already found it). Removes the others. Returns whether it
+/// adopted.
+async fn adopt(run: &mut Run) -> Result<bool, Halt> {
     let app = run.app.clone();
     let Ok(driver) = app.docker().await else {
         return Ok(false);
@@ -385,59 +506,47 @@ async fn adopt(run: &mut Run, checkpoint: Option<&CheckpointRow>) -> Result<bool
     let driver: Arc<dyn SandboxDriver> = driver;
     let mut adopted = None;
     for sb in found {
-        if sb.running && adopted.is_none() && run.attempt.base_commit.is_some() {
-            adopted = Some(sb.id);
+        let dir = sb.labels.get(labels::SHIM_DIR).map(PathBuf::from);
+        if let (true, None, Some(_), Some(dir)) =
+            (sb.running, &adopted, &run.attempt.base_commit, &dir)
+        {
+            adopted = Some((sb.id, dir.clone()));
         } else {
             let _ = driver.destroy(&sb.id).await;
+            if let Some(dir) = dir {
+                remove_shim_dir(&dir).await;
+            }
         }
     }
-    let Some(id) = adopted else {
+    let Some((id, dir)) = adopted else {
         return Ok(false);
     };
-    run.progress(format!(
-        "adopting the surviving sandbox {}",
-        &id.0[..12.min(id.0.len())]
-    ))
-    .await;
-    let target = checkpoint
-        .map(|c| c.commit_sha.clone())
-        .or_else(|| run.attempt.base_commit.clone())
-        .unwrap_or_default();
-    // One exec: killing what was left running, then the reset.
-    let restore = ExecSpec {
-        argv: vec![
-            "bash".into(),
-            "-c".into(),
-            format!(
-                "{}\n{}",
-                checkpoint::KILL_STRAYS_SCRIPT,
-                checkpoint::RESTORE_SCRIPT
-            ),
-        ],
-        workdir: Some(WORKDIR.into()),
-        env: vec![
-            ("TARGET".into(), target),
-            ("CKPT_REF".into(), checkpoint::SANDBOX_REF.into()),
-        ],
-        ..Default::default()
-    };
-    let ok = match driver.exec_collect(&id, &restore).await {
-        Ok(o) if o.exit_code == 0 => true,
-        Ok(o) => {
+    let short = &id.0[..12.min(id.0.len())];
+    match ShimClient::new(&dir).status().await {
+        Ok(status) => {
+            let running = if status.running.is_empty() {
+                "no command running".to_owned()
+            } else {
+                format!("still running: {}", status.running.join(", "))
+            };
             run.progress(format!(
-                "cannot reset the surviving sandbox ({}); building a new one",
-                String::from_utf8_lossy(&o.stderr).trim()
+                "re-attached to sandbox {short}: its journal holds {} entries; {running}",
+                status.last_seq
             ))
             .await;
-            false
         }
-        Err(_) => false,
-    };
-    if !ok {
-        let _ = driver.destroy(&id).await;
-        return Ok(false);
+        Err(e) => {
+            run.progress(format!(
+                "sandbox {short} survived but cannot be re-attached ({e}); building a new one"
+            ))
+            .await;
+            let _ = driver.destroy(&id).await;
+            remove_shim_dir(&dir).await;
+            return Ok(false);
+        }
     }
     run.sandbox = Some((driver, id));
+    run.shim_dir = Some(dir);
     Ok(true)
 }
 
@@ -456,6 +565,15 @@ async fn provision(run: &mut Run) -> Result<(), Failure> {
         ensure_pulled(run, &driver, &image).await?;
     }
     run.progress(format!("creating sandbox from {image}")).await;
+    let shim_dir = new_shim_dir(&app, &run.attempt.id).map_err(|e| {
+        Failure(
+            FailureReason::SandboxFailed,
+            format!(
+                "cannot create the sandbox's shim directory under {}: {e}",
+                app.data_dir.display()
+            ),
+        )
+    })?;
     let spec = SandboxSpec {
         image: image.clone(),
         name: format!("backshift-{}", run.attempt.id),
@@ -464,6 +582,7 @@ async fn provision(run: &mut Run) -> Result<(), Failure> {
             (labels::INSTANCE.to_owned(), app.instance.clone()),
             (labels::TASK.to_owned(), run.task.id.clone()),
             (labels::ATTEMPT.to_owned(), run.attempt.id.clone()),
+            (labels::SHIM_DIR.to_owned(), shim_dir.display().to_string()),
         ]),
         limits: ResourceLimits {
             memory_bytes: app.config.sandbox.memory_mb * 1024 * 1024,
@@ -476,9 +595,26 @@ async fn provision(run: &mut Run) -> Result<(), Failure> {
             ("HOME".into(), "/home/agent".into()),
             ("LANG".into(), "C.UTF-8".into()),
         ],
+        mounts: vec![
+            Mount {
+                host: app.shim_binary.clone(),
+                target: SANDBOX_BINARY.into(),
+                read_only: true,
+            },
+            Mount {
+                host: shim_dir.clone(),
+                target: SANDBOX_DIR.into(),
+                read_only: false,
+            },
+        ],
+        command: Some(vec![SANDBOX_BINARY.into(), "shim".into()]),
     };
     let driver: Arc<dyn SandboxDriver> = driver;
-    let id = driver.create(&spec).await.map_err(|e| match e {
+    let created = driver.create(&spec).await;
+    if created.is_err() {
+        remove_shim_dir(&shim_dir).await;
+    }
+    let id = created.map_err(|e| match e {
         SandboxError::ImageMissing(image) => Failure(
             FailureReason::ImageMissing,
             format!(
@@ -498,10 +634,36 @@ async fn provision(run: &mut Run) -> Result<(), Failure> {
             },
         )
         .await;
+    run.sandbox = Some((driver, id.clone()));
+    run.shim_dir = Some(shim_dir.clone());
+    if let Err(e) = ShimClient::new(&shim_dir)
+        .wait_ready(Duration::from_secs(15))
+        .await
+    {
+        return Err(Failure(
+            FailureReason::SandboxFailed,
+            format!(
+                "the sandbox started but its shim ({SANDBOX_BINARY} shim, backshift's own binary mounted read-only) did not answer: {e}. The binary must be statically linked (build backshift from its repository, whose cargo config does that) and the image must let user {SANDBOX_UID} run it."
+            ),
+        ));
+    }
     run.progress(format!("sandbox {} is up", &id.0[..12.min(id.0.len())]))
         .await;
-    run.sandbox = Some((driver, id));
     Ok(())
+}
+
+/// A new, empty shim directory for a sandbox of `attempt`, owned by the
+/// sandbox's user (the shim writes its socket and journal there).
+fn new_shim_dir(app: &App, attempt: &str) -> std::io::Result<PathBuf> {
+    let suffix: u32 = rand::random();
+    let dir = app
+        .data_dir
+        .join("run")
+        .join(format!("{attempt}-{suffix:08x}"));
+    std::fs::create_dir_all(&dir)?;
+    let uid = u32::try_from(SANDBOX_UID).map_err(std::io::Error::other)?;
+    std::os::unix::fs::chown(&dir, Some(uid), Some(uid))?;
+    Ok(dir)
 }
 
 /// A configured image that is not on the Docker host is pulled from its
@@ -641,18 +803,22 @@ async fn prepare(run: &mut Run, restore: Option<&CheckpointRow>) -> Result<(), H
 async fn work(
     run: &mut Run,
     checkpoint: Option<&CheckpointRow>,
+    saved: u32,
     conversation: Conversation,
 ) -> Result<String, Halt> {
     let app = run.app.clone();
     let (driver, id) = run.sandbox()?;
+    let shim_dir = run
+        .shim_dir
+        .clone()
+        .ok_or_else(|| Failure(FailureReason::Internal, "the sandbox has no shim".into()))?;
     let model_config = app
         .model_config()
         .map_err(|e| Failure(FailureReason::ModelError, e))?;
     let model = ModelClient::new(model_config)
         .map_err(|e| Failure(FailureReason::ModelError, e.to_string()))?;
     let tools = SandboxTools::new(
-        driver.clone(),
-        id.clone(),
+        ShimClient::new(&shim_dir),
         WORKDIR,
         Duration::from_secs(run.task.limits.command_timeout_secs),
     );
@@ -670,6 +836,7 @@ async fn work(
         driver.clone(),
         id.clone(),
         checkpoint,
+        saved,
     );
     let agent = run_agent(
         &model,
@@ -841,7 +1008,27 @@ fn commit_message(summary: &str, task: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::commit_message;
+    use super::{commit_message, completed_turns};
+    use serde_json::json;
+
+    #[test]
+    fn a_turn_counts_once_its_calls_have_results() {
+        let calls = json!([{"id": "a"}, {"id": "b"}]);
+        let mut m = vec![
+            json!({"role": "system"}),
+            json!({"role": "user"}),
+            json!({"role": "assistant", "tool_calls": [{"id": "x"}]}),
+            json!({"role": "tool"}),
+            json!({"role": "assistant", "tool_calls": calls}),
+            json!({"role": "tool"}),
+        ];
+        assert_eq!(completed_turns(&m), 1, "the second turn waits for b");
+        m.push(json!({"role": "tool"}));
+        assert_eq!(completed_turns(&m), 2);
+        m.push(json!({"role": "assistant", "content": "plain"}));
+        assert_eq!(completed_turns(&m), 3);
+        assert_eq!(completed_turns(&m[..2]), 0);
+    }
 
     #[test]
     fn commit_messages_have_a_short_subject_and_a_trailer() {

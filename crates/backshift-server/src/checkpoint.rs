@@ -43,24 +43,6 @@ git bundle create --quiet "$BUNDLE" "$CKPT_REF" "^$parent"
 echo "NEW $commit"
 "#;
 
-/// Puts the working tree back to `commit` (a checkpoint, or the base),
-/// leaving branch and index at HEAD, and resets the chain to it.
-pub const RESTORE_SCRIPT: &str = r#"set -e
-git read-tree -u --reset "$TARGET"
-git clean -fdq
-git reset --quiet
-git update-ref "$CKPT_REF" "$TARGET"
-"#;
-
-/// Kills every process in the sandbox except its init's session and this
-/// script's own: what an interrupted attempt left running.
-pub const KILL_STRAYS_SCRIPT: &str = r#"init=$(ps -o sid= -p 1 | tr -d ' ')
-me=$(ps -o sid= -p $$ | tr -d ' ')
-ps -eo pid=,sid= | while read -r pid sid; do
-  if [ "$sid" != "$init" ] && [ "$sid" != "$me" ]; then kill -KILL "$pid" 2>/dev/null || true; fi
-done
-"#;
-
 /// Whether sandbox `id` of `attempt` still exists and runs.
 pub async fn sandbox_alive(driver: &dyn SandboxDriver, attempt: &str, id: &SandboxId) -> bool {
     match driver
@@ -81,7 +63,10 @@ enum Snapshot {
 
 struct Progress {
     next_n: u32,
-    stored: u32,
+    /// Messages of the conversation as it is now that are in the store.
+    saved: u32,
+    /// The conversation's length at the last completed turn.
+    at_turn_end: u32,
     /// The last completed turn.
     turn: u32,
     /// When the last checkpoint was taken.
@@ -101,7 +86,8 @@ pub struct AttemptJournal {
 }
 
 impl AttemptJournal {
-    /// A journal continuing after `latest` (or from nothing).
+    /// A journal continuing after `latest` (or from nothing), with the
+    /// first `saved` messages of the conversation already stored.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         app: Arc<App>,
@@ -112,6 +98,7 @@ impl AttemptJournal {
         driver: Arc<dyn SandboxDriver>,
         sandbox: SandboxId,
         latest: Option<&CheckpointRow>,
+        saved: u32,
     ) -> Self {
         AttemptJournal {
             app,
@@ -123,7 +110,8 @@ impl AttemptJournal {
             sandbox,
             progress: tokio::sync::Mutex::new(Progress {
                 next_n: latest.map_or(1, |c| c.n + 1),
-                stored: latest.map_or(0, |c| c.messages),
+                saved,
+                at_turn_end: latest.map_or(0, |c| c.messages),
                 turn: latest.map_or(0, |c| c.turn),
                 at: std::time::Instant::now(),
             }),
@@ -230,6 +218,26 @@ impl Journal for AttemptJournal {
     async fn turn_ended(&self, turn: u32, messages: &[Value]) -> Result<(), String> {
         self.checkpoint(Some((turn, messages))).await
     }
+
+    async fn progressed(&self, messages: &[Value]) -> Result<(), String> {
+        let mut progress = self.progress.lock().await;
+        let from = (progress.saved as usize).min(messages.len());
+        let bodies: Vec<String> = messages[from..].iter().map(Value::to_string).collect();
+        match self
+            .app
+            .store
+            .save_messages(&self.attempt, from as u32, &bodies, messages.len() as u32)
+            .await
+        {
+            Ok(()) => progress.saved = messages.len() as u32,
+            // Not the sandbox's fault: the turn goes on; a restart now
+            // would take it again from the last checkpoint.
+            Err(e) => {
+                tracing::error!(attempt = %self.attempt, "cannot store the conversation: {e}")
+            }
+        }
+        Ok(())
+    }
 }
 
 impl AttemptJournal {
@@ -276,10 +284,10 @@ impl AttemptJournal {
         // The checkpoint covers every event of the turn: stored first.
         self.app.hub.flush().await;
         let seq = self.app.store.last_seq(&self.attempt).await.unwrap_or(0);
-        let from = (progress.stored as usize).min(messages.len());
+        let from = (progress.saved as usize).min(messages.len());
         let bodies: Vec<String> = messages[from..].iter().map(Value::to_string).collect();
         let total = if mid_turn {
-            progress.stored
+            progress.at_turn_end
         } else {
             messages.len() as u32
         };
@@ -295,14 +303,17 @@ impl AttemptJournal {
         if let Err(e) = self
             .app
             .store
-            .record_checkpoint(&row, progress.stored.min(total), &bodies)
+            .record_checkpoint(&row, from as u32, &bodies, !mid_turn)
             .await
         {
             tracing::error!(attempt = %self.attempt, "cannot record checkpoint {n}: {e}");
             return Ok(());
         }
         progress.next_n = n + 1;
-        progress.stored = total;
+        if !mid_turn {
+            progress.saved = total;
+        }
+        progress.at_turn_end = total;
         progress.turn = turn;
         progress.at = std::time::Instant::now();
         let _ = self

@@ -39,6 +39,8 @@ pub struct App {
     _replica_lock: std::fs::File,
     /// Running attempts.
     pub supervisor: Supervisor,
+    /// This binary: mounted read-only into every sandbox as its shim.
+    pub shim_binary: PathBuf,
     docker: Mutex<Option<Arc<DockerDriver>>>,
 }
 
@@ -253,6 +255,9 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         store,
         instance,
         supervisor: Supervisor::default(),
+        shim_binary: std::env::current_exe().map_err(|e| {
+            anyhow::anyhow!("cannot find this program's own binary (the sandboxes' shim): {e}")
+        })?,
         docker: Mutex::new(None),
         data_dir: data_dir.clone(),
         config,

@@ -343,7 +343,42 @@ async fn remove_strays(app: &App) -> Option<Vec<SandboxInfo>> {
             }
         }
     }
+    remove_stray_shim_dirs(app, &kept).await;
     Some(kept)
+}
+
+/// Shim directories are made just before their sandbox: one that no
+/// sandbox names and that is older than this is left over.
+const SHIM_DIR_GRACE: Duration = Duration::from_secs(120);
+
+/// Removes shim directories under `<data>/run` that no kept sandbox uses
+/// (their sandbox was removed while this server was down).
+async fn remove_stray_shim_dirs(app: &App, kept: &[SandboxInfo]) {
+    let used: HashSet<std::path::PathBuf> = kept
+        .iter()
+        .filter_map(|sb| {
+            sb.labels
+                .get(labels::SHIM_DIR)
+                .map(std::path::PathBuf::from)
+        })
+        .collect();
+    let Ok(mut entries) = tokio::fs::read_dir(app.data_dir.join("run")).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let path = entry.path();
+        let old = entry
+            .metadata()
+            .await
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > SHIM_DIR_GRACE);
+        if old && !used.contains(&path) {
+            tracing::info!(dir = %path.display(), "removing a shim directory no sandbox uses");
+            crate::attempt::remove_shim_dir(&path).await;
+        }
+    }
 }
 
 /// The loop: start queued attempts while slots are free.

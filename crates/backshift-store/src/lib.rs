@@ -385,45 +385,26 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let seq: i64 = r.get(0);
-                let ts: i64 = r.get(1);
-                let body: String = r.get(2);
-                let kind: EventKind = serde_json::from_str(&body)
-                    .map_err(|e| StoreError::Corrupt(format!("event {attempt_id}/{seq}: {e}")))?;
-                Ok(Event {
-                    attempt_id: attempt_id.to_owned(),
-                    driver: r.get(3),
-                    seq: seq as u64,
-                    ts: backshift_protocol::format_ts(ts),
-                    kind,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| event_from_row(attempt_id, r)).collect()
     }
 
     /// Records checkpoint `cp` and the conversation messages from index
     /// `first` on (`messages[i]` is message `first + i`), in one
     /// transaction. A message index written again is overwritten: after a
     /// resume the conversation continues from an earlier length.
+    /// With `live`, the conversation's current length is set to
+    /// `cp.messages` too (a turn's end).
     pub async fn record_checkpoint(
         &self,
         cp: &CheckpointRow,
         first: u32,
         messages: &[String],
+        live: bool,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        for (i, body) in messages.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO agent_messages (attempt_id, idx, body) VALUES ($1, $2, $3) \
-                 ON CONFLICT (attempt_id, idx) DO UPDATE SET body = excluded.body",
-            )
-            .bind(&cp.attempt_id)
-            .bind(i64::from(first) + i as i64)
-            .bind(body)
-            .execute(&mut *tx)
-            .await?;
+        upsert_messages(&mut tx, &cp.attempt_id, first, messages).await?;
+        if live {
+            set_conversation_len(&mut *tx, &cp.attempt_id, cp.messages).await?;
         }
         sqlx::query(
             "INSERT INTO checkpoints (attempt_id, n, seq, turn, messages, commit_sha, created_at) \
@@ -440,6 +421,75 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Stores the conversation's messages from index `first` on and sets
+    /// its current length to `len`, in one transaction: the conversation
+    /// mid-turn.
+    pub async fn save_messages(
+        &self,
+        attempt_id: &str,
+        first: u32,
+        messages: &[String],
+        len: u32,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        upsert_messages(&mut tx, attempt_id, first, messages).await?;
+        set_conversation_len(&mut *tx, attempt_id, len).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Sets the conversation's current length (a recovery that goes back
+    /// to a checkpoint shortens it).
+    pub async fn set_conversation_len(&self, attempt_id: &str, len: u32) -> Result<()> {
+        set_conversation_len(&self.pool, attempt_id, len).await
+    }
+
+    /// The conversation as it is now, mid-turn included.
+    pub async fn live_messages(&self, attempt_id: &str) -> Result<Vec<String>> {
+        let row = sqlx::query("SELECT COALESCE(conversation_len, 0) FROM attempts WHERE id = $1")
+            .bind(attempt_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let len = row.map_or(0, |r| r.get::<i64, _>(0));
+        self.messages(attempt_id, len as u32).await
+    }
+
+    /// The attempt's events of the given kinds with a seq above `after`,
+    /// in order.
+    pub async fn events_of_kinds(
+        &self,
+        attempt_id: &str,
+        kinds: &[&str],
+        after: u64,
+    ) -> Result<Vec<Event>> {
+        let marks: Vec<String> = (0..kinds.len()).map(|i| format!("${}", i + 3)).collect();
+        let sql = format!(
+            "SELECT seq, ts, body, driver FROM events WHERE attempt_id = $1 AND seq > $2 \
+             AND kind IN ({}) ORDER BY seq",
+            marks.join(", ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(attempt_id)
+            .bind(after as i64);
+        for k in kinds {
+            query = query.bind(*k);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(|r| event_from_row(attempt_id, r)).collect()
+    }
+
+    /// The seq of the attempt's last event of `kind` (0 when none).
+    pub async fn last_seq_of_kind(&self, attempt_id: &str, kind: &str) -> Result<u64> {
+        let row = sqlx::query(
+            "SELECT COALESCE(MAX(seq), 0) FROM events WHERE attempt_id = $1 AND kind = $2",
+        )
+        .bind(attempt_id)
+        .bind(kind)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.get::<i64, _>(0) as u64)
     }
 
     /// The attempt's newest checkpoint.
@@ -609,6 +659,54 @@ pub struct AttemptUpdate<'a> {
     pub sandbox_id: Option<&'a str>,
     /// When it left the queue (kept once set).
     pub started_at: Option<i64>,
+}
+
+/// An event from a `seq, ts, body, driver` row.
+fn event_from_row(attempt_id: &str, r: &sqlx::any::AnyRow) -> Result<Event> {
+    let seq: i64 = r.get(0);
+    let ts: i64 = r.get(1);
+    let body: String = r.get(2);
+    let kind: EventKind = serde_json::from_str(&body)
+        .map_err(|e| StoreError::Corrupt(format!("event {attempt_id}/{seq}: {e}")))?;
+    Ok(Event {
+        attempt_id: attempt_id.to_owned(),
+        driver: r.get(3),
+        seq: seq as u64,
+        ts: backshift_protocol::format_ts(ts),
+        kind,
+    })
+}
+
+async fn upsert_messages(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    attempt_id: &str,
+    first: u32,
+    messages: &[String],
+) -> Result<()> {
+    for (i, body) in messages.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO agent_messages (attempt_id, idx, body) VALUES ($1, $2, $3) \
+             ON CONFLICT (attempt_id, idx) DO UPDATE SET body = excluded.body",
+        )
+        .bind(attempt_id)
+        .bind(i64::from(first) + i as i64)
+        .bind(body)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn set_conversation_len<'e, E>(executor: E, attempt_id: &str, len: u32) -> Result<()>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    sqlx::query("UPDATE attempts SET conversation_len = $1 WHERE id = $2")
+        .bind(i64::from(len))
+        .bind(attempt_id)
+        .execute(executor)
+        .await?;
+    Ok(())
 }
 
 async fn insert_event<'e, E>(executor: E, event: &Event, now: i64) -> Result<()>

@@ -216,11 +216,11 @@ async fn checkpoints_carry_the_conversation_and_a_resume_overwrites_its_tail(sto
     };
     let m = |s: &str| s.to_owned();
     store
-        .record_checkpoint(&cp(1, 3), 0, &[m("sys"), m("user"), m("a1")])
+        .record_checkpoint(&cp(1, 3), 0, &[m("sys"), m("user"), m("a1")], true)
         .await
         .unwrap();
     store
-        .record_checkpoint(&cp(2, 5), 3, &[m("t1"), m("a2")])
+        .record_checkpoint(&cp(2, 5), 3, &[m("t1"), m("a2")], true)
         .await
         .unwrap();
     assert_eq!(
@@ -233,7 +233,7 @@ async fn checkpoints_carry_the_conversation_and_a_resume_overwrites_its_tail(sto
     );
     // Resumed from checkpoint 1, the conversation goes another way.
     store
-        .record_checkpoint(&cp(3, 4), 3, &[m("note")])
+        .record_checkpoint(&cp(3, 4), 3, &[m("note")], true)
         .await
         .unwrap();
     assert_eq!(
@@ -243,10 +243,92 @@ async fn checkpoints_carry_the_conversation_and_a_resume_overwrites_its_tail(sto
     // Asking for more than was stored is corruption, not a short answer.
     assert!(store.messages(&attempt, 9).await.is_err());
     // Checkpoint numbers are unique per attempt.
-    assert!(store.record_checkpoint(&cp(3, 4), 4, &[]).await.is_err());
+    assert!(
+        store
+            .record_checkpoint(&cp(3, 4), 4, &[], true)
+            .await
+            .is_err()
+    );
+}
+
+async fn the_live_conversation_runs_ahead_of_checkpoints(store: Store) {
+    let attempt = one_task(&store).await;
+    assert!(store.live_messages(&attempt).await.unwrap().is_empty());
+    let m = |s: &str| s.to_owned();
+    store
+        .save_messages(&attempt, 0, &[m("sys"), m("user"), m("calls")], 3)
+        .await
+        .unwrap();
+    store
+        .save_messages(&attempt, 3, &[m("result")], 4)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.live_messages(&attempt).await.unwrap(),
+        ["sys", "user", "calls", "result"]
+    );
+    // A mid-turn checkpoint leaves the live length alone; going back to a
+    // checkpoint shortens it.
+    let cp = CheckpointRow {
+        attempt_id: attempt.clone(),
+        n: 1,
+        seq: 1,
+        turn: 0,
+        messages: 2,
+        commit_sha: "0".repeat(40),
+        created_at: 1,
+    };
+    store.record_checkpoint(&cp, 2, &[], false).await.unwrap();
+    assert_eq!(store.live_messages(&attempt).await.unwrap().len(), 4);
+    store.set_conversation_len(&attempt, 2).await.unwrap();
+    assert_eq!(
+        store.live_messages(&attempt).await.unwrap(),
+        ["sys", "user"]
+    );
+    // Events by kind, after a seq.
+    let out = |seq, text: &str| {
+        event(
+            &attempt,
+            seq,
+            EventKind::CommandOutput {
+                call_id: "c".into(),
+                stream: backshift_protocol::OutputStream::Stdout,
+                text: text.into(),
+                journal_seq: Some(seq),
+            },
+        )
+    };
+    for e in [
+        out(1, "a"),
+        event(
+            &attempt,
+            2,
+            EventKind::Progress {
+                message: "p".into(),
+            },
+        ),
+        out(3, "b"),
+        out(4, "c"),
+    ] {
+        store.append_event(&e, 1).await.unwrap();
+    }
+    let found = store
+        .events_of_kinds(&attempt, &["command_output", "tool_call"], 1)
+        .await
+        .unwrap();
+    assert_eq!(found.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(
+        store.last_seq_of_kind(&attempt, "progress").await.unwrap(),
+        2
+    );
+    assert_eq!(
+        store.last_seq_of_kind(&attempt, "tool_call").await.unwrap(),
+        0
+    );
 }
 
 on_both!(
+    the_live_conversation_runs_ahead_of_checkpoints,
     a_created_task_reads_back_with_a_queued_attempt,
     projects_are_one_per_source,
     transitions_are_compare_and_set_and_carry_their_event,

@@ -212,7 +212,9 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             println!("task {} is {}", task.id, task.state);
             Ok(0)
         }
-        Command::Serve { .. } | Command::Image { .. } => bail!("not a client command"),
+        Command::Serve { .. } | Command::Image { .. } | Command::Shim { .. } => {
+            bail!("not a client command")
+        }
     }
 }
 

@@ -114,6 +114,13 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Run as a sandbox's shim (started by backshift inside each sandbox).
+    #[command(hide = true)]
+    Shim {
+        /// The shim's directory: its socket and journal.
+        #[arg(long, default_value = backshift_shim::proto::SANDBOX_DIR)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -138,6 +145,9 @@ enum ImageCommand {
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::Shim { dir } = &cli.command {
+        std::process::exit(shim(dir));
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -147,4 +157,26 @@ fn main() {
     };
     let code = runtime.block_on(commands::dispatch(cli));
     std::process::exit(code);
+}
+
+/// The shim: a single-threaded runtime (it runs in every sandbox, under
+/// the sandbox's process limit).
+fn shim(dir: &std::path::Path) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("backshift shim: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(backshift_shim::server::serve(dir)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("backshift shim: {e} (directory {})", dir.display());
+            1
+        }
+    }
 }

@@ -1,8 +1,10 @@
 //! Recovery: a sandbox killed mid-run is rebuilt from the last checkpoint,
 //! and a server killed with SIGKILL picks its attempts up again on restart
-//! (adopting the surviving sandbox). In both cases the attempt succeeds,
-//! its branch holds the work from before and after the interruption, and
-//! its event log has no gap and no duplicate.
+//! (adopting the surviving sandbox through its shim: the command that was
+//! running keeps running, is followed again, and never runs twice). In
+//! both cases the attempt succeeds, its branch holds the work from before
+//! and after the interruption, and its event log has no gap and no
+//! duplicate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -14,13 +16,14 @@ use std::time::Duration;
 use testkit::docker;
 
 /// Writes a file, runs a three-second command (the window in which the
-/// test interrupts), writes another file, finishes. In turn mode, so a
+/// test interrupts) that counts its runs in `ran.txt`, writes another
+/// file, finishes. In turn mode, so a
 /// resumed conversation gets the same answers for the same state.
 fn resumable_script() -> fake_model::Script {
     script(json!({"mode": "turn", "steps": [
         {"reply": {"tool_calls": [{"name": "write_file", "arguments": {"path": "before.txt", "content": "written before\n"}}]}},
         {"expect": {"tool_results": [{"contains": "wrote"}]},
-         "reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "sleep 3; echo slept"}}]}},
+         "reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "echo run >> ran.txt; echo started; sleep 3; echo slept"}}]}},
         {"expect": {"tool_results": [{"contains": "slept"}]},
          "reply": {"tool_calls": [{"name": "write_file", "arguments": {"path": "after.txt", "content": "written after\n"}}]}},
         {"expect": {"tool_results": [{"contains": "wrote"}]},
@@ -105,27 +108,44 @@ async fn assert_recovered(w: &World, task: &str, attempt: &str, adopted: bool) {
     assert_eq!(restored["checkpoint"], 1, "{restored}");
     assert_eq!(restored["turn"], 1, "{restored}");
     assert_eq!(restored["adopted"], adopted, "{restored}");
-    // The interrupted turn ran again; the ones before it did not.
     let calls: Vec<&str> = evs
         .iter()
         .filter(|e| e["type"] == "tool_call")
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        calls,
-        [
-            "write_file",
-            "run_command",
-            "run_command",
-            "write_file",
-            "finish"
-        ]
-    );
+    let output: String = evs
+        .iter()
+        .filter(|e| e["type"] == "command_output")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    let results = evs.iter().filter(|e| e["type"] == "tool_result").count();
+    if adopted {
+        // The sandbox survived: the running command was followed again,
+        // not started again, and its output is recorded exactly once.
+        assert_eq!(calls, ["write_file", "run_command", "write_file", "finish"]);
+        assert_eq!(output, "started\nslept\n");
+        assert_eq!(results, 4);
+    } else {
+        // Rebuilt from the checkpoint before it: the interrupted turn ran
+        // again; the ones before it did not.
+        assert_eq!(
+            calls,
+            [
+                "write_file",
+                "run_command",
+                "run_command",
+                "write_file",
+                "finish"
+            ]
+        );
+    }
 
     let (code, diff, _) = w.cli(&["diff", task]).await;
     assert_eq!(code, 0);
     assert!(diff.contains("+written before"), "{diff}");
     assert!(diff.contains("+written after"), "{diff}");
+    // One run in the work that was kept, whichever way it recovered.
+    assert_eq!(diff.matches("+run").count(), 1, "{diff}");
     assert!(
         containers_of(attempt).is_empty(),
         "no sandbox is left behind"
