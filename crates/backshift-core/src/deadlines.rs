@@ -64,10 +64,44 @@ impl AttemptState {
     }
 }
 
+/// Wall time an attempt has used at `now` (milliseconds): since its first
+/// start, minus the time it was held (paused or waiting for a person:
+/// `held_ms` before its current state, plus the current stay when the
+/// current state holds the clock, which began at `state_since`).
+pub fn wall_time_used(
+    started_at: i64,
+    held_ms: i64,
+    state: AttemptState,
+    state_since: i64,
+    now: i64,
+) -> i64 {
+    let current = if state.holds_wall_time() {
+        now.saturating_sub(state_since).max(0)
+    } else {
+        0
+    };
+    now.saturating_sub(started_at)
+        .saturating_sub(held_ms)
+        .saturating_sub(current)
+        .max(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::Transition;
+
+    #[test]
+    fn held_time_does_not_count_against_the_wall_time_budget() {
+        use AttemptState as S;
+        // Started at 0; 300 ms held before; running since 1000.
+        assert_eq!(wall_time_used(0, 300, S::Running, 1000, 2000), 1700);
+        // Waiting for a person since 1000: the clock stopped there.
+        assert_eq!(wall_time_used(0, 300, S::WaitingApproval, 1000, 5000), 700);
+        assert_eq!(wall_time_used(0, 0, S::Paused, 100, 9000), 100);
+        // Never negative, whatever the clocks say.
+        assert_eq!(wall_time_used(500, 0, S::Running, 500, 400), 0);
+    }
 
     #[test]
     fn every_active_state_has_a_deadline_that_ends_the_attempt() {

@@ -69,6 +69,12 @@ impl AttemptState {
         )
     }
 
+    /// Time in this state does not count against the attempt's wall-time
+    /// budget: it waits for a person (or was paused by one).
+    pub fn holds_wall_time(self) -> bool {
+        matches!(self, AttemptState::Paused | AttemptState::WaitingApproval)
+    }
+
     /// Between leaving the queue and the end, with a sandbox at work
     /// (not recovering or paused).
     fn has_sandbox_work(self) -> bool {

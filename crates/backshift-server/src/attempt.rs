@@ -179,20 +179,17 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
             .await;
         run.attempt.started_at = Some(now);
     }
-    let spent = Duration::from_millis(now.saturating_sub(started_at).max(0) as u64);
-    let remaining = wall.saturating_sub(spent);
     enum End {
         Done(Result<(), Failure>),
         Stopped,
         TimedOut,
     }
     let end = {
+        let attempt_id = run.attempt.id.clone();
         let work = drive(&mut run);
         tokio::select! {
-            r = tokio::time::timeout(remaining, work) => match r {
-                Ok(r) => End::Done(r),
-                Err(_) => End::TimedOut,
-            },
+            r = work => End::Done(r),
+            () = wall_clock(&app, &attempt_id, started_at, wall) => End::TimedOut,
             () = stop.requested() => End::Stopped,
         }
     };
@@ -229,6 +226,34 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
             .await
     {
         tracing::error!(attempt = %run.attempt.id, "cannot record the end of the attempt: {e}");
+    }
+}
+
+/// Returns when the attempt has used its wall time: since `started_at`,
+/// less the time it spent paused or waiting for a person (read from the
+/// store each time the clock would run out, so a hold stops it).
+async fn wall_clock(app: &App, attempt: &str, started_at: i64, wall: Duration) {
+    let wall_ms = wall.as_millis() as i64;
+    let mut held = (0, AttemptState::Running, started_at);
+    loop {
+        let now = backshift_protocol::now_ms();
+        if let Ok(Some(a)) = app.store.attempt(attempt).await {
+            held = (a.held_ms, a.state, a.updated_at);
+        }
+        let (held_ms, state, since) = held;
+        let used =
+            backshift_core::deadlines::wall_time_used(started_at, held_ms, state, since, now);
+        if used >= wall_ms && !state.holds_wall_time() {
+            return;
+        }
+        // While held, look again now and then; otherwise when it would
+        // run out (at most a minute ahead: a hold may begin meanwhile).
+        let wait = if state.holds_wall_time() {
+            1_000
+        } else {
+            (wall_ms - used).clamp(10, 60_000)
+        };
+        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
     }
 }
 
@@ -342,15 +367,22 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
                 .await
                 .map_err(|e| internal(&e))?,
         )?;
-        if !live.is_empty() {
+        let saved = live.len() as u32;
+        // Nothing stored yet (the first model request was in flight): the
+        // conversation starts over, in the sandbox as it is.
+        let conversation = if live.is_empty() {
+            Conversation {
+                tokens_used,
+                ..Conversation::new(&run.task.prompt, WORKDIR)
+            }
+        } else {
             let replay = replay(&app, &run.attempt.id)
                 .await
                 .map_err(|e| internal(&e))?;
             let turns = completed_turns(&live);
-            let saved = live.len() as u32;
-            let conversation = Conversation::continued(live, turns, tokens_used, replay);
-            return finish(run, checkpoint.as_ref(), saved, conversation).await;
-        }
+            Conversation::continued(live, turns, tokens_used, replay)
+        };
+        return finish(run, checkpoint.as_ref(), saved, conversation).await;
     }
     let conversation = match &checkpoint {
         Some(cp) => {

@@ -477,11 +477,18 @@ const SWEEP_EVERY: Duration = Duration::from_secs(15);
 async fn enforce_deadlines(app: &Arc<App>, started: &[AttemptRow]) -> anyhow::Result<()> {
     let now = backshift_protocol::now_ms();
     for a in started {
-        // The wall time of a running attempt counts from its first start
-        // (the runner enforces it too); other states from their entry.
-        let since = match a.state {
-            AttemptState::Running => a.started_at.unwrap_or(a.updated_at),
-            _ => a.updated_at,
+        // The wall time of a running attempt counts from its first start,
+        // less the time it was held (the runner enforces it too); other
+        // states count from their entry.
+        let used = match a.state {
+            AttemptState::Running => backshift_core::deadlines::wall_time_used(
+                a.started_at.unwrap_or(a.updated_at),
+                a.held_ms,
+                a.state,
+                a.updated_at,
+                now,
+            ),
+            _ => now - a.updated_at,
         };
         // Only a running attempt's deadline comes from its task.
         let limits = if a.state == AttemptState::Running {
@@ -495,7 +502,7 @@ async fn enforce_deadlines(app: &Arc<App>, started: &[AttemptRow]) -> anyhow::Re
         let Some(deadline) = a.state.deadline(&app.config.deadlines, &limits) else {
             continue;
         };
-        if now - since <= deadline.as_millis() as i64 {
+        if used <= deadline.as_millis() as i64 {
             continue;
         }
         let detail = if a.state == AttemptState::Running {

@@ -28,6 +28,9 @@ use tokio::sync::watch;
 const MAX_REQUEST: u64 = 64 * 1024 * 1024;
 /// Output is read in pieces of at most this size.
 const READ_CHUNK: usize = 64 * 1024;
+/// Output journaled per command and stream; the rest is read and dropped
+/// (the journal lives on the host's disk).
+pub const MAX_JOURNALED: usize = 64 * 1024 * 1024;
 
 /// Where the journal ends.
 #[derive(Debug, Clone, Copy, Default)]
@@ -479,31 +482,8 @@ async fn pump(
 ) {
     let mut buf = vec![0u8; READ_CHUNK];
     let mut carry: Vec<u8> = Vec::new();
-    loop {
-        let n = match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => 0,
-            Ok(n) => n,
-        };
-        if n == 0 {
-            if !carry.is_empty() {
-                let text = String::from_utf8_lossy(&carry).into_owned();
-                let _ = shared.append(|seq| Entry::Output {
-                    seq,
-                    id: id.clone(),
-                    stream,
-                    text,
-                });
-            }
-            return;
-        }
-        carry.extend_from_slice(&buf[..n]);
-        let keep = incomplete_tail(&carry);
-        let cut = carry.len() - keep;
-        let text = String::from_utf8_lossy(&carry[..cut]).into_owned();
-        carry.drain(..cut);
-        if text.is_empty() {
-            continue;
-        }
+    let mut journaled = 0usize;
+    let append = |text: String| {
         if let Err(e) = shared.append(|seq| Entry::Output {
             seq,
             id: id.clone(),
@@ -511,6 +491,36 @@ async fn pump(
             text,
         }) {
             tracing::error!("cannot journal output of {id}: {e}");
+        }
+    };
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => 0,
+            Ok(n) => n,
+        };
+        if n == 0 {
+            if !carry.is_empty() && journaled < MAX_JOURNALED {
+                append(String::from_utf8_lossy(&carry).into_owned());
+            }
+            return;
+        }
+        if journaled >= MAX_JOURNALED {
+            continue;
+        }
+        journaled += n;
+        carry.extend_from_slice(&buf[..n]);
+        let keep = incomplete_tail(&carry);
+        let cut = carry.len() - keep;
+        let text = String::from_utf8_lossy(&carry[..cut]).into_owned();
+        carry.drain(..cut);
+        if !text.is_empty() {
+            append(text);
+        }
+        if journaled >= MAX_JOURNALED {
+            append(format!(
+                "\n[backshift shim: more than {} MiB of output; the rest is not kept]\n",
+                MAX_JOURNALED >> 20
+            ));
         }
     }
 }

@@ -265,3 +265,28 @@ async fn large_output_arrives_whole() {
     assert_eq!(exit.code, 0);
     assert_eq!(text(&entries, Stream::Stdout).len(), 3_000_000);
 }
+
+#[tokio::test]
+async fn a_flood_of_output_is_capped_in_the_journal_and_the_command_still_ends() {
+    let (_dir, client) = shim().await;
+    let max = backshift_shim::server::MAX_JOURNALED;
+    let script = format!(
+        "head -c {} /dev/zero | tr '\\0' 'x'; echo end >&2",
+        max + 5_000_000
+    );
+    let (entries, exit, _) = collect(&client, bash("flood", &script), 0).await;
+    assert_eq!(exit.code, 0);
+    let out = text(&entries, Stream::Stdout);
+    assert!(out.starts_with(&"x".repeat(1000)));
+    assert!(
+        out.ends_with("the rest is not kept]\n"),
+        "{}",
+        &out[out.len() - 100..]
+    );
+    assert!(out.len() < max + 200_000, "{}", out.len());
+    assert_eq!(
+        text(&entries, Stream::Stderr),
+        "end\n",
+        "each stream has its own cap"
+    );
+}

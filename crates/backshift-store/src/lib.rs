@@ -313,19 +313,26 @@ impl Store {
         now: i64,
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
+        // Leaving a state that holds the wall-time clock adds its stay.
+        let held = if change.from.holds_wall_time() {
+            "$4 - updated_at"
+        } else {
+            "0"
+        };
+        let sql = format!(
             "UPDATE attempts SET state = $1, reason = COALESCE($2, reason), detail = COALESCE($3, detail), \
-             updated_at = $4 WHERE id = $5 AND state = $6",
-        )
-        .bind(change.to.as_str())
-        .bind(change.reason.map(|r| r.as_str()))
-        .bind(&change.detail)
-        .bind(now)
-        .bind(change.attempt_id)
-        .bind(change.from.as_str())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+             held_ms = held_ms + {held}, updated_at = $4 WHERE id = $5 AND state = $6"
+        );
+        let updated = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(change.to.as_str())
+            .bind(change.reason.map(|r| r.as_str()))
+            .bind(&change.detail)
+            .bind(now)
+            .bind(change.attempt_id)
+            .bind(change.from.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         if updated == 0 {
             tx.rollback().await?;
             return Ok(false);

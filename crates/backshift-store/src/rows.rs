@@ -16,7 +16,7 @@ macro_rules! attempt_select {
     () => {
         "SELECT id, task_id, n, state, reason, detail, branch, base_commit, head_commit, summary, \
          sandbox_id, created_at, updated_at, started_at, owner, lease_until, \
-         cancel_requested FROM attempts"
+         cancel_requested, held_ms FROM attempts"
     };
 }
 pub(crate) use attempt_select;
@@ -128,6 +128,9 @@ pub struct AttemptRow {
     pub lease_until: Option<i64>,
     /// When a cancellation was asked for through another replica, unix ms.
     pub cancel_requested: Option<i64>,
+    /// Milliseconds spent paused or waiting for a person (not counting
+    /// the current stay in such a state).
+    pub held_ms: i64,
 }
 
 /// A checkpoint: the working tree at the end of a turn, tied to the event
@@ -178,6 +181,7 @@ impl AttemptRow {
             owner: r.get(14),
             lease_until: r.get(15),
             cancel_requested: r.get(16),
+            held_ms: r.get(17),
         })
     }
 }

@@ -327,7 +327,40 @@ async fn the_live_conversation_runs_ahead_of_checkpoints(store: Store) {
     );
 }
 
+async fn time_held_by_a_person_is_added_up_by_the_transitions_that_end_it(store: Store) {
+    use AttemptState as S;
+    let attempt = one_task(&store).await;
+    let steps = [
+        (S::Queued, S::Provisioning, 10),
+        (S::Provisioning, S::Preparing, 20),
+        (S::Preparing, S::Running, 30),
+        (S::Running, S::WaitingApproval, 100),
+        (S::WaitingApproval, S::Running, 400),
+        (S::Running, S::Paused, 500),
+        (S::Paused, S::Running, 1500),
+        (S::Running, S::Publishing, 1600),
+    ];
+    for (i, (from, to, at)) in steps.into_iter().enumerate() {
+        let change = StateChange {
+            attempt_id: &attempt,
+            from,
+            to,
+            reason: None,
+            detail: None,
+        };
+        let ev = state_event(&attempt, i as u64 + 1, from, to);
+        assert!(store.record_transition(&change, &ev, at).await.unwrap());
+    }
+    let row = store.attempt(&attempt).await.unwrap().unwrap();
+    assert_eq!(
+        row.held_ms,
+        300 + 1000,
+        "waiting 100..400, paused 500..1500"
+    );
+}
+
 on_both!(
+    time_held_by_a_person_is_added_up_by_the_transitions_that_end_it,
     the_live_conversation_runs_ahead_of_checkpoints,
     a_created_task_reads_back_with_a_queued_attempt,
     projects_are_one_per_source,

@@ -1,9 +1,10 @@
 //! Restart re-attach: with N attempts running (each in a long command in
 //! its own sandbox), the server is killed with SIGKILL and started again;
 //! measured is the time from the restart until every attempt has adopted
-//! its surviving sandbox and is running again. Beside it, from the same
-//! run, the raw Docker work a re-attach cannot avoid: one exec in each of
-//! the N containers through the API, all at once.
+//! its surviving sandbox (through the sandbox's shim socket) and is
+//! running again. Beside it, from the same run, the Docker work a
+//! re-attach through Docker would need at least: one exec in each of the N
+//! containers through the API, all at once.
 //!
 //! Run with `cargo xtask bench` (or `cargo bench -p backshift --bench
 //! reattach -- --attempts 50`). Needs dockerd and the default image.
