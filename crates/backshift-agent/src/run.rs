@@ -57,6 +57,8 @@ pub struct Replay {
     pub reported: HashSet<String>,
     /// Per call: its command output up to this journal seq is recorded.
     pub output_recorded: HashMap<String, u64>,
+    /// The `agent_finished` event is recorded.
+    pub finished: bool,
 }
 
 impl Conversation {
@@ -146,6 +148,29 @@ fn pending_calls(messages: &[Value]) -> Vec<ToolCallRecord> {
         .collect()
 }
 
+/// The summary of a `finish` call in the conversation's last assistant
+/// message that succeeded: the agent had finished when it was interrupted.
+fn finished_summary(messages: &[Value]) -> Option<String> {
+    let last = messages
+        .iter()
+        .rposition(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))?;
+    let call = messages[last]
+        .get("tool_calls")?
+        .as_array()?
+        .iter()
+        .find(|c| c.pointer("/function/name").and_then(Value::as_str) == Some("finish"))?;
+    let id = call.get("id")?.as_str()?;
+    let accepted = messages[last + 1..].iter().any(|m| {
+        m.get("tool_call_id").and_then(Value::as_str) == Some(id)
+            && m.get("content").and_then(Value::as_str) == Some("finished")
+    });
+    if !accepted {
+        return None;
+    }
+    let args: Value = serde_json::from_str(call.pointer("/function/arguments")?.as_str()?).ok()?;
+    Some(args.get("summary")?.as_str()?.trim().to_owned())
+}
+
 /// A sink that records nothing: for a call whose events the log has.
 struct Silent;
 
@@ -185,6 +210,18 @@ pub async fn run_agent(
     let mut plain_replies = 0;
     // An interrupted turn whose calls were decided: carry them out first.
     let mut resumed_calls = pending_calls(&messages);
+    // Interrupted after its `finish` was accepted: it is done.
+    if resumed_calls.is_empty()
+        && let Some(summary) = finished_summary(&messages)
+    {
+        if !replay.finished {
+            sink.emit(EventKind::AgentFinished {
+                summary: summary.clone(),
+            })
+            .await;
+        }
+        return AgentOutcome::Finished { summary };
+    }
     for turn in start.turns + 1..=max_turns {
         let calls = if !resumed_calls.is_empty() {
             std::mem::take(&mut resumed_calls)
@@ -468,6 +505,14 @@ mod tests {
         assert_eq!(pending[0].call_id, "c");
         assert_eq!(pending[0].name, "run_command");
         assert!(pending_calls(&messages[..2]).is_empty(), "no assistant yet");
+        assert_eq!(finished_summary(&messages), None);
+        let finish = json!({"id": "f", "type": "function", "function": {"name": "finish", "arguments": "{\"summary\": \" Done \"}"}});
+        messages.push(json!({"role": "tool", "tool_call_id": "c", "content": "done"}));
+        messages.push(json!({"role": "assistant", "content": "", "tool_calls": [finish]}));
+        assert_eq!(finished_summary(&messages), None, "not yet accepted");
+        messages.push(json!({"role": "tool", "tool_call_id": "f", "content": "finished"}));
+        assert_eq!(finished_summary(&messages).as_deref(), Some("Done"));
+        assert!(pending_calls(&messages).is_empty());
     }
 
     #[test]

@@ -189,6 +189,20 @@ pub enum EventKind {
         turn: u32,
         /// Whether the sandbox survived (adopted) or was rebuilt.
         adopted: bool,
+        /// A rebuilt sandbox started from this filesystem snapshot
+        /// (installed packages and caches kept).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot: Option<String>,
+    },
+    /// The sandbox's filesystem was saved as an image (after a
+    /// checkpoint): a rebuilt sandbox starts from it.
+    Snapshot {
+        /// The checkpoint it was taken after.
+        checkpoint: u32,
+        /// The image.
+        image: String,
+        /// How long it took (the sandbox is paused meanwhile).
+        duration_ms: u64,
     },
 }
 
@@ -208,6 +222,7 @@ impl EventKind {
             EventKind::DiffStat { .. } => "diff_stat",
             EventKind::Checkpoint { .. } => "checkpoint",
             EventKind::Restored { .. } => "restored",
+            EventKind::Snapshot { .. } => "snapshot",
         }
     }
 }

@@ -10,13 +10,14 @@ use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
-    CreateContainerOptions, DownloadFromContainerOptions, ListContainersOptions,
-    RemoveContainerOptions, UploadToContainerOptions,
+    CommitContainerOptions, CreateContainerOptions, DownloadFromContainerOptions,
+    ListContainersOptions, ListImagesOptions, RemoveContainerOptions, RemoveImageOptions,
+    UploadToContainerOptions,
 };
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use rand::Rng;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use tokio::io::AsyncWriteExt;
 
 /// Sandboxes as Docker containers: non-root, all capabilities dropped,
@@ -304,6 +305,86 @@ impl SandboxDriver for DockerDriver {
                     labels: c.labels.unwrap_or_default().into_iter().collect(),
                     running: c.state.map(|s| s.to_string() == "running").unwrap_or(false),
                 })
+            })
+            .collect())
+    }
+
+    async fn snapshot(
+        &self,
+        id: &SandboxId,
+        reference: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<bool> {
+        let (repo, tag) = match reference.rsplit_once(':') {
+            Some((r, t)) if !t.contains('/') => (r, t),
+            _ => (reference, "latest"),
+        };
+        let options = CommitContainerOptions {
+            container: Some(id.0.clone()),
+            repo: Some(repo.to_owned()),
+            tag: Some(tag.to_owned()),
+            comment: Some("backshift sandbox snapshot".into()),
+            // Paused while its layer is written: a consistent filesystem.
+            pause: true,
+            ..Default::default()
+        };
+        let config = bollard::models::ContainerConfig {
+            labels: Some(labels.clone().into_iter().collect()),
+            ..Default::default()
+        };
+        self.docker
+            .commit_container(options, config)
+            .await
+            .map_err(|e| backend("commit container", e))?;
+        Ok(true)
+    }
+
+    async fn remove_snapshot(&self, reference: &str) -> Result<()> {
+        let options = RemoveImageOptions {
+            force: true,
+            ..Default::default()
+        };
+        match self
+            .docker
+            .remove_image(reference, Some(options), None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(backend("remove image", e)),
+        }
+    }
+
+    async fn list_snapshots(
+        &self,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<(String, BTreeMap<String, String>)>> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
+        )]);
+        let options = ListImagesOptions {
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let images = self
+            .docker
+            .list_images(Some(options))
+            .await
+            .map_err(|e| backend("list images", e))?;
+        Ok(images
+            .into_iter()
+            .flat_map(|i| {
+                let labels: BTreeMap<String, String> = i.labels.into_iter().collect();
+                i.repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .map(move |t| (t, labels.clone()))
             })
             .collect())
     }

@@ -221,6 +221,32 @@ pub trait SandboxDriver: Send + Sync {
     /// Sandboxes carrying all of `labels`.
     async fn list(&self, labels: &[(&str, &str)]) -> Result<Vec<SandboxInfo>>;
 
+    /// Saves the sandbox's filesystem (not its processes, not its mounts)
+    /// as an image named `reference` carrying `labels`, from which
+    /// [`SandboxDriver::create`] can start a sandbox. `Ok(false)` when the
+    /// driver cannot.
+    async fn snapshot(
+        &self,
+        _id: &SandboxId,
+        _reference: &str,
+        _labels: &BTreeMap<String, String>,
+    ) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Removes a snapshot; one already gone is not an error.
+    async fn remove_snapshot(&self, _reference: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Snapshots carrying all of `labels`, by reference.
+    async fn list_snapshots(
+        &self,
+        _labels: &[(&str, &str)],
+    ) -> Result<Vec<(String, BTreeMap<String, String>)>> {
+        Ok(Vec::new())
+    }
+
     /// Runs a command and collects its output.
     async fn exec_collect(&self, id: &SandboxId, spec: &ExecSpec) -> Result<ExecOutput> {
         let mut stdout = Vec::new();

@@ -27,6 +27,17 @@ use std::time::Duration;
 
 const WORKDIR: &str = "/workspace";
 
+/// Clears a snapshot's checkout before the checkpoint's is copied in:
+/// tracked and untracked files and `.git` go, ignored files stay.
+const SCRUB_SCRIPT: &str = r#"set -e
+cd /workspace 2>/dev/null || exit 0
+if [ -d .git ]; then
+  git ls-files -z | xargs -0 rm -f --
+  git clean -fdq
+fi
+rm -rf .git
+"#;
+
 /// An attempt-ending failure: reason and explanation.
 struct Failure(FailureReason, String);
 
@@ -103,6 +114,24 @@ impl Run {
         }
         if let Some(dir) = self.shim_dir.take() {
             remove_shim_dir(&dir).await;
+        }
+    }
+}
+
+/// Removes the attempt's filesystem snapshot, if it has one.
+async fn remove_snapshot(app: &App, attempt: &str) {
+    let Ok(Some(row)) = app.store.attempt(attempt).await else {
+        return;
+    };
+    let Some(image) = row.snapshot_image else {
+        return;
+    };
+    if let Ok(driver) = app.docker().await {
+        match driver.remove_snapshot(&image).await {
+            Ok(()) => {
+                let _ = app.store.set_snapshot(attempt, None).await;
+            }
+            Err(e) => tracing::warn!(%attempt, "cannot remove snapshot {image}: {e}"),
         }
     }
 }
@@ -218,6 +247,7 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         run.progress("removing the sandbox").await;
     }
     run.discard_sandbox().await;
+    remove_snapshot(&app, &run.attempt.id).await;
     if let Some(t) = transition
         && !run.state.is_terminal()
         && let Err(e) = app
@@ -297,9 +327,9 @@ async fn drive(run: &mut Run) -> Result<(), Failure> {
 
 /// From the queue: a new sandbox, the checkout, the agent, the branch.
 async fn fresh(run: &mut Run) -> Result<(), Halt> {
-    provision(run).await?;
+    provision(run, None).await?;
     run.step(Transition::SandboxReady, None).await?;
-    prepare(run, None).await?;
+    prepare(run, None, false).await?;
     run.step(Transition::Prepared, None).await?;
     let conversation = Conversation::new(&run.task.prompt, WORKDIR);
     finish(run, None, 0, conversation).await
@@ -323,9 +353,11 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
         .await
         .map_err(|e| internal(&e))?;
     let adopted = adopt(run).await?;
+    let mut snapshot = None;
     if !adopted {
-        provision(run).await?;
-        prepare(run, checkpoint.as_ref()).await?;
+        snapshot = usable_snapshot(run).await;
+        provision(run, snapshot.as_deref()).await?;
+        prepare(run, checkpoint.as_ref(), snapshot.is_some()).await?;
         // The conversation goes back to the checkpoint too.
         app.store
             .set_conversation_len(
@@ -343,6 +375,7 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
                 checkpoint: checkpoint.as_ref().map_or(0, |c| c.n),
                 turn: checkpoint.as_ref().map_or(0, |c| c.turn),
                 adopted,
+                snapshot,
             },
         )
         .await;
@@ -411,6 +444,31 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
     finish(run, checkpoint.as_ref(), saved, conversation).await
 }
 
+/// The attempt's newest filesystem snapshot, when its image is still on
+/// the Docker host.
+async fn usable_snapshot(run: &mut Run) -> Option<String> {
+    let app = run.app.clone();
+    let image = app
+        .store
+        .attempt(&run.attempt.id)
+        .await
+        .ok()
+        .flatten()?
+        .snapshot_image?;
+    run.attempt.snapshot_image = Some(image.clone());
+    let driver = app.docker().await.ok()?;
+    match driver.image_exists(&image).await {
+        Ok(true) => Some(image),
+        _ => {
+            run.progress(format!(
+                "the filesystem snapshot {image} is gone; rebuilding from the image instead"
+            ))
+            .await;
+            None
+        }
+    }
+}
+
 /// Turns the conversation has completed: one assistant message each, not
 /// counting a last one whose tool calls still wait for results.
 fn completed_turns(messages: &[serde_json::Value]) -> u32 {
@@ -450,7 +508,12 @@ async fn replay(app: &App, attempt: &str) -> Result<Replay, backshift_store::Sto
         .store
         .events_of_kinds(
             attempt,
-            &["tool_call", "tool_result", "command_output"],
+            &[
+                "tool_call",
+                "tool_result",
+                "command_output",
+                "agent_finished",
+            ],
             since.saturating_sub(1),
         )
         .await?;
@@ -463,6 +526,7 @@ async fn replay(app: &App, attempt: &str) -> Result<Replay, backshift_store::Sto
             EventKind::ToolResult { call_id, .. } => {
                 replay.reported.insert(call_id);
             }
+            EventKind::AgentFinished { .. } => replay.finished = true,
             EventKind::CommandOutput {
                 call_id,
                 journal_seq: Some(seq),
@@ -515,10 +579,10 @@ async fn finish(
     Ok(())
 }
 
-/// Adopts the attempt's surviving sandbox when its shim answers (one
-/// request on the shim's socket: no call to Docker when the supervisor's
-/// listing already found it). Removes the others. Returns whether it
-/// adopted.
+/// Adopts the attempt's surviving sandbox when its checkout was complete
+/// and its shim answers (one request on the shim's socket: no call to
+/// Docker when the supervisor's listing already found it). Removes the
+/// others. Returns whether it adopted.
 async fn adopt(run: &mut Run) -> Result<bool, Halt> {
     let app = run.app.clone();
     let Ok(driver) = app.docker().await else {
@@ -536,12 +600,20 @@ async fn adopt(run: &mut Run) -> Result<bool, Halt> {
             .unwrap_or_default(),
     };
     let driver: Arc<dyn SandboxDriver> = driver;
+    // Only a sandbox whose checkout was completely copied in: one the
+    // interruption caught while it was being prepared is rebuilt.
+    let prepared = app
+        .store
+        .attempt(&run.attempt.id)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|a| a.prepared_sandbox);
     let mut adopted = None;
     for sb in found {
         let dir = sb.labels.get(labels::SHIM_DIR).map(PathBuf::from);
-        if let (true, None, Some(_), Some(dir)) =
-            (sb.running, &adopted, &run.attempt.base_commit, &dir)
-        {
+        let ready = sb.running && prepared.as_deref() == Some(sb.id.0.as_str());
+        if let (true, None, Some(dir)) = (ready, &adopted, &dir) {
             adopted = Some((sb.id, dir.clone()));
         } else {
             let _ = driver.destroy(&sb.id).await;
@@ -582,7 +654,9 @@ async fn adopt(run: &mut Run) -> Result<bool, Halt> {
     Ok(true)
 }
 
-async fn provision(run: &mut Run) -> Result<(), Failure> {
+/// Creates the sandbox, from `snapshot` when given (a rebuild that keeps
+/// installed packages and caches), otherwise from the configured image.
+async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure> {
     let app = run.app.clone();
     let driver = app.docker().await.map_err(|e| {
         Failure(
@@ -592,8 +666,11 @@ async fn provision(run: &mut Run) -> Result<(), Failure> {
             ),
         )
     })?;
-    let image = app.config.image();
-    if app.config.pulls_image() {
+    let image = match snapshot {
+        Some(s) => s.to_owned(),
+        None => app.config.image(),
+    };
+    if snapshot.is_none() && app.config.pulls_image() {
         ensure_pulled(run, &driver, &image).await?;
     }
     run.progress(format!("creating sandbox from {image}")).await;
@@ -739,7 +816,11 @@ async fn ensure_pulled(run: &Run, driver: &DockerDriver, image: &str) -> Result<
 /// Puts the repository into the sandbox on the attempt's branch: fetched
 /// into the git store the first time (the base is pinned there), exported
 /// from the pin afterwards, with a checkpoint's tree when recovering.
-async fn prepare(run: &mut Run, restore: Option<&CheckpointRow>) -> Result<(), Halt> {
+async fn prepare(
+    run: &mut Run,
+    restore: Option<&CheckpointRow>,
+    on_snapshot: bool,
+) -> Result<(), Halt> {
     let app = run.app.clone();
     let (driver, id) = run.sandbox()?;
     let clone_failed = |what: &str, e: &dyn std::fmt::Display| {
@@ -819,12 +900,48 @@ async fn prepare(run: &mut Run, restore: Option<&CheckpointRow>) -> Result<(), H
         .map_err(|e| clone_failed("archiving failed", &e))?
         .map_err(|e| clone_failed("cannot archive the checkout", &e))?;
     let size = tar.len();
+    if on_snapshot {
+        // The snapshot's checkout is older than the checkpoint: its files
+        // (tracked or not) and its .git go, ignored files (dependencies,
+        // build output) stay.
+        let scrub = ExecSpec {
+            argv: vec!["bash".into(), "-c".into(), SCRUB_SCRIPT.into()],
+            ..Default::default()
+        };
+        match driver.exec_collect(&id, &scrub).await {
+            Ok(o) if o.exit_code == 0 => {}
+            Ok(o) => {
+                return Err(clone_failed(
+                    "cannot clear the snapshot's checkout",
+                    &String::from_utf8_lossy(&o.stderr).trim(),
+                )
+                .into());
+            }
+            Err(e) => {
+                return Err(Halt::Lost(format!(
+                    "while clearing the snapshot's checkout: {e}"
+                )));
+            }
+        }
+    }
     if let Err(e) = driver.copy_in(&id, "/", tar.into()).await {
         if !checkpoint::sandbox_alive(driver.as_ref(), &run.attempt.id, &id).await {
             return Err(Halt::Lost(format!("while copying the checkout in: {e}")));
         }
         return Err(clone_failed("cannot copy the checkout into the sandbox", &e).into());
     }
+    // From here on the sandbox can be adopted as it is after a restart.
+    app.store
+        .update_attempt(
+            &run.attempt.id,
+            &AttemptUpdate {
+                prepared_sandbox: Some(&id.0),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
+    run.attempt.prepared_sandbox = Some(id.0.clone());
     run.progress(format!("repository in the sandbox ({} KiB)", size / 1024))
         .await;
     Ok(())
@@ -869,6 +986,7 @@ async fn work(
         id.clone(),
         checkpoint,
         saved,
+        run.attempt.snapshot_image.clone(),
     );
     let agent = run_agent(
         &model,

@@ -15,6 +15,7 @@ use backshift_sandbox::tarball::first_file;
 use backshift_sandbox::{ExecSpec, SandboxDriver, SandboxId, labels};
 use backshift_store::CheckpointRow;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Where checkpoints of `attempt` live in the project's git store.
@@ -28,13 +29,17 @@ pub const SANDBOX_REF: &str = "refs/backshift/checkpoint";
 const BUNDLE: &str = "/tmp/backshift-checkpoint.bundle";
 
 /// Commits the working tree onto the checkpoint chain and bundles what the
-/// store does not have yet. Prints `NEW <sha>` or `UNCHANGED <sha>`.
+/// store does not have yet. The parent is the newest checkpoint the store
+/// holds (`STORE_TIP`) when the sandbox has it, else the base: a chain the
+/// sandbox advanced without the store knowing (a control plane killed
+/// between the two) is not built on. Prints `NEW <sha>` or
+/// `UNCHANGED <sha>`.
 const SNAPSHOT_SCRIPT: &str = r#"set -e
 export GIT_INDEX_FILE=/tmp/backshift-checkpoint.index
 if [ -f .git/index ]; then cp .git/index "$GIT_INDEX_FILE"; else git read-tree HEAD; fi
 git add -A
 tree=$(git write-tree)
-parent=$(git rev-parse -q --verify "$CKPT_REF^{commit}" || git rev-parse "$BASE^{commit}")
+parent=$(git rev-parse -q --verify "$STORE_TIP^{commit}" || git rev-parse "$BASE^{commit}")
 if [ "$(git rev-parse "$parent^{tree}")" = "$tree" ]; then echo "UNCHANGED $parent"; exit 0; fi
 commit=$(printf 'backshift checkpoint %s\n' "$CKPT_N" | git commit-tree "$tree" -p "$parent")
 git update-ref "$CKPT_REF" "$commit"
@@ -69,8 +74,14 @@ struct Progress {
     at_turn_end: u32,
     /// The last completed turn.
     turn: u32,
+    /// The newest checkpoint's commit in the store.
+    tip: Option<String>,
     /// When the last checkpoint was taken.
     at: std::time::Instant,
+    /// When the last filesystem snapshot was taken (or the journal began).
+    snapshot_at: std::time::Instant,
+    /// The newest snapshot's image.
+    snapshot: Option<String>,
 }
 
 /// The built-in agent's journal for one attempt in one sandbox.
@@ -99,6 +110,7 @@ impl AttemptJournal {
         sandbox: SandboxId,
         latest: Option<&CheckpointRow>,
         saved: u32,
+        snapshot: Option<String>,
     ) -> Self {
         AttemptJournal {
             app,
@@ -113,17 +125,25 @@ impl AttemptJournal {
                 saved,
                 at_turn_end: latest.map_or(0, |c| c.messages),
                 turn: latest.map_or(0, |c| c.turn),
+                tip: latest.map(|c| c.commit_sha.clone()),
                 at: std::time::Instant::now(),
+                snapshot_at: std::time::Instant::now(),
+                snapshot,
             }),
         }
     }
 
-    async fn snapshot(&self, n: u32) -> Snapshot {
+    async fn snapshot(&self, n: u32, tip: Option<&str>) -> Snapshot {
         let spec = ExecSpec {
             argv: vec!["bash".into(), "-c".into(), SNAPSHOT_SCRIPT.into()],
             workdir: Some(self.workdir.clone()),
             env: vec![
                 ("BASE".into(), self.base.clone()),
+                // An impossible name when the store has none yet.
+                (
+                    "STORE_TIP".into(),
+                    tip.unwrap_or("refs/backshift/none").to_owned(),
+                ),
                 ("CKPT_REF".into(), SANDBOX_REF.into()),
                 ("CKPT_N".into(), n.to_string()),
                 ("BUNDLE".into(), BUNDLE.into()),
@@ -263,7 +283,8 @@ impl AttemptJournal {
             None => (progress.turn, &[]),
         };
         let mid_turn = turn_end.is_none();
-        let (commit, changed) = match self.snapshot(n).await {
+        let tip = progress.tip.clone();
+        let (commit, changed) = match self.snapshot(n, tip.as_deref()).await {
             Snapshot::Taken { commit, changed } => (commit, changed),
             Snapshot::Gone(why) => return Err(why),
             Snapshot::Failed(why) => {
@@ -310,6 +331,7 @@ impl AttemptJournal {
             return Ok(());
         }
         progress.next_n = n + 1;
+        progress.tip = Some(commit.clone());
         if !mid_turn {
             progress.saved = total;
         }
@@ -329,6 +351,62 @@ impl AttemptJournal {
                 },
             )
             .await;
+        self.maybe_snapshot(&mut progress, n).await;
         Ok(())
     }
+
+    /// After checkpoint `n`: saves the sandbox's filesystem as an image
+    /// when snapshots are on and the last one is old enough, and removes
+    /// the previous one. A failure is reported, never fatal.
+    async fn maybe_snapshot(&self, progress: &mut Progress, n: u32) {
+        let config = &self.app.config.sandbox;
+        let every = std::time::Duration::from_secs(config.snapshot_every_secs);
+        if !config.snapshots || progress.snapshot_at.elapsed() < every {
+            return;
+        }
+        let image = snapshot_image(&self.attempt, n);
+        let labels = BTreeMap::from([
+            (labels::MANAGED.to_owned(), "true".to_owned()),
+            (labels::INSTANCE.to_owned(), self.app.instance.clone()),
+            (labels::ATTEMPT.to_owned(), self.attempt.clone()),
+        ]);
+        let started = std::time::Instant::now();
+        let result = self.driver.snapshot(&self.sandbox, &image, &labels).await;
+        progress.snapshot_at = std::time::Instant::now();
+        let event = match result {
+            Ok(false) => return,
+            Ok(true) => {
+                if let Err(e) = self
+                    .app
+                    .store
+                    .set_snapshot(&self.attempt, Some(&image))
+                    .await
+                {
+                    tracing::error!(attempt = %self.attempt, "cannot record snapshot {image}: {e}");
+                    let _ = self.driver.remove_snapshot(&image).await;
+                    return;
+                }
+                if let Some(old) = progress.snapshot.replace(image.clone())
+                    && old != image
+                    && let Err(e) = self.driver.remove_snapshot(&old).await
+                {
+                    tracing::warn!(attempt = %self.attempt, "cannot remove snapshot {old}: {e}");
+                }
+                EventKind::Snapshot {
+                    checkpoint: n,
+                    image,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                }
+            }
+            Err(e) => EventKind::Progress {
+                message: format!("filesystem snapshot after checkpoint {n} not taken: {e}"),
+            },
+        };
+        let _ = self.app.hub.emit(&self.attempt, event).await;
+    }
+}
+
+/// The image name of `attempt`'s snapshot taken after checkpoint `n`.
+pub fn snapshot_image(attempt: &str, n: u32) -> String {
+    format!("backshift-snapshot:{attempt}-{n}")
 }

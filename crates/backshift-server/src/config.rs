@@ -62,6 +62,13 @@ pub struct SandboxConfig {
     pub cpus: f64,
     /// Process limit per sandbox.
     pub pids: i64,
+    /// Whether checkpoints also save the sandbox's filesystem as an image
+    /// (`docker commit`), so that a rebuilt sandbox keeps installed
+    /// packages and caches.
+    pub snapshots: bool,
+    /// At most one snapshot per this many seconds (0: at every
+    /// checkpoint). The sandbox is paused while one is taken.
+    pub snapshot_every_secs: u64,
 }
 
 /// When a configured sandbox image is pulled.
@@ -133,6 +140,8 @@ impl Default for SandboxConfig {
             memory_mb: 2048,
             cpus: 1.0,
             pids: 512,
+            snapshots: true,
+            snapshot_every_secs: 300,
         }
     }
 }

@@ -344,6 +344,24 @@ async fn remove_strays(app: &App) -> Option<Vec<SandboxInfo>> {
         }
     }
     remove_stray_shim_dirs(app, &kept).await;
+    // Filesystem snapshots of attempts that ended while no server ran.
+    let snapshots = driver
+        .list_snapshots(&[
+            (labels::MANAGED, "true"),
+            (labels::INSTANCE, app.instance.as_str()),
+        ])
+        .await
+        .unwrap_or_default();
+    for (image, image_labels) in snapshots {
+        let attempt = image_labels
+            .get(labels::ATTEMPT)
+            .cloned()
+            .unwrap_or_default();
+        if !keep.contains(&attempt) {
+            tracing::info!(%image, %attempt, "removing a snapshot no attempt owns");
+            let _ = driver.remove_snapshot(&image).await;
+        }
+    }
     Some(kept)
 }
 

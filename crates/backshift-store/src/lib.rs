@@ -347,14 +347,15 @@ impl Store {
         sqlx::query(
             "UPDATE attempts SET base_commit = COALESCE($1, base_commit), \
              head_commit = COALESCE($2, head_commit), summary = COALESCE($3, summary), \
-             sandbox_id = COALESCE($4, sandbox_id), started_at = COALESCE(started_at, $5) \
-             WHERE id = $6",
+             sandbox_id = COALESCE($4, sandbox_id), started_at = COALESCE(started_at, $5), \
+             prepared_sandbox = COALESCE($6, prepared_sandbox) WHERE id = $7",
         )
         .bind(update.base_commit)
         .bind(update.head_commit)
         .bind(update.summary)
         .bind(update.sandbox_id)
         .bind(update.started_at)
+        .bind(update.prepared_sandbox)
         .bind(id)
         .execute(&self.pool)
         .await?;
@@ -444,6 +445,16 @@ impl Store {
         upsert_messages(&mut tx, attempt_id, first, messages).await?;
         set_conversation_len(&mut *tx, attempt_id, len).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records the attempt's newest filesystem snapshot (`None`: none).
+    pub async fn set_snapshot(&self, attempt_id: &str, image: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE attempts SET snapshot_image = $1 WHERE id = $2")
+            .bind(image)
+            .bind(attempt_id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -664,6 +675,8 @@ pub struct AttemptUpdate<'a> {
     pub summary: Option<&'a str>,
     /// The sandbox serving the attempt.
     pub sandbox_id: Option<&'a str>,
+    /// The sandbox whose checkout is completely in place.
+    pub prepared_sandbox: Option<&'a str>,
     /// When it left the queue (kept once set).
     pub started_at: Option<i64>,
 }

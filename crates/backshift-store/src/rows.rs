@@ -16,7 +16,7 @@ macro_rules! attempt_select {
     () => {
         "SELECT id, task_id, n, state, reason, detail, branch, base_commit, head_commit, summary, \
          sandbox_id, created_at, updated_at, started_at, owner, lease_until, \
-         cancel_requested, held_ms FROM attempts"
+         cancel_requested, held_ms, snapshot_image, prepared_sandbox FROM attempts"
     };
 }
 pub(crate) use attempt_select;
@@ -131,6 +131,10 @@ pub struct AttemptRow {
     /// Milliseconds spent paused or waiting for a person (not counting
     /// the current stay in such a state).
     pub held_ms: i64,
+    /// The newest filesystem snapshot of its sandbox.
+    pub snapshot_image: Option<String>,
+    /// The sandbox whose checkout was completely copied in.
+    pub prepared_sandbox: Option<String>,
 }
 
 /// A checkpoint: the working tree at the end of a turn, tied to the event
@@ -182,6 +186,8 @@ impl AttemptRow {
             lease_until: r.get(15),
             cancel_requested: r.get(16),
             held_ms: r.get(17),
+            snapshot_image: r.get(18),
+            prepared_sandbox: r.get(19),
         })
     }
 }

@@ -105,18 +105,31 @@ pub fn event_lines(e: &Event) -> String {
             "⚑ checkpoint {n} after turn {turn}{}",
             if *changed { "" } else { " (no file changes)" }
         )),
+        EventKind::Restored { adopted: true, .. } => line(
+            "↺ re-attached to the surviving sandbox; the agent continues where it was".to_owned(),
+        ),
         EventKind::Restored {
             checkpoint,
             turn,
-            adopted,
+            snapshot,
+            ..
         } => line(format!(
-            "↺ restored {} in {} sandbox; the agent resumes after turn {turn}",
+            "↺ rebuilt the sandbox from {}{}; the agent resumes after turn {turn}",
             if *checkpoint == 0 {
                 "the base commit".to_owned()
             } else {
                 format!("checkpoint {checkpoint}")
             },
-            if *adopted { "the surviving" } else { "a new" }
+            snapshot
+                .as_ref()
+                .map_or(String::new(), |s| format!(" on snapshot {s}"))
+        )),
+        EventKind::Snapshot {
+            checkpoint,
+            image,
+            duration_ms,
+        } => line(format!(
+            "⚑ filesystem snapshot {image} after checkpoint {checkpoint} ({duration_ms} ms)"
         )),
     }
 }

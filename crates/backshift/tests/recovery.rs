@@ -275,3 +275,60 @@ async fn a_long_turn_is_checkpointed_meanwhile_and_restored_from_that() {
         "{diff}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_sandbox_keeps_what_was_installed_through_its_snapshot() {
+    let s = script(json!({"mode": "turn", "steps": [
+        {"reply": {"tool_calls": [{"name": "run_command", "arguments": {"command":
+            "mkdir -p ~/.cache/tool deps && echo installed > ~/.cache/tool/dep && echo 'deps/' > .gitignore && echo vendored > deps/lib && echo tracked > kept.txt"}}]}},
+        {"expect": {"tool_results": [{"contains": "exit code: 0"}]},
+         "reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "echo waiting; sleep 3"}}]}},
+        {"expect": {"tool_results": [{"contains": "waiting"}]},
+         "reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "cat ~/.cache/tool/dep deps/lib kept.txt"}}]}},
+        {"expect": {"tool_results": [{"contains": "installed\nvendored\ntracked"}]},
+         "reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Kept"}}]}}
+    ]}));
+    let w = World::start(Some(s), "[sandbox]\nsnapshot_every_secs = 0\n").await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (_, out, _) = w.cli(&["run", "Install and wait", "--repo", &repo]).await;
+    let task = out.split_whitespace().nth(1).unwrap().to_owned();
+    let attempt = format!("{task}-1");
+    let mut snapshot = None;
+    for _ in 0..300 {
+        let evs = events(&w, &attempt).await;
+        let waiting = evs
+            .iter()
+            .any(|e| e["type"] == "command_output" && e["text"] == "waiting\n");
+        snapshot = evs.into_iter().find(|e| e["type"] == "snapshot");
+        if waiting && snapshot.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let snapshot = snapshot.expect("no snapshot was taken");
+    let image = snapshot["image"].as_str().unwrap().to_owned();
+    assert_eq!(snapshot["checkpoint"], 1, "{snapshot}");
+    let ids = containers_of(&attempt);
+    docker(&["kill", &ids[0]]).unwrap();
+
+    let view = w.wait(&task).await;
+    let fake = w.fake.as_ref().unwrap();
+    assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let evs = events(&w, &attempt).await;
+    let restored = evs.iter().find(|e| e["type"] == "restored").unwrap();
+    assert_eq!(restored["adopted"], false, "{restored}");
+    assert_eq!(restored["snapshot"], image.as_str(), "{restored}");
+    // The checkpoint's files came back; the ignored ones stayed out of the
+    // branch.
+    let (_, diff, _) = w.cli(&["diff", &task]).await;
+    assert!(
+        diff.contains("+tracked") && diff.contains("+deps/"),
+        "{diff}"
+    );
+    assert!(!diff.contains("vendored"), "{diff}");
+    assert!(
+        docker(&["images", "-q", &image]).unwrap().trim().is_empty(),
+        "the snapshot is removed with the attempt's end"
+    );
+}
