@@ -7,13 +7,15 @@
 //! it does goes through [`tools::SandboxTools`], and everything it sees or
 //! decides is reported to an [`EventSink`].
 
+pub mod command;
 pub mod model;
 pub mod run;
 pub mod tools;
 
+pub use command::run_command_agent;
 pub use model::{ModelClient, ModelConfig, ModelFailure};
 pub use run::{AgentOutcome, Conversation, Replay, run_agent};
-pub use tools::{CallKey, SandboxTools};
+pub use tools::{CallKey, SandboxTools, Streamed};
 
 use async_trait::async_trait;
 use backshift_protocol::EventKind;

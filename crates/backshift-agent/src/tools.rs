@@ -19,6 +19,8 @@ const MAX_READ: usize = 256 * 1024;
 /// Command output kept for the model: head and tail.
 const MODEL_HEAD: usize = 4 * 1024;
 const MODEL_TAIL: usize = 12 * 1024;
+/// The end of stderr kept for a crash report.
+const STDERR_TAIL: usize = 2 * 1024;
 /// Command output streamed as events per command.
 const MAX_STREAMED: usize = 1024 * 1024;
 /// Output is streamed in events of at most this size...
@@ -259,6 +261,52 @@ impl SandboxTools {
             timeout_ms: Some(secs * 1000),
             ..Default::default()
         };
+        let streamed = self.stream(key, req, sink).await;
+        let exit = match streamed.exit {
+            Ok(exit) => exit,
+            Err(e) => return ToolOutput::lost(&e),
+        };
+        if let Some(error) = exit.error {
+            return ToolOutput::err(format!("the command could not be run: {error}"));
+        }
+        let note = if exit.timed_out {
+            format!("\n[backshift: the command was killed after its {secs}s timeout (exit 124)]")
+        } else if exit.code == 137 {
+            "\n[backshift: the command was killed by SIGKILL: the sandbox's memory limit, or a kill]".to_owned()
+        } else {
+            String::new()
+        };
+        ToolOutput {
+            ok: exit.code == 0,
+            exit_code: Some(exit.code),
+            output: format!("exit code: {}\n{}{note}", exit.code, streamed.for_model),
+            lost: None,
+        }
+    }
+
+    /// Runs `script` with bash in the checkout as the whole agent (the
+    /// command agent): no timeout of its own, output streamed as
+    /// `command_output` events of `key`'s call.
+    pub async fn run_script(
+        &self,
+        key: &CallKey,
+        script: &str,
+        env: Vec<(String, String)>,
+        sink: &dyn EventSink,
+    ) -> Streamed {
+        let req = SpawnRequest {
+            id: key.command("script"),
+            argv: vec!["bash".into(), "-c".into(), script.into()],
+            cwd: Some(self.workdir.clone()),
+            env,
+            ..Default::default()
+        };
+        self.stream(key, req, sink).await
+    }
+
+    /// Runs a shim command (or follows the run already under way) to its
+    /// end, streaming its output as events.
+    async fn stream(&self, key: &CallKey, req: SpawnRequest, sink: &dyn EventSink) -> Streamed {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Entry>();
         let shim = self.shim.clone();
         let run = async move {
@@ -286,26 +334,10 @@ impl SandboxTools {
             stream.push(&entry).await;
         }
         stream.flush().await;
-        let exit = match result {
-            Ok((exit, _)) => exit,
-            Err(e) => return ToolOutput::lost(&e),
-        };
-        if let Some(error) = exit.error {
-            return ToolOutput::err(format!("the command could not be run: {error}"));
-        }
-        let note = if exit.timed_out {
-            format!("\n[backshift: the command was killed after its {secs}s timeout (exit 124)]")
-        } else if exit.code == 137 {
-            "\n[backshift: the command was killed by SIGKILL: the sandbox's memory limit, or a kill]".to_owned()
-        } else {
-            String::new()
-        };
-        let body = stream.for_model();
-        ToolOutput {
-            ok: exit.code == 0,
-            exit_code: Some(exit.code),
-            output: format!("exit code: {}\n{body}{note}", exit.code),
-            lost: None,
+        Streamed {
+            exit: result.map(|(exit, _)| exit),
+            for_model: stream.for_model(),
+            stderr_tail: String::from_utf8_lossy(&stream.stderr_tail).into_owned(),
         }
     }
 
@@ -408,6 +440,18 @@ impl SandboxTools {
     }
 }
 
+/// A streamed command's end.
+#[derive(Debug)]
+pub struct Streamed {
+    /// How it ended; `Err` when the shim stopped answering (the sandbox
+    /// is gone).
+    pub exit: Result<backshift_shim::Exit, ShimError>,
+    /// Its output's head and tail, as the model sees it.
+    pub for_model: String,
+    /// The end of its stderr.
+    pub stderr_tail: String,
+}
+
 /// What a failed helper command said.
 fn failure_text(out: &Collected) -> String {
     match &out.error {
@@ -431,6 +475,7 @@ struct OutputStreamer<'a> {
     total: usize,
     head: Vec<u8>,
     tail: Vec<u8>,
+    stderr_tail: Vec<u8>,
 }
 
 impl<'a> OutputStreamer<'a> {
@@ -446,6 +491,7 @@ impl<'a> OutputStreamer<'a> {
             total: 0,
             head: Vec::new(),
             tail: Vec::new(),
+            stderr_tail: Vec::new(),
         }
     }
 
@@ -461,6 +507,13 @@ impl<'a> OutputStreamer<'a> {
             Stream::Stderr => OutputStream::Stderr,
         };
         let bytes = text.as_bytes();
+        if stream == OutputStream::Stderr {
+            self.stderr_tail.extend_from_slice(bytes);
+            if self.stderr_tail.len() > STDERR_TAIL {
+                let cut = self.stderr_tail.len() - STDERR_TAIL;
+                self.stderr_tail.drain(..cut);
+            }
+        }
         self.total += bytes.len();
         let room = MODEL_HEAD.saturating_sub(self.head.len());
         self.head.extend_from_slice(&bytes[..room.min(bytes.len())]);

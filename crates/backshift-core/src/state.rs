@@ -239,6 +239,9 @@ pub enum FailureReason {
     BudgetExhausted,
     /// The agent misbehaved in a way it could not recover from.
     AgentError,
+    /// The agent's process crashed or exited before finishing (a command
+    /// agent: its command exited non-zero).
+    AgentCrashed,
     /// The branch could not be committed or brought back.
     PublishFailed,
     /// The control plane stopped while the attempt was active.
@@ -249,7 +252,7 @@ pub enum FailureReason {
 
 impl FailureReason {
     /// Every reason, for exhaustive tests and documentation.
-    pub const ALL: [FailureReason; 11] = [
+    pub const ALL: [FailureReason; 12] = [
         FailureReason::ImageMissing,
         FailureReason::SandboxFailed,
         FailureReason::CloneFailed,
@@ -258,6 +261,7 @@ impl FailureReason {
         FailureReason::MaxTurns,
         FailureReason::BudgetExhausted,
         FailureReason::AgentError,
+        FailureReason::AgentCrashed,
         FailureReason::PublishFailed,
         FailureReason::ControlPlaneRestarted,
         FailureReason::Internal,
@@ -274,6 +278,7 @@ impl FailureReason {
             FailureReason::MaxTurns => "max_turns",
             FailureReason::BudgetExhausted => "budget_exhausted",
             FailureReason::AgentError => "agent_error",
+            FailureReason::AgentCrashed => "agent_crashed",
             FailureReason::PublishFailed => "publish_failed",
             FailureReason::ControlPlaneRestarted => "control_plane_restarted",
             FailureReason::Internal => "internal",

@@ -16,9 +16,15 @@ pub struct CreateTaskRequest {
     /// Branch, tag or commit to start from; the repository's HEAD if absent.
     #[serde(default)]
     pub base_ref: Option<String>,
-    /// Agent name; the server's default (`builtin`) if absent.
+    /// Agent name; the server's default (`builtin`) if absent, `command`
+    /// when `command` is given.
     #[serde(default)]
     pub agent: Option<String>,
+    /// For the `command` agent: the bash script that is the whole agent.
+    /// It runs in the checkout with the task's prompt in
+    /// `BACKSHIFT_PROMPT`; exit 0 means done.
+    #[serde(default)]
+    pub command: Option<String>,
     /// Limits; the server's defaults fill what is absent.
     #[serde(default)]
     pub limits: Option<LimitsRequest>,
@@ -37,6 +43,9 @@ pub struct TaskView {
     pub base_ref: Option<String>,
     /// Agent name.
     pub agent: String,
+    /// The `command` agent's script.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
     /// Effective limits.
     pub limits: Limits,
     /// When the task was created (RFC 3339).

@@ -168,6 +168,7 @@ async fn setup(url: &str, attempts: usize) -> BenchResult<(Store, Vec<String>)> 
     store
         .create_task(
             &NewTask {
+                command: None,
                 id: "benchmrk".into(),
                 project_id: project,
                 prompt: "bench".into(),

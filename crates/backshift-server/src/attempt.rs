@@ -8,6 +8,7 @@ use crate::supervisor::{Stop, StopReason};
 use async_trait::async_trait;
 use backshift_agent::{
     AgentOutcome, Conversation, EventSink, ModelClient, Replay, SandboxTools, run_agent,
+    run_command_agent,
 };
 use backshift_core::{AttemptState, FailureReason, Transition};
 use backshift_protocol::EventKind;
@@ -401,17 +402,21 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
                 .map_err(|e| internal(&e))?,
         )?;
         let saved = live.len() as u32;
-        // Nothing stored yet (the first model request was in flight): the
-        // conversation starts over, in the sandbox as it is.
+        // What the log holds of the work under way (the built-in agent's
+        // interrupted turn, or the command agent's run).
+        let replay = replay(&app, &run.attempt.id)
+            .await
+            .map_err(|e| internal(&e))?;
+        // Nothing stored yet (the first model request was in flight, or
+        // an agent without a conversation): it starts over, in the
+        // sandbox as it is, following what already runs there.
         let conversation = if live.is_empty() {
             Conversation {
                 tokens_used,
+                replay,
                 ..Conversation::new(&run.task.prompt, WORKDIR)
             }
         } else {
-            let replay = replay(&app, &run.attempt.id)
-                .await
-                .map_err(|e| internal(&e))?;
             let turns = completed_turns(&live);
             Conversation::continued(live, turns, tokens_used, replay)
         };
@@ -961,11 +966,6 @@ async fn work(
         .shim_dir
         .clone()
         .ok_or_else(|| Failure(FailureReason::Internal, "the sandbox has no shim".into()))?;
-    let model_config = app
-        .model_config()
-        .map_err(|e| Failure(FailureReason::ModelError, e))?;
-    let model = ModelClient::new(model_config)
-        .map_err(|e| Failure(FailureReason::ModelError, e.to_string()))?;
     let tools = SandboxTools::new(
         ShimClient::new(&shim_dir),
         WORKDIR,
@@ -988,15 +988,38 @@ async fn work(
         saved,
         run.attempt.snapshot_image.clone(),
     );
-    let agent = run_agent(
-        &model,
-        &tools,
-        &sink,
-        &journal,
-        conversation,
-        run.task.limits.max_turns,
-        run.task.limits.max_tokens,
-    );
+    let agent: std::pin::Pin<Box<dyn std::future::Future<Output = AgentOutcome> + Send + '_>> =
+        match (run.task.agent.as_str(), run.task.command.as_deref()) {
+            ("command", Some(script)) => Box::pin(run_command_agent(
+                &tools,
+                script,
+                &run.task.prompt,
+                &sink,
+                &journal,
+                &conversation.replay,
+            )),
+            _ => {
+                let model_config = app
+                    .model_config()
+                    .map_err(|e| Failure(FailureReason::ModelError, e))?;
+                let model = ModelClient::new(model_config)
+                    .map_err(|e| Failure(FailureReason::ModelError, e.to_string()))?;
+                let (tools, sink, journal) = (&tools, &sink, &journal);
+                let limits = run.task.limits;
+                Box::pin(async move {
+                    run_agent(
+                        &model,
+                        tools,
+                        sink,
+                        journal,
+                        conversation,
+                        limits.max_turns,
+                        limits.max_tokens,
+                    )
+                    .await
+                })
+            }
+        };
     // The supervisor lists all sandboxes once a second; a listing taken
     // after this point that lacks ours means it is gone.
     let watch = app

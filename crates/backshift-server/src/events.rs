@@ -316,6 +316,7 @@ mod tests {
         store
             .create_task(
                 &NewTask {
+                    command: None,
                     id: "hubtest0".into(),
                     project_id: project,
                     prompt: "p".into(),

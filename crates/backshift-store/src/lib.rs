@@ -209,8 +209,8 @@ impl Store {
     pub async fn create_task(&self, task: &NewTask, attempts: &[NewAttempt]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO tasks (id, project_id, prompt, repo, base_ref, agent, limits, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO tasks (id, project_id, prompt, repo, base_ref, agent, limits, created_at, command) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&task.id)
         .bind(&task.project_id)
@@ -220,6 +220,7 @@ impl Store {
         .bind(&task.agent)
         .bind(serde_json::to_string(&task.limits).map_err(|e| StoreError::Corrupt(e.to_string()))?)
         .bind(task.created_at)
+        .bind(&task.command)
         .execute(&mut *tx)
         .await?;
         for a in attempts {

@@ -7,7 +7,7 @@ use sqlx::any::AnyRow;
 
 macro_rules! task_select {
     () => {
-        "SELECT t.id, t.project_id, t.prompt, t.repo, t.base_ref, t.agent, t.limits, t.created_at FROM tasks t"
+        "SELECT t.id, t.project_id, t.prompt, t.repo, t.base_ref, t.agent, t.limits, t.created_at, t.command FROM tasks t"
     };
 }
 pub(crate) use task_select;
@@ -36,6 +36,8 @@ pub struct NewTask {
     pub base_ref: Option<String>,
     /// Agent name.
     pub agent: String,
+    /// The `command` agent's script.
+    pub command: Option<String>,
     /// Effective limits.
     pub limits: Limits,
     /// Creation time, unix ms.
@@ -68,6 +70,8 @@ pub struct TaskRow {
     pub base_ref: Option<String>,
     /// Agent name.
     pub agent: String,
+    /// The `command` agent's script.
+    pub command: Option<String>,
     /// Effective limits.
     pub limits: Limits,
     /// Creation time, unix ms.
@@ -87,6 +91,7 @@ impl TaskRow {
             limits: serde_json::from_str(&limits)
                 .map_err(|e| StoreError::Corrupt(format!("task limits: {e}")))?,
             created_at: r.get(7),
+            command: r.get(8),
         })
     }
 }

@@ -37,6 +37,7 @@ async fn one_task(store: &Store) -> String {
     store
         .create_task(
             &NewTask {
+                command: None,
                 id: "aaaaaaaa".into(),
                 project_id: project,
                 prompt: "do it".into(),

@@ -40,6 +40,7 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             repo,
             base,
             agent,
+            command,
             max_turns,
             timeout,
             max_tokens,
@@ -65,6 +66,7 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                 repo,
                 base_ref: base,
                 agent,
+                command,
                 limits,
             };
             let created: TaskCreated = client

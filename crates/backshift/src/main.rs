@@ -51,9 +51,13 @@ enum Command {
         /// Branch, tag or commit to start from (default: HEAD).
         #[arg(long)]
         base: Option<String>,
-        /// Agent (default: builtin).
+        /// Agent: builtin (the default) or command.
         #[arg(long)]
         agent: Option<String>,
+        /// A bash script to run in the checkout as the whole agent (the
+        /// command agent); the prompt is in $BACKSHIFT_PROMPT.
+        #[arg(long)]
+        command: Option<String>,
         /// Model turns before the agent is stopped.
         #[arg(long)]
         max_turns: Option<u32>,

@@ -15,7 +15,7 @@ use backshift_protocol::{
 use backshift_store::{AttemptRow, NewAttempt, NewTask, TaskRow};
 use std::sync::Arc;
 
-const AGENTS: &[&str] = &["builtin"];
+const AGENTS: &[&str] = &["builtin", "command"];
 
 /// Hand a task to backshift.
 #[utoipa::path(post, path = "/api/v1/tasks", request_body = CreateTaskRequest, responses(
@@ -40,7 +40,18 @@ pub async fn create_task(
             Some("say what the agent should do"),
         ));
     }
-    let agent = req.agent.clone().unwrap_or_else(|| "builtin".into());
+    let command = req
+        .command
+        .as_deref()
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned);
+    let default_agent = if command.is_some() {
+        "command"
+    } else {
+        "builtin"
+    };
+    let agent = req.agent.clone().unwrap_or_else(|| default_agent.into());
     if !AGENTS.contains(&agent.as_str()) {
         return Err(ApiError::bad_request(
             "unknown_agent",
@@ -48,18 +59,37 @@ pub async fn create_task(
             Some("omit `agent` for the built-in agent"),
         ));
     }
+    match (agent.as_str(), &command) {
+        ("command", None) => {
+            return Err(ApiError::bad_request(
+                "command_missing",
+                "the command agent needs a `command`: the script to run in the checkout",
+                Some("send `command`, e.g. \"npx prettier --write .\" (CLI: --command)"),
+            ));
+        }
+        ("command", Some(_)) | (_, None) => {}
+        (other, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "command_not_allowed",
+                format!("`command` is only for the command agent, not {other:?}"),
+                Some("omit `agent` (a command implies the command agent) or `command`"),
+            ));
+        }
+    }
     let limits = req
         .limits
         .unwrap_or(LimitsRequest::default())
         .resolve(&app.config.limits)
         .map_err(|e| ApiError::bad_request("invalid_limits", e, None))?;
-    app.model_config().map_err(|e| {
-        ApiError::bad_request(
-            "model_not_configured",
-            e,
-            Some("see `backshift serve --help` and README: Configuration"),
-        )
-    })?;
+    if agent == "builtin" {
+        app.model_config().map_err(|e| {
+            ApiError::bad_request(
+                "model_not_configured",
+                e,
+                Some("see `backshift serve --help` and README: Configuration"),
+            )
+        })?;
+    }
     let repo = resolve_repo(&req.repo, req.base_ref.as_deref()).await?;
 
     let now = now_ms();
@@ -78,6 +108,7 @@ pub async fn create_task(
                 repo,
                 base_ref: req.base_ref.clone(),
                 agent,
+                command,
                 limits,
                 created_at: now,
             },
@@ -227,6 +258,7 @@ pub(super) async fn task_view(app: &App, t: TaskRow) -> Result<TaskView, ApiErro
         repo: t.repo,
         base_ref: t.base_ref,
         agent: t.agent,
+        command: t.command,
         limits: t.limits,
         created_at: format_ts(t.created_at),
         attempts,

@@ -1,0 +1,104 @@
+//! The command agent: a given bash script is the whole agent (batch jobs,
+//! codemods, the same image run with different inputs). It runs in the
+//! checkout through the shim, with the task's prompt in
+//! `BACKSHIFT_PROMPT`, under the same lifecycle as any agent: its output
+//! is streamed as events, a restarted control plane follows the run
+//! already under way, and exit 0 means done (its changes are published).
+
+use crate::run::Replay;
+use crate::tools::{CallKey, SandboxTools};
+use crate::{AgentOutcome, EventSink, Journal};
+use backshift_core::FailureReason;
+use backshift_protocol::EventKind;
+use serde_json::json;
+use std::time::Instant;
+
+/// The call id the command's events carry.
+pub const CALL_ID: &str = "command";
+
+/// Runs `script` as the agent of a task asking `prompt`.
+pub async fn run_command_agent(
+    tools: &SandboxTools,
+    script: &str,
+    prompt: &str,
+    sink: &dyn EventSink,
+    journal: &dyn Journal,
+    replay: &Replay,
+) -> AgentOutcome {
+    let started = Instant::now();
+    if !replay.announced.contains(CALL_ID) {
+        sink.emit(EventKind::ToolCall {
+            call_id: CALL_ID.into(),
+            name: "command".into(),
+            arguments: json!({ "command": script }),
+        })
+        .await;
+    }
+    let key = CallKey {
+        turn: 1,
+        call_id: CALL_ID.into(),
+        output_recorded: replay.output_recorded.get(CALL_ID).copied().unwrap_or(0),
+    };
+    let env = vec![("BACKSHIFT_PROMPT".to_owned(), prompt.to_owned())];
+    let run = tools.run_script(&key, script, env, sink).await;
+    let exit = match run.exit {
+        Ok(exit) => exit,
+        Err(e) => {
+            return AgentOutcome::Interrupted {
+                detail: e.to_string(),
+            };
+        }
+    };
+    if !replay.reported.contains(CALL_ID) {
+        sink.emit(EventKind::ToolResult {
+            call_id: CALL_ID.into(),
+            name: "command".into(),
+            ok: exit.code == 0 && exit.error.is_none(),
+            exit_code: Some(exit.code),
+            output: run.for_model.clone(),
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+        .await;
+    }
+    if let Some(error) = exit.error {
+        return AgentOutcome::Stopped {
+            reason: FailureReason::AgentCrashed,
+            detail: format!("the command agent's script could not be started: {error}"),
+        };
+    }
+    if exit.code != 0 {
+        let tail = run.stderr_tail.trim();
+        let said = if tail.is_empty() {
+            "it wrote nothing to stderr".to_owned()
+        } else {
+            format!("the end of its stderr:\n{tail}")
+        };
+        return AgentOutcome::Stopped {
+            reason: FailureReason::AgentCrashed,
+            detail: format!(
+                "the command agent's script exited {}; nothing is published. Fix the script (or the repository) and submit the task again; {said}",
+                exit.code
+            ),
+        };
+    }
+    // The finished tree is checkpointed like a turn's end.
+    if let Err(detail) = journal.turn_ended(1, &[]).await {
+        return AgentOutcome::Interrupted { detail };
+    }
+    let subject = prompt
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(prompt);
+    let summary = format!(
+        "{}\n\nMade by backshift's command agent, which ran:\n\n    {}\n",
+        subject.trim(),
+        script.trim().replace('\n', "\n    ")
+    );
+    if !replay.finished {
+        sink.emit(EventKind::AgentFinished {
+            summary: summary.clone(),
+        })
+        .await;
+    }
+    AgentOutcome::Finished { summary }
+}
