@@ -194,6 +194,25 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         snapshot: Option<String>,
     },
+    /// An agent in the sandbox called the model through the gateway.
+    ModelCall {
+        /// The API (`chat.completions`).
+        api: String,
+        /// The model the call went to.
+        model: String,
+        /// Whether the answer was streamed.
+        stream: bool,
+        /// The upstream's HTTP status (or the gateway's own refusal).
+        status: u16,
+        /// Token counts, when the upstream reported them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<TokenUsage>,
+        /// From the request to the end of the answer.
+        latency_ms: u64,
+        /// Why the gateway refused or failed the call.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// The sandbox's filesystem was saved as an image (after a
     /// checkpoint): a rebuilt sandbox starts from it.
     Snapshot {
@@ -223,6 +242,7 @@ impl EventKind {
             EventKind::Checkpoint { .. } => "checkpoint",
             EventKind::Restored { .. } => "restored",
             EventKind::Snapshot { .. } => "snapshot",
+            EventKind::ModelCall { .. } => "model_call",
         }
     }
 }

@@ -66,6 +66,8 @@ struct Run {
     sandbox: Option<(Arc<dyn SandboxDriver>, SandboxId)>,
     /// The sandbox's shim directory on the host.
     shim_dir: Option<PathBuf>,
+    /// The sandbox's model gateway, served while the runner runs.
+    gateway: Option<crate::gateway::Gateway>,
 }
 
 impl Run {
@@ -108,6 +110,7 @@ impl Run {
 
     /// Removes the sandbox (if any) and its shim directory.
     async fn discard_sandbox(&mut self) {
+        self.gateway = None;
         if let Some((driver, id)) = self.sandbox.take()
             && let Err(e) = driver.destroy(&id).await
         {
@@ -178,6 +181,7 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         task,
         sandbox: None,
         shim_dir: None,
+        gateway: None,
     };
     let begun = if run.state == AttemptState::Queued {
         run.step(Transition::Start, None).await
@@ -244,6 +248,9 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
             )),
         ),
     };
+    if transition.is_some() {
+        catch_up_output(&run).await;
+    }
     if run.sandbox.is_some() {
         run.progress("removing the sandbox").await;
     }
@@ -257,6 +264,76 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
             .await
     {
         tracing::error!(attempt = %run.attempt.id, "cannot record the end of the attempt: {e}");
+    }
+}
+
+/// Output streamed per call before a catch-up stops adding to it (as
+/// while the agent runs).
+const CATCH_UP_MAX: usize = 1024 * 1024;
+
+/// Before the sandbox of an attempt that did not succeed goes: what its
+/// shim journaled of the interrupted call's command (the agent was stopped
+/// mid-command: cancelled, out of time or budget) and is not on the record
+/// yet is recorded, so the log shows how it ended.
+async fn catch_up_output(run: &Run) {
+    let Some(dir) = &run.shim_dir else {
+        return;
+    };
+    let app = &run.app;
+    app.hub.flush().await;
+    let Ok(replay) = replay(app, &run.attempt.id).await else {
+        return;
+    };
+    let Ok(entries) = ShimClient::new(dir).journal(0).await else {
+        return;
+    };
+    let mut added: std::collections::HashMap<String, usize> = Default::default();
+    for entry in entries {
+        let backshift_shim::Entry::Output {
+            seq,
+            id,
+            stream,
+            text,
+        } = entry
+        else {
+            continue;
+        };
+        // Shim commands are named `t<turn>:<call id>:<op>`.
+        let Some(call_id) = id
+            .split_once(':')
+            .and_then(|(_, rest)| rest.rsplit_once(':'))
+            .map(|(call, _)| call.to_owned())
+        else {
+            continue;
+        };
+        let recorded = replay.output_recorded.get(&call_id).copied().unwrap_or(0);
+        if !replay.announced.contains(&call_id)
+            || replay.reported.contains(&call_id)
+            || seq <= recorded
+        {
+            continue;
+        }
+        let total = added.entry(call_id.clone()).or_default();
+        if *total >= CATCH_UP_MAX {
+            continue;
+        }
+        *total += text.len();
+        let stream = match stream {
+            backshift_shim::Stream::Stdout => backshift_protocol::OutputStream::Stdout,
+            backshift_shim::Stream::Stderr => backshift_protocol::OutputStream::Stderr,
+        };
+        let _ = app
+            .hub
+            .emit(
+                &run.attempt.id,
+                EventKind::CommandOutput {
+                    call_id,
+                    stream,
+                    text,
+                    journal_seq: Some(seq),
+                },
+            )
+            .await;
     }
 }
 
@@ -654,6 +731,13 @@ async fn adopt(run: &mut Run) -> Result<bool, Halt> {
             return Ok(false);
         }
     }
+    let gateway = crate::gateway::start(app.clone(), &run.attempt.id, &dir).map_err(|e| {
+        Failure(
+            FailureReason::SandboxFailed,
+            format!("cannot serve the model gateway in {}: {e}", dir.display()),
+        )
+    })?;
+    run.gateway = Some(gateway);
     run.sandbox = Some((driver, id));
     run.shim_dir = Some(dir);
     Ok(true)
@@ -688,6 +772,10 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
             ),
         )
     })?;
+    let token = crate::gateway::issue_token(&app, &run.attempt.id)
+        .await
+        .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
+    let gateway = crate::gateway::base_url_in_sandbox();
     let spec = SandboxSpec {
         image: image.clone(),
         name: format!("backshift-{}", run.attempt.id),
@@ -708,6 +796,13 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
         env: vec![
             ("HOME".into(), "/home/agent".into()),
             ("LANG".into(), "C.UTF-8".into()),
+            // The model, through the gateway: this token is the sandbox's
+            // own; the provider's key never enters it.
+            ("OPENAI_BASE_URL".into(), gateway.clone()),
+            ("OPENAI_API_KEY".into(), token.clone()),
+            ("BACKSHIFT_MODEL_URL".into(), gateway),
+            ("BACKSHIFT_MODEL_TOKEN".into(), token),
+            ("BACKSHIFT_MODEL".into(), app.config.model.model.clone()),
         ],
         mounts: vec![
             Mount {
@@ -750,6 +845,17 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
         .await;
     run.sandbox = Some((driver, id.clone()));
     run.shim_dir = Some(shim_dir.clone());
+    run.gateway = Some(
+        crate::gateway::start(app.clone(), &run.attempt.id, &shim_dir).map_err(|e| {
+            Failure(
+                FailureReason::SandboxFailed,
+                format!(
+                    "cannot serve the model gateway in {}: {e}",
+                    shim_dir.display()
+                ),
+            )
+        })?,
+    );
     if let Err(e) = ShimClient::new(&shim_dir)
         .wait_ready(Duration::from_secs(15))
         .await

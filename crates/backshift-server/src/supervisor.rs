@@ -98,6 +98,15 @@ impl Supervisor {
         self.wake.notify_one();
     }
 
+    /// The stop handle of `attempt`'s runner, when this replica runs it.
+    pub fn stop_handle(&self, attempt: &str) -> Option<Arc<Stop>> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(attempt)
+            .cloned()
+    }
+
     /// The sandboxes of `attempt` found at start-up (once; `None` after
     /// that, or when there was no start-up listing).
     pub fn take_survivors(&self, attempt: &str) -> Option<Vec<SandboxInfo>> {

@@ -156,6 +156,7 @@ impl ShimClient {
             .open(&Request::Follow {
                 after,
                 id: Some(id.to_owned()),
+                until_now: false,
             })
             .await?;
         let mut line = String::new();
@@ -189,6 +190,37 @@ impl ShimClient {
                 return Ok(Exit::from_entry(code, signal, timed_out, error));
             }
         }
+    }
+
+    /// Every journal entry after `after`, up to the journal's end now.
+    pub async fn journal(&self, after: u64) -> Result<Vec<Entry>> {
+        let read = async {
+            let mut reader = self
+                .open(&Request::Follow {
+                    after,
+                    id: None,
+                    until_now: true,
+                })
+                .await?;
+            let mut entries = Vec::new();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let n = reader
+                    .read_line(&mut line)
+                    .await
+                    .map_err(|e| self.unreachable(format!("the journal stream broke: {e}")))?;
+                if n == 0 {
+                    return Ok(entries);
+                }
+                entries.push(
+                    serde_json::from_str(&line).map_err(|e| ShimError::Protocol(e.to_string()))?,
+                );
+            }
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, read)
+            .await
+            .map_err(|_| self.unreachable("the journal was not read within 10 s"))?
     }
 
     /// Starts `request` (or finds it started before) and follows it to its

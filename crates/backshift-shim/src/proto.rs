@@ -18,6 +18,12 @@ pub const SANDBOX_BINARY: &str = "/.backshift/bin/backshift";
 pub const SOCKET: &str = "shim.sock";
 /// The journal's file name in the shim's directory.
 pub const JOURNAL: &str = "journal.jsonl";
+/// The model gateway's socket in the shim's directory (the control plane
+/// listens on it).
+pub const GATEWAY_SOCKET: &str = "gateway.sock";
+/// The loopback port inside the sandbox where the shim forwards to the
+/// model gateway: the sandbox has no network, only this.
+pub const GATEWAY_PORT: u16 = 47011;
 
 /// What a connection asks for.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -34,6 +40,10 @@ pub enum Request {
         /// The command to follow.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<String>,
+        /// End the stream at the journal's current end instead of waiting
+        /// for more.
+        #[serde(default)]
+        until_now: bool,
     },
     /// Kill command `id`'s whole process group.
     Kill {

@@ -94,9 +94,40 @@ impl Shared {
     }
 }
 
+/// Accepts TCP connections on `listen` (loopback inside the sandbox) and
+/// carries each to the Unix socket `to`; a connection that cannot reach it
+/// is closed. This is how a sandbox without a network reaches the one
+/// endpoint the control plane offers it.
+pub async fn forward(listener: tokio::net::TcpListener, to: PathBuf) -> std::io::Result<()> {
+    loop {
+        let (mut tcp, _) = listener.accept().await?;
+        let to = to.clone();
+        tokio::spawn(async move {
+            if let Ok(mut unix) = UnixStream::connect(&to).await {
+                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+            }
+        });
+    }
+}
+
 /// Runs the shim in `dir`: creates the journal and the socket there and
-/// serves until the process is killed.
+/// serves until the process is killed, forwarding loopback port
+/// [`crate::proto::GATEWAY_PORT`] to the gateway's socket in `dir`.
 pub async fn serve(dir: &Path) -> std::io::Result<()> {
+    let gateway = std::net::SocketAddr::from(([127, 0, 0, 1], crate::proto::GATEWAY_PORT));
+    let to = dir.join(crate::proto::GATEWAY_SOCKET);
+    let listener = tokio::net::TcpListener::bind(gateway).await?;
+    tokio::spawn(async move {
+        if let Err(e) = forward(listener, to).await {
+            tracing::error!("the gateway forward stopped: {e}");
+        }
+    });
+    serve_commands(dir).await
+}
+
+/// The shim without its forward: commands and their journal, served on
+/// the socket in `dir`.
+pub async fn serve_commands(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let journal_path = dir.join(JOURNAL);
     let file = std::fs::OpenOptions::new()
@@ -183,7 +214,11 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> std::io::Result<()> 
             };
             send(&mut write, &reply).await
         }
-        Request::Follow { after, id } => follow(&shared, after, id, &mut write).await,
+        Request::Follow {
+            after,
+            id,
+            until_now,
+        } => follow(&shared, after, id, until_now, &mut write).await,
     }
 }
 
@@ -205,6 +240,7 @@ async fn follow(
     shared: &Shared,
     after: u64,
     id: Option<String>,
+    until_now: bool,
     write: &mut (impl AsyncWriteExt + Unpin),
 ) -> std::io::Result<()> {
     let mut from = after + 1;
@@ -233,6 +269,9 @@ async fn follow(
     loop {
         let end = rx.borrow_and_update().end;
         if offset >= end {
+            if until_now {
+                return Ok(());
+            }
             if rx.changed().await.is_err() {
                 return Ok(());
             }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 async fn shim() -> (tempfile::TempDir, ShimClient) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_owned();
-    tokio::spawn(async move { backshift_shim::server::serve(&path).await });
+    tokio::spawn(async move { backshift_shim::server::serve_commands(&path).await });
     let client = ShimClient::new(dir.path());
     client.wait_ready(Duration::from_secs(5)).await.unwrap();
     (dir, client)
@@ -108,6 +108,10 @@ async fn spawning_the_same_id_again_runs_nothing_and_replays_the_journal() {
         .unwrap();
     assert_eq!(later.len(), 1);
     assert!(matches!(later[0], Entry::Exited { .. }));
+    // The whole journal up to now, without waiting for more.
+    let all = client.journal(0).await.unwrap();
+    assert_eq!(all, first);
+    assert_eq!(client.journal(last_output).await.unwrap(), later);
 }
 
 #[tokio::test]
@@ -289,4 +293,42 @@ async fn a_flood_of_output_is_capped_in_the_journal_and_the_command_still_ends()
         "end\n",
         "each stream has its own cap"
     );
+}
+
+#[tokio::test]
+async fn the_forward_carries_loopback_connections_to_a_unix_socket() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("gateway.sock");
+    let unix = tokio::net::UnixListener::bind(&socket).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = unix.accept().await {
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(&[b"echo:".as_slice(), &buf].concat())
+                .await
+                .unwrap();
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(backshift_shim::server::forward(listener, socket.clone()));
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tcp.write_all(b"hello").await.unwrap();
+    let mut answer = [0u8; 10];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"echo:hello");
+    // With nothing listening on the socket, a connection is closed, not hung.
+    std::fs::remove_file(&socket).unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
 }

@@ -449,6 +449,16 @@ impl Store {
         Ok(())
     }
 
+    /// Sets the SHA-256 of the attempt's model-gateway token.
+    pub async fn set_gateway_token(&self, attempt_id: &str, sha256: &str) -> Result<()> {
+        sqlx::query("UPDATE attempts SET gateway_token_sha256 = $1 WHERE id = $2")
+            .bind(sha256)
+            .bind(attempt_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Records the attempt's newest filesystem snapshot (`None`: none).
     pub async fn set_snapshot(&self, attempt_id: &str, image: Option<&str>) -> Result<()> {
         sqlx::query("UPDATE attempts SET snapshot_image = $1 WHERE id = $2")
@@ -636,10 +646,13 @@ impl Store {
     }
 
     /// Model tokens (input + output) an attempt has used, from its
-    /// `model_response` events: the budget survives recoveries.
+    /// `model_response` events (the built-in agent) and `model_call`
+    /// events (agents in the sandbox, through the gateway): the budget
+    /// survives recoveries.
     pub async fn model_tokens_used(&self, attempt_id: &str) -> Result<u64> {
         let rows = sqlx::query(
-            "SELECT body FROM events WHERE attempt_id = $1 AND kind = 'model_response'",
+            "SELECT body FROM events WHERE attempt_id = $1 \
+             AND kind IN ('model_response', 'model_call')",
         )
         .bind(attempt_id)
         .fetch_all(&self.pool)
@@ -647,9 +660,12 @@ impl Store {
         let mut total = 0;
         for r in rows {
             let body: String = r.get(0);
-            if let Ok(EventKind::ModelResponse { usage: Some(u), .. }) = serde_json::from_str(&body)
-            {
-                total += u.input_tokens + u.output_tokens;
+            match serde_json::from_str(&body) {
+                Ok(EventKind::ModelResponse { usage: Some(u), .. })
+                | Ok(EventKind::ModelCall { usage: Some(u), .. }) => {
+                    total += u.input_tokens + u.output_tokens;
+                }
+                _ => {}
             }
         }
         Ok(total)

@@ -16,7 +16,7 @@ macro_rules! attempt_select {
     () => {
         "SELECT id, task_id, n, state, reason, detail, branch, base_commit, head_commit, summary, \
          sandbox_id, created_at, updated_at, started_at, owner, lease_until, \
-         cancel_requested, held_ms, snapshot_image, prepared_sandbox FROM attempts"
+         cancel_requested, held_ms, snapshot_image, prepared_sandbox, gateway_token_sha256 FROM attempts"
     };
 }
 pub(crate) use attempt_select;
@@ -140,6 +140,8 @@ pub struct AttemptRow {
     pub snapshot_image: Option<String>,
     /// The sandbox whose checkout was completely copied in.
     pub prepared_sandbox: Option<String>,
+    /// SHA-256 of its model-gateway token.
+    pub gateway_token_sha256: Option<String>,
 }
 
 /// A checkpoint: the working tree at the end of a turn, tied to the event
@@ -193,6 +195,7 @@ impl AttemptRow {
             held_ms: r.get(17),
             snapshot_image: r.get(18),
             prepared_sandbox: r.get(19),
+            gateway_token_sha256: r.get(20),
         })
     }
 }

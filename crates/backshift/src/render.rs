@@ -124,6 +124,23 @@ pub fn event_lines(e: &Event) -> String {
                 .as_ref()
                 .map_or(String::new(), |s| format!(" on snapshot {s}"))
         )),
+        EventKind::ModelCall {
+            model,
+            stream,
+            status,
+            usage,
+            latency_ms,
+            error,
+            ..
+        } => line(format!(
+            "⇄ model call {model}{}: {status}{}, {latency_ms} ms{}",
+            if *stream { " (streamed)" } else { "" },
+            usage.map_or(String::new(), |u| format!(
+                ", {} in / {} out tokens",
+                u.input_tokens, u.output_tokens
+            )),
+            error.as_ref().map_or(String::new(), |e| format!(": {e}"))
+        )),
         EventKind::Snapshot {
             checkpoint,
             image,

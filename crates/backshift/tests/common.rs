@@ -48,12 +48,19 @@ pub async fn sh(dir: &Path, script: &str) -> String {
 
 /// Starts `backshift serve` and waits until it says it is ready (or what
 /// it says instead); returns the process and its URL.
+/// The provider key the test servers hold (in their environment, named by
+/// `[model] api_key_env`): it must never reach a sandbox or an event.
+pub const PROVIDER_KEY: &str = "sk-provider-SECRET-4242";
+/// The variable that holds it.
+pub const PROVIDER_KEY_ENV: &str = "TEST_PROVIDER_API_KEY";
+
 pub async fn spawn_server(config_path: &Path, dir: &Path) -> (tokio::process::Child, String) {
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_backshift"))
         .args(["serve", "--config"])
         .arg(config_path)
         .env("BACKSHIFT_CONFIG_DIR", dir.join("config"))
         .env("BACKSHIFT_LOG", "warn")
+        .env(PROVIDER_KEY_ENV, PROVIDER_KEY)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -93,7 +100,7 @@ impl World {
         // `extra` comes first so that it may set top-level keys too.
         config.push_str(extra);
         if !extra.contains("[model]") {
-            config.push_str(&format!("\n[model]\nbase_url = \"{model_url}\"\nmodel = \"scripted\"\nmax_retries = 1\nretry_base_ms = 50\n"));
+            config.push_str(&format!("\n[model]\nbase_url = \"{model_url}\"\nmodel = \"scripted\"\nmax_retries = 1\nretry_base_ms = 50\napi_key_env = \"{PROVIDER_KEY_ENV}\"\n"));
         }
         let config_path = dir.path().join("backshift.toml");
         std::fs::write(&config_path, config).unwrap();

@@ -22,6 +22,7 @@ struct Inner {
     script: Script,
     next: usize,
     requests: Vec<Value>,
+    authorizations: Vec<Option<String>>,
     failures: Vec<String>,
     last_call_ids: Vec<String>,
     call_counter: u64,
@@ -71,6 +72,11 @@ impl FakeModel {
         self.lock().requests.clone()
     }
 
+    /// The `Authorization` header of every request, in order.
+    pub fn authorizations(&self) -> Vec<Option<String>> {
+        self.lock().authorizations.clone()
+    }
+
     /// Every check that failed, in order. Empty when the client behaved.
     pub fn failures(&self) -> Vec<String> {
         self.lock().failures.clone()
@@ -105,9 +111,18 @@ async fn status(State(inner): State<Arc<Mutex<Inner>>>) -> impl IntoResponse {
     }))
 }
 
-async fn completions(State(inner): State<Arc<Mutex<Inner>>>, body: String) -> Response {
+async fn completions(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Response {
     let (reply, stream, model, call_ids, prompt_tokens) = {
         let mut guard = inner.lock().unwrap_or_else(|p| p.into_inner());
+        let auth = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        guard.authorizations.push(auth);
         let request: Value = match serde_json::from_str(&body) {
             Ok(v) => v,
             Err(e) => return fail(&mut guard, format!("request is not JSON: {e}")),

@@ -1,0 +1,361 @@
+//! The model gateway: the only model endpoint a sandbox can reach.
+//!
+//! Each sandbox gets its own gateway, a Unix socket in its shim directory
+//! (`gateway.sock`), which the shim forwards to loopback port
+//! [`GATEWAY_PORT`] inside the sandbox: the sandbox has no network, so
+//! this is its one way to a model. Calls carry the attempt's own token
+//! (the sandbox's `OPENAI_API_KEY`; only its SHA-256 is stored, and it is
+//! valid while the attempt is active). The gateway swaps it for the real
+//! provider key from the server's environment on the way out, so the key
+//! never enters a sandbox. It counts each call's tokens, records each
+//! call as a `model_call` event (no secrets in it), and enforces the
+//! task's token budget: once spent, calls get 429 and the attempt ends
+//! `budget_exhausted`.
+
+use crate::auth::hash_token;
+use crate::serve::App;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use backshift_core::{FailureReason, Transition};
+use backshift_protocol::{EventKind, TokenUsage};
+use backshift_shim::proto::{GATEWAY_PORT, GATEWAY_SOCKET};
+use futures::Stream;
+use serde_json::{Value, json};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+/// The gateway's base URL as agents inside the sandbox see it.
+pub fn base_url_in_sandbox() -> String {
+    format!("http://127.0.0.1:{GATEWAY_PORT}/v1")
+}
+
+/// A sandbox's gateway; it stops when this is dropped.
+pub struct Gateway {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A new token for `attempt`'s sandbox; only its hash is stored (a new one
+/// replaces the old: a rebuilt sandbox does not inherit it).
+pub async fn issue_token(app: &App, attempt: &str) -> Result<String, backshift_store::StoreError> {
+    let token = format!(
+        "bsm_{}",
+        crate::auth::generate_token().trim_start_matches("bs_")
+    );
+    app.store
+        .set_gateway_token(attempt, &hash_token(&token))
+        .await?;
+    Ok(token)
+}
+
+struct GatewayState {
+    app: Arc<App>,
+    attempt: String,
+    http: reqwest::Client,
+}
+
+/// Serves `attempt`'s gateway on the socket in its shim directory `dir`.
+pub fn start(app: Arc<App>, attempt: &str, dir: &Path) -> std::io::Result<Gateway> {
+    let path = dir.join(GATEWAY_SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    // The shim (the sandbox's user) connects to it.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+    let state = Arc::new(GatewayState {
+        app,
+        attempt: attempt.to_owned(),
+        http: reqwest::Client::new(),
+    });
+    let router = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .fallback(unsupported)
+        .with_state(state);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::warn!("model gateway stopped: {e}");
+        }
+    });
+    Ok(Gateway { task })
+}
+
+/// An error in the OpenAI format, which every client understands.
+fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let body = json!({"error": {"message": message.into(), "type": kind, "code": kind}});
+    (status, axum::Json(body)).into_response()
+}
+
+async fn unsupported(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_supported",
+        format!(
+            "backshift's model gateway serves POST /v1/chat/completions and GET /v1/models; {method} {} is not supported",
+            uri.path()
+        ),
+    )
+}
+
+impl GatewayState {
+    /// Checks the caller's token against the attempt's; the attempt must
+    /// still be active.
+    async fn authorize(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<backshift_store::AttemptRow, Response> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let refused = |why: &str| {
+            error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                format!(
+                    "{why}: use the sandbox's OPENAI_API_KEY (or BACKSHIFT_MODEL_TOKEN) as the bearer token"
+                ),
+            )
+        };
+        let Some(token) = token else {
+            return Err(refused("no bearer token"));
+        };
+        let attempt = match self.app.store.attempt(&self.attempt).await {
+            Ok(Some(a)) => a,
+            _ => return Err(refused("this sandbox's attempt is unknown")),
+        };
+        if attempt.gateway_token_sha256.as_deref() != Some(hash_token(token).as_str()) {
+            return Err(refused("the token is not this sandbox's"));
+        }
+        if attempt.state.is_terminal() {
+            return Err(refused(
+                "the attempt has ended; its token is no longer valid",
+            ));
+        }
+        Ok(attempt)
+    }
+
+    async fn record(&self, kind: EventKind) {
+        if let Err(e) = self.app.hub.emit(&self.attempt, kind).await {
+            tracing::error!(attempt = %self.attempt, "cannot record a model call: {e}");
+        }
+    }
+
+    /// When the budget is spent: ends the attempt and says why.
+    async fn over_budget(&self, attempt: &backshift_store::AttemptRow) -> Option<String> {
+        let task = self.app.store.task(&attempt.task_id).await.ok()??;
+        let budget = task.limits.max_tokens?;
+        let used = self.app.store.model_tokens_used(&self.attempt).await.ok()?;
+        if used < budget {
+            return None;
+        }
+        let detail = format!(
+            "the agent used {used} model tokens of the {budget} allowed (limits.max_tokens) without finishing; retry with a larger budget or a narrower task"
+        );
+        if let Some(stop) = self.app.supervisor.stop_handle(&self.attempt) {
+            stop.stop(
+                Transition::Fail(FailureReason::BudgetExhausted),
+                detail.clone(),
+            );
+        }
+        Some(detail)
+    }
+}
+
+async fn models(State(gw): State<Arc<GatewayState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = gw.authorize(&headers).await {
+        return r;
+    }
+    let model = gw.app.config.model.model.clone();
+    axum::Json(json!({"object": "list", "data": [{"id": model, "object": "model", "owned_by": "backshift"}]}))
+        .into_response()
+}
+
+/// `usage` of a chat completion (or of a stream's last chunk).
+fn usage_of(v: &Value) -> Option<TokenUsage> {
+    let u = v.get("usage")?;
+    Some(TokenUsage {
+        input_tokens: u.get("prompt_tokens")?.as_u64()?,
+        output_tokens: u.get("completion_tokens")?.as_u64()?,
+    })
+}
+
+async fn chat(State(gw): State<Arc<GatewayState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    let attempt = match gw.authorize(&headers).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let model = gw.app.config.model.model.clone();
+    let call =
+        move |status: u16, stream: bool, usage: Option<TokenUsage>, error: Option<String>| {
+            EventKind::ModelCall {
+                api: "chat.completions".into(),
+                model: model.clone(),
+                stream,
+                status,
+                usage,
+                latency_ms: started.elapsed().as_millis() as u64,
+                error,
+            }
+        };
+    if let Some(detail) = gw.over_budget(&attempt).await {
+        gw.record(call(429, false, None, Some(detail.clone())))
+            .await;
+        return error(StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", detail);
+    }
+    let config = match gw.app.model_config() {
+        Ok(c) => c,
+        Err(e) => {
+            gw.record(call(503, false, None, Some(e.clone()))).await;
+            return error(StatusCode::SERVICE_UNAVAILABLE, "server_error", e);
+        }
+    };
+    let mut request: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "the body is not a JSON object (an OpenAI chat completion request)",
+            );
+        }
+    };
+    // One upstream model per server; streamed calls report their usage.
+    request["model"] = json!(config.model);
+    let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
+    if stream {
+        request["stream_options"] = json!({"include_usage": true});
+    }
+    let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
+    let mut upstream = gw.http.post(&url).json(&request);
+    if let Some(key) = &config.api_key {
+        upstream = upstream.bearer_auth(key);
+    }
+    let response = match upstream.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            let why = format!("the model endpoint ([model] base_url) cannot be reached: {e}");
+            gw.record(call(502, stream, None, Some(why.clone()))).await;
+            return error(StatusCode::BAD_GATEWAY, "server_error", why);
+        }
+    };
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or(header::HeaderValue::from_static("application/json"));
+    if !stream || !response.status().is_success() {
+        let bytes = response.bytes().await.unwrap_or_default();
+        let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
+        let usage = parsed.as_ref().and_then(usage_of);
+        let failure = (status >= 400).then(|| {
+            parsed
+                .as_ref()
+                .and_then(|v| v.pointer("/error/message"))
+                .and_then(Value::as_str)
+                .unwrap_or("the model endpoint refused the call")
+                .to_owned()
+        });
+        gw.record(call(status, stream, usage, failure)).await;
+        return Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Body::from(bytes))
+            .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response());
+    }
+    // Streamed: passed through as it comes, watched for the usage chunk;
+    // the call is recorded when the stream ends (or the client leaves).
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let tap = UsageTap {
+        inner: Box::pin(futures::StreamExt::map(response.bytes_stream(), |r| {
+            r.map_err(std::io::Error::other)
+        })),
+        line: Vec::new(),
+        usage: Arc::new(Mutex::new(None)),
+        done: Some(tx),
+    };
+    let gw2 = gw.clone();
+    tokio::spawn(async move {
+        let usage = rx.await.ok().flatten();
+        gw2.record(call(status, true, usage, None)).await;
+    });
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from_stream(tap))
+        .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
+}
+
+type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+/// Passes a server-sent-event stream through, noting the `usage` of its
+/// chunks; reports it once, at the end (or when dropped).
+struct UsageTap {
+    inner: ByteStream,
+    line: Vec<u8>,
+    usage: Arc<Mutex<Option<TokenUsage>>>,
+    done: Option<tokio::sync::oneshot::Sender<Option<TokenUsage>>>,
+}
+
+impl UsageTap {
+    fn watch(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            if *b != b'\n' {
+                self.line.push(*b);
+                continue;
+            }
+            let line = std::mem::take(&mut self.line);
+            if let Some(data) = line.strip_prefix(b"data:")
+                && let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii())
+                && let Some(u) = usage_of(&v)
+            {
+                *self.usage.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(tx) = self.done.take() {
+            let usage = *self.usage.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = tx.send(usage);
+        }
+    }
+}
+
+impl Stream for UsageTap {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = self.inner.as_mut().poll_next(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(bytes))) => {
+                let bytes = bytes.clone();
+                self.watch(&bytes);
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+}
+
+impl Drop for UsageTap {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

@@ -1,0 +1,146 @@
+//! The model gateway: an agent in the sandbox (played by the command
+//! agent with curl) reaches the scripted model only through it, with its
+//! own token; the provider key the server holds never enters the sandbox
+//! or the record; calls are counted and the token budget is enforced.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{PROVIDER_KEY, World, script};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+async fn events(w: &World, attempt: &str) -> Vec<Value> {
+    let (_, v) = w
+        .api(
+            Method::GET,
+            &format!("/api/v1/attempts/{attempt}/events?limit=10000"),
+            None,
+        )
+        .await;
+    v.as_array().cloned().unwrap_or_default()
+}
+
+/// Two calls (plain and streamed), one with a wrong token, then a search
+/// for the provider key in the environment, every process's arguments
+/// and environment, and every file. The needle is assembled at run time
+/// so that it appears in no command line.
+const AGENT: &str = r#"set -e
+call() { curl -sS "$OPENAI_BASE_URL/chat/completions" -H "Authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' -d "$1"; }
+call '{"model":"any","messages":[{"role":"user","content":"hi"}]}' > plain.json
+call '{"model":"any","stream":true,"messages":[{"role":"user","content":"hi"}]}' > streamed.txt
+echo "wrong token: $(curl -s -o /dev/null -w '%{http_code}' "$OPENAI_BASE_URL/chat/completions" -H 'Authorization: Bearer bsm_wrong' -d '{}')"
+echo "models: $(curl -s "$OPENAI_BASE_URL/models" -H "Authorization: Bearer $OPENAI_API_KEY")"
+needle="$(printf '%s%s' 'sk-provider-' 'SECRET-4242')"
+leaks=""
+env | grep -qF "$needle" && leaks="$leaks env"
+for p in /proc/[0-9]*; do tr '\0' '\n' < "$p/cmdline"; echo; tr '\0' '\n' < "$p/environ"; echo; done > /tmp/procs.txt 2>/dev/null || true
+grep -qF "$needle" /tmp/procs.txt && leaks="$leaks processes"
+files=$(grep -rlIF "$needle" / --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev 2>/dev/null || true)
+[ -n "$files" ] && leaks="$leaks files:$files"
+echo "leaks:[$leaks]"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_in_the_sandbox_reach_the_model_only_through_the_gateway() {
+    let s = script(json!({"steps": [
+        {"reply": {"content": "plain answer"}},
+        {"reply": {"content": "streamed answer"}}
+    ]}));
+    let w = World::start(Some(s), "").await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, out, err) = w
+        .cli(&["run", "Call the model", "--repo", &repo, "--command", AGENT])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let task = out.split_whitespace().nth(1).unwrap().to_owned();
+    let view = w.wait(&task).await;
+    let attempt = format!("{task}-1");
+    let evs = events(&w, &attempt).await;
+    let output: String = evs
+        .iter()
+        .filter(|e| e["type"] == "command_output")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(view["state"], "succeeded", "{view}\n{output}");
+    assert!(output.contains("wrong token: 401"), "{output}");
+    assert!(output.contains("\"id\":\"scripted\""), "{output}");
+    assert!(output.contains("leaks:[]"), "{output}");
+
+    // Upstream, the gateway spoke with the real key, and asked for usage
+    // on the streamed call.
+    let fake = w.fake.as_ref().unwrap();
+    assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+    let bearer = format!("Bearer {PROVIDER_KEY}");
+    assert_eq!(
+        fake.authorizations(),
+        [Some(bearer.clone()), Some(bearer)],
+        "the wrong-token call never went upstream"
+    );
+    let requests = fake.requests();
+    assert_eq!(requests[0]["model"], "scripted");
+    assert_eq!(requests[1]["stream_options"]["include_usage"], true);
+
+    // Each call is on the record, counted, without secrets.
+    let calls: Vec<&Value> = evs.iter().filter(|e| e["type"] == "model_call").collect();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0]["stream"], false);
+    assert_eq!(calls[1]["stream"], true);
+    for c in &calls {
+        assert_eq!(c["status"], 200, "{c}");
+        assert!(c["usage"]["input_tokens"].as_u64().unwrap() > 0, "{c}");
+    }
+    let all = serde_json::to_string(&evs).unwrap();
+    assert!(!all.contains(PROVIDER_KEY), "the key is in an event");
+    let (_, diff, _) = w.cli(&["diff", &task]).await;
+    assert!(diff.contains("plain answer"), "{diff}");
+    assert!(diff.contains("streamed"), "{diff}");
+    assert!(!diff.contains(PROVIDER_KEY));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_token_budget_is_refused_and_ends_the_attempt() {
+    let s = script(json!({"steps": [{"reply": {"content": "one answer"}}]}));
+    let w = World::start(Some(s), "").await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let agent = r#"call() { curl -s -o /dev/null -w '%{http_code}\n' "$OPENAI_BASE_URL/chat/completions" -H "Authorization: Bearer $OPENAI_API_KEY" -d '{"messages":[{"role":"user","content":"hi"}]}'; }
+echo "first: $(call)"; echo "second: $(call)"; sleep 30"#;
+    let (code, out, err) = w
+        .cli(&[
+            "run",
+            "Spend",
+            "--repo",
+            &repo,
+            "--max-tokens",
+            "5",
+            "--command",
+            agent,
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let task = out.split_whitespace().nth(1).unwrap().to_owned();
+    let view = w.wait(&task).await;
+    let a = &view["attempts"][0];
+    assert_eq!(a["state"], "failed", "{view}");
+    assert_eq!(a["reason"], "budget_exhausted", "{view}");
+    let evs = events(&w, &format!("{task}-1")).await;
+    let output: String = evs
+        .iter()
+        .filter(|e| e["type"] == "command_output")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    // Journaled before the refusal stopped the attempt, recorded by the
+    // catch-up from the shim's journal before the sandbox went.
+    assert!(output.contains("first: 200"), "{output}");
+    let refused = evs
+        .iter()
+        .find(|e| e["type"] == "model_call" && e["status"] == 429)
+        .unwrap();
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_tokens"),
+        "{refused}"
+    );
+}
