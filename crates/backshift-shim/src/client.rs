@@ -137,6 +137,19 @@ impl ShimClient {
         Ok(self.request(&Request::Spawn(request)).await?.existing)
     }
 
+    /// Writes `data` to command `id`'s open stdin (journaled), closing it
+    /// afterwards when `close`.
+    pub async fn write(&self, id: &str, data: &[u8], close: bool) -> Result<()> {
+        use base64::Engine;
+        self.request(&Request::Write {
+            id: id.to_owned(),
+            data_b64: base64::engine::general_purpose::STANDARD.encode(data),
+            close,
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Kills command `id`'s process group.
     pub async fn kill(&self, id: &str) -> Result<()> {
         self.request(&Request::Kill { id: id.to_owned() })

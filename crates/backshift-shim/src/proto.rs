@@ -45,6 +45,17 @@ pub enum Request {
         #[serde(default)]
         until_now: bool,
     },
+    /// Write to command `id`'s stdin (it was started with `stdin_open`);
+    /// what is written is journaled as an `input` entry.
+    Write {
+        /// The command.
+        id: String,
+        /// The bytes (base64).
+        data_b64: String,
+        /// Close stdin afterwards.
+        #[serde(default)]
+        close: bool,
+    },
     /// Kill command `id`'s whole process group.
     Kill {
         /// The command.
@@ -71,6 +82,10 @@ pub struct SpawnRequest {
     /// otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin_b64: Option<String>,
+    /// Keep stdin open for `write` requests (an agent spoken to over its
+    /// stdio); `stdin_b64`, if any, is written first.
+    #[serde(default)]
+    pub stdin_open: bool,
     /// After this many milliseconds the process group gets SIGTERM, and
     /// SIGKILL [`KILL_GRACE_MS`] later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -128,6 +143,15 @@ pub enum Entry {
         /// Its process id inside the sandbox.
         pid: u32,
     },
+    /// What was written to command `id`'s stdin.
+    Input {
+        /// Sequence number.
+        seq: u64,
+        /// The command.
+        id: String,
+        /// The text (lossy UTF-8).
+        text: String,
+    },
     /// Output of command `id`. Text is cut at character boundaries;
     /// bytes that are not UTF-8 become U+FFFD.
     Output {
@@ -165,16 +189,20 @@ impl Entry {
     /// The entry's sequence number.
     pub fn seq(&self) -> u64 {
         match self {
-            Entry::Started { seq, .. } | Entry::Output { seq, .. } | Entry::Exited { seq, .. } => {
-                *seq
-            }
+            Entry::Started { seq, .. }
+            | Entry::Input { seq, .. }
+            | Entry::Output { seq, .. }
+            | Entry::Exited { seq, .. } => *seq,
         }
     }
 
     /// The command it belongs to.
     pub fn id(&self) -> &str {
         match self {
-            Entry::Started { id, .. } | Entry::Output { id, .. } | Entry::Exited { id, .. } => id,
+            Entry::Started { id, .. }
+            | Entry::Input { id, .. }
+            | Entry::Output { id, .. }
+            | Entry::Exited { id, .. } => id,
         }
     }
 }

@@ -46,8 +46,12 @@ struct Writer {
     end: u64,
 }
 
+/// A command's stdin, kept open for `write` requests.
+type OpenStdin = Arc<tokio::sync::Mutex<Option<tokio::process::ChildStdin>>>;
+
 struct Command {
     pid: Option<u32>,
+    stdin: Option<OpenStdin>,
     first_seq: u64,
     /// Its `exited` entry, once written.
     exit_seq: Option<u64>,
@@ -199,6 +203,14 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> std::io::Result<()> 
             )
             .await
         }
+        Request::Write {
+            id,
+            data_b64,
+            close,
+        } => {
+            let reply = write_stdin(&shared, &id, &data_b64, close).await;
+            send(&mut write, &reply).await
+        }
         Request::Status => {
             let running = lock(&shared.commands)
                 .iter()
@@ -320,6 +332,47 @@ async fn follow(
     }
 }
 
+async fn write_stdin(shared: &Shared, id: &str, data_b64: &str, close: bool) -> Reply {
+    let fail = |error: String| Reply {
+        error: Some(error),
+        ..Default::default()
+    };
+    let bytes = match base64::engine::general_purpose::STANDARD.decode(data_b64) {
+        Ok(b) => b,
+        Err(e) => return fail(format!("data is not base64: {e}")),
+    };
+    let slot = lock(&shared.commands).get(id).and_then(|c| c.stdin.clone());
+    let Some(slot) = slot else {
+        return fail(format!(
+            "command {id:?} does not exist or was not started with stdin_open"
+        ));
+    };
+    let mut guard = slot.lock().await;
+    let Some(input) = guard.as_mut() else {
+        return fail(format!("the stdin of {id:?} is closed"));
+    };
+    if let Err(e) = input.write_all(&bytes).await {
+        return fail(format!("cannot write to {id:?}: {e}"));
+    }
+    let _ = input.flush().await;
+    if !bytes.is_empty()
+        && let Err(e) = shared.append(|seq| Entry::Input {
+            seq,
+            id: id.to_owned(),
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        })
+    {
+        return fail(format!("cannot write the journal: {e}"));
+    }
+    if close && let Some(mut input) = guard.take() {
+        let _ = input.shutdown().await;
+    }
+    Reply {
+        ok: true,
+        ..Default::default()
+    }
+}
+
 fn kill_group(pid: u32, signal: i32) {
     if let Ok(pid) = i32::try_from(pid) {
         // SAFETY: kill(2) with a negative pid signals that process group;
@@ -357,7 +410,7 @@ fn spawn(shared: &Arc<Shared>, req: SpawnRequest) -> Reply {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if stdin.is_some() {
+        .stdin(if stdin.is_some() || req.stdin_open {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -387,6 +440,7 @@ fn spawn(shared: &Arc<Shared>, req: SpawnRequest) -> Reply {
                         id,
                         Command {
                             pid: None,
+                            stdin: None,
                             first_seq: seq,
                             exit_seq: Some(seq),
                             running: false,
@@ -399,6 +453,11 @@ fn spawn(shared: &Arc<Shared>, req: SpawnRequest) -> Reply {
         }
     };
     let pid = child.id().unwrap_or(0);
+    let open_stdin: Option<OpenStdin> = if req.stdin_open {
+        Some(Arc::new(tokio::sync::Mutex::new(None)))
+    } else {
+        None
+    };
     let first_seq = match shared.append(|seq| Entry::Started {
         seq,
         id: id.clone(),
@@ -414,17 +473,36 @@ fn spawn(shared: &Arc<Shared>, req: SpawnRequest) -> Reply {
         id.clone(),
         Command {
             pid: Some(pid),
+            stdin: open_stdin.clone(),
             first_seq,
             exit_seq: None,
             running: true,
         },
     );
     drop(commands);
-    if let (Some(bytes), Some(mut input)) = (stdin, child.stdin.take()) {
-        tokio::spawn(async move {
-            let _ = input.write_all(&bytes).await;
-            let _ = input.shutdown().await;
-        });
+    match (child.stdin.take(), open_stdin) {
+        (Some(mut input), Some(slot)) => {
+            // Held locked until the initial bytes are in: writes queue
+            // behind them.
+            let mut guard = slot.try_lock_owned().ok();
+            tokio::spawn(async move {
+                if let Some(bytes) = stdin {
+                    let _ = input.write_all(&bytes).await;
+                }
+                if let Some(g) = guard.as_mut() {
+                    **g = Some(input);
+                }
+            });
+        }
+        (Some(mut input), None) => {
+            if let Some(bytes) = stdin {
+                tokio::spawn(async move {
+                    let _ = input.write_all(&bytes).await;
+                    let _ = input.shutdown().await;
+                });
+            }
+        }
+        (None, _) => {}
     }
     let readers: Vec<_> = [
         child.stdout.take().map(|s| {

@@ -332,3 +332,49 @@ async fn the_forward_carries_loopback_connections_to_a_unix_socket() {
         .unwrap_or(0);
     assert_eq!(n, 0);
 }
+
+#[tokio::test]
+async fn a_command_with_open_stdin_is_spoken_to_and_its_input_journaled() {
+    let (_dir, client) = shim().await;
+    let req = SpawnRequest {
+        id: "agent".into(),
+        argv: vec!["cat".into()],
+        stdin_open: true,
+        ..Default::default()
+    };
+    assert!(!client.spawn(req).await.unwrap());
+    client
+        .write("agent", b"{\"jsonrpc\":\"2.0\"}\n", false)
+        .await
+        .unwrap();
+    client
+        .write("agent", "second ✓\n".as_bytes(), true)
+        .await
+        .unwrap();
+    let mut entries = Vec::new();
+    let exit = client
+        .follow("agent", 0, &mut |e| entries.push(e.clone()))
+        .await
+        .unwrap();
+    assert_eq!(exit.code, 0, "cat ends when its stdin closes");
+    assert_eq!(
+        text(&entries, Stream::Stdout),
+        "{\"jsonrpc\":\"2.0\"}\nsecond ✓\n"
+    );
+    let inputs: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Input { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(inputs, ["{\"jsonrpc\":\"2.0\"}\n", "second ✓\n"]);
+    match client.write("agent", b"late", false).await {
+        Err(ShimError::Refused(msg)) => assert!(msg.contains("closed"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    match client.write("nope", b"x", false).await {
+        Err(ShimError::Refused(msg)) => assert!(msg.contains("stdin_open"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+}
