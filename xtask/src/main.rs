@@ -146,8 +146,37 @@ fn setup() -> anyhow::Result<()> {
 /// and PostgreSQL with the tests' role.
 fn setup_tests() -> anyhow::Result<()> {
     apt_install(&["docker-registry", "postgresql"])?;
+    // npm installs the tests' agents; any npm will do (a Node.js from
+    // elsewhere brings its own and conflicts with Debian's).
+    if Command::new("npm").arg("--version").output().is_err() {
+        apt_install(&["npm"])?;
+    }
     postgres()?;
-    setup()
+    setup()?;
+    test_agents()
+}
+
+/// The agents the tests run, installed once per host from npm (with the
+/// host's npm configuration) where the tests look for them. Keep in step
+/// with `testkit::agents`.
+const TEST_AGENTS_DIR: &str = "/var/cache/backshift-tests/agents";
+const TEST_AGENTS: &[(&str, &str)] = &[("opencode", "1.18.33")];
+
+fn test_agents() -> anyhow::Result<()> {
+    for (name, version) in TEST_AGENTS {
+        let current = Path::new(TEST_AGENTS_DIR).join(name).join("current");
+        if std::fs::read_to_string(&current).is_ok_and(|v| v.trim() == *version) {
+            step(&format!(
+                "agent {name} {version} is installed for the tests"
+            ));
+            continue;
+        }
+        step(&format!("installing agent {name} {version} for the tests"));
+        run(Command::new(target_dir().join("debug/backshift"))
+            .args(["agents", "install", &format!("{name}@{version}")])
+            .env("BACKSHIFT_AGENTS_DIR", TEST_AGENTS_DIR))?;
+    }
+    Ok(())
 }
 
 /// A command run as the `postgres` user, from `/` (it may not enter the

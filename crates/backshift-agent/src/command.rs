@@ -16,11 +16,13 @@ use std::time::Instant;
 /// The call id the command's events carry.
 pub const CALL_ID: &str = "command";
 
-/// Runs `script` as the agent of a task asking `prompt`.
+/// Runs `script` as the agent of a task asking `prompt`, with `path`
+/// (installed agents' commands) in front of its `PATH`.
 pub async fn run_command_agent(
     tools: &SandboxTools,
     script: &str,
     prompt: &str,
+    path: Vec<String>,
     sink: &dyn EventSink,
     journal: &dyn Journal,
     replay: &Replay,
@@ -40,7 +42,7 @@ pub async fn run_command_agent(
         output_recorded: replay.output_recorded.get(CALL_ID).copied().unwrap_or(0),
     };
     let env = vec![("BACKSHIFT_PROMPT".to_owned(), prompt.to_owned())];
-    let run = tools.run_script(&key, script, env, sink).await;
+    let run = tools.run_script(&key, script, env, path, sink).await;
     let exit = match run.exit {
         Ok(exit) => exit,
         Err(e) => {

@@ -292,6 +292,7 @@ impl SandboxTools {
         key: &CallKey,
         script: &str,
         env: Vec<(String, String)>,
+        path_prepend: Vec<String>,
         sink: &dyn EventSink,
     ) -> Streamed {
         let req = SpawnRequest {
@@ -299,6 +300,7 @@ impl SandboxTools {
             argv: vec!["bash".into(), "-c".into(), script.into()],
             cwd: Some(self.workdir.clone()),
             env,
+            path_prepend,
             ..Default::default()
         };
         self.stream(key, req, sink).await

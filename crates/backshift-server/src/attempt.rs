@@ -804,7 +804,7 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
             ("BACKSHIFT_MODEL_TOKEN".into(), token),
             ("BACKSHIFT_MODEL".into(), app.config.model.model.clone()),
         ],
-        mounts: vec![
+        mounts: [
             Mount {
                 host: app.shim_binary.clone(),
                 target: SANDBOX_BINARY.into(),
@@ -815,7 +815,19 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
                 target: SANDBOX_DIR.into(),
                 read_only: false,
             },
-        ],
+        ]
+        .into_iter()
+        // Installed agents, read-only: installed once per host.
+        .chain(
+            crate::agents::installed(&app.config.agents_dir())
+                .into_iter()
+                .map(|a| Mount {
+                    target: a.sandbox_dir(),
+                    host: a.dir,
+                    read_only: true,
+                }),
+        )
+        .collect(),
         command: Some(vec![SANDBOX_BINARY.into(), "shim".into()]),
     };
     let driver: Arc<dyn SandboxDriver> = driver;
@@ -1100,6 +1112,10 @@ async fn work(
                 &tools,
                 script,
                 &run.task.prompt,
+                crate::agents::installed(&app.config.agents_dir())
+                    .iter()
+                    .map(|a| a.sandbox_bin_dir())
+                    .collect(),
                 &sink,
                 &journal,
                 &conversation.replay,

@@ -17,6 +17,9 @@ pub struct Config {
     /// Where the database and git store live; the user's data directory
     /// (`~/.local/share/backshift`) when absent.
     pub data_dir: Option<PathBuf>,
+    /// Where agents are installed (`backshift agents install`), once per
+    /// host; `<data_dir>/agents` when absent.
+    pub agents_dir: Option<PathBuf>,
     /// The database: `postgres://USER:PASSWORD@HOST/DB` for PostgreSQL;
     /// SQLite in the data directory when absent.
     pub database_url: Option<String>,
@@ -118,6 +121,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:7777".into(),
             data_dir: None,
+            agents_dir: None,
             database_url: None,
             replica_id: None,
             lease_secs: 15,
@@ -198,6 +202,13 @@ impl Config {
             .clone()
             .or_else(|| dirs::data_dir().map(|d| d.join("backshift")))
             .unwrap_or_else(|| PathBuf::from(".backshift"))
+    }
+
+    /// The agents directory in effect.
+    pub fn agents_dir(&self) -> PathBuf {
+        self.agents_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join("agents"))
     }
 
     /// The sandbox image in effect.

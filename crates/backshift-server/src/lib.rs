@@ -6,6 +6,7 @@
 //! events → store → API streams. Handlers never act on sandboxes
 //! themselves; they record intent and wake the supervisor.
 
+pub mod agents;
 pub mod api;
 pub mod attempt;
 pub mod auth;

@@ -78,6 +78,9 @@ pub struct SpawnRequest {
     /// Extra environment.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<(String, String)>,
+    /// Directories put in front of the sandbox's own `PATH`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_prepend: Vec<String>,
     /// Bytes for stdin (base64), which is then closed; stdin is empty
     /// otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -421,6 +421,10 @@ fn spawn(shared: &Arc<Shared>, req: SpawnRequest) -> Reply {
     if let Some(cwd) = &req.cwd {
         cmd.current_dir(cwd);
     }
+    if !req.path_prepend.is_empty() {
+        let own = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+        cmd.env("PATH", format!("{}:{own}", req.path_prepend.join(":")));
+    }
     let id = req.id.clone();
     let mut child = match cmd.spawn() {
         Ok(child) => child,

@@ -21,6 +21,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
             data_dir,
         } => serve(config, listen, data_dir).await,
         Command::Image { command } => image(command).await,
+        Command::Agents { command } => agents(command).await,
         other => client_command(&cli.server, other).await,
     };
     match result {
@@ -214,7 +215,10 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             println!("task {} is {}", task.id, task.state);
             Ok(0)
         }
-        Command::Serve { .. } | Command::Image { .. } | Command::Shim { .. } => {
+        Command::Serve { .. }
+        | Command::Image { .. }
+        | Command::Agents { .. }
+        | Command::Shim { .. } => {
             bail!("not a client command")
         }
     }
@@ -512,6 +516,61 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
             })
             .await?;
             println!("done in {:.0?}", started.elapsed());
+            Ok(0)
+        }
+    }
+}
+
+/// The agents directory of the server a config (and data directory) name.
+fn agents_dir(place: &crate::AgentsPlace) -> anyhow::Result<std::path::PathBuf> {
+    let mut cfg = backshift_server::Config::load(place.config.as_deref())?;
+    if let Some(d) = &place.data_dir {
+        cfg.data_dir = Some(d.clone());
+    }
+    Ok(cfg.agents_dir())
+}
+
+async fn agents(command: crate::AgentsCommand) -> anyhow::Result<i32> {
+    use backshift_server::agents;
+    match command {
+        crate::AgentsCommand::Install { spec, place } => {
+            let dir = agents_dir(&place)?;
+            let (recipe, version) = agents::parse_spec(&spec).map_err(anyhow::Error::msg)?;
+            let installed = tokio::task::spawn_blocking(move || {
+                agents::install(&dir, recipe, version.as_deref(), &mut |m| {
+                    println!("==> {m}")
+                })
+            })
+            .await??;
+            println!(
+                "{} {} is ready; it is mounted read-only into new sandboxes at {}",
+                installed.manifest.name,
+                installed.manifest.version,
+                installed.sandbox_dir()
+            );
+            Ok(0)
+        }
+        crate::AgentsCommand::Ls { place } => {
+            let dir = agents_dir(&place)?;
+            let found = agents::installed(&dir);
+            if found.is_empty() {
+                println!(
+                    "no agents installed in {} (the built-in agent needs none); install one with `backshift agents install opencode`",
+                    dir.display()
+                );
+                return Ok(0);
+            }
+            println!("{:<12} {:<12} {:<34} NODE", "AGENT", "VERSION", "PACKAGE");
+            for a in found {
+                let m = a.manifest;
+                println!(
+                    "{:<12} {:<12} {:<34} {}",
+                    m.name,
+                    m.version,
+                    m.package,
+                    m.node.unwrap_or_else(|| "-".into())
+                );
+            }
             Ok(0)
         }
     }

@@ -118,6 +118,12 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Install and list agents (on this host, for the server using its
+    /// data directory).
+    Agents {
+        #[command(subcommand)]
+        command: AgentsCommand,
+    },
     /// Run as a sandbox's shim (started by backshift inside each sandbox).
     #[command(hide = true)]
     Shim {
@@ -125,6 +131,34 @@ enum Command {
         #[arg(long, default_value = backshift_shim::proto::SANDBOX_DIR)]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum AgentsCommand {
+    /// Install an agent from npm (opencode, claude-code, codex, gemini),
+    /// with the Node runtime it needs, for every sandbox of this host.
+    Install {
+        /// NAME or NAME@VERSION (a version, range or npm tag; default: latest).
+        spec: String,
+        #[command(flatten)]
+        place: AgentsPlace,
+    },
+    /// List the installed agents.
+    Ls {
+        #[command(flatten)]
+        place: AgentsPlace,
+    },
+}
+
+/// Where the agents directory is: the server's configuration decides.
+#[derive(clap::Args)]
+struct AgentsPlace {
+    /// The server's config file (its `agents_dir` or `data_dir`).
+    #[arg(long, env = "BACKSHIFT_CONFIG")]
+    config: Option<PathBuf>,
+    /// The server's data directory (overrides the config).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]

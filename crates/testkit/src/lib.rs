@@ -187,3 +187,20 @@ impl Drop for PgDatabase {
         .join();
     }
 }
+
+/// Where `cargo xtask setup` installs the agents the tests run (keep in
+/// step with xtask's `TEST_AGENTS`).
+pub const AGENTS_DIR: &str = "/var/cache/backshift-tests/agents";
+
+/// The agents directory for tests, checked: a missing agent fails the test
+/// with what to run, never skips it.
+pub fn agents_dir(needs: &[&str]) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(AGENTS_DIR);
+    for name in needs {
+        assert!(
+            dir.join(name).join("current").exists(),
+            "agent {name} is not installed in {AGENTS_DIR}: run `cargo xtask setup` (it installs the tests' agents from npm)"
+        );
+    }
+    dir
+}

@@ -1,0 +1,342 @@
+//! Agents installed once per host: `backshift agents install NAME[@VERSION]`
+//! installs an agent's npm package (and, for agents that run on Node, a
+//! Node runtime from npm too) into `<agents_dir>/<name>/<version>`, with a
+//! manifest; `<agents_dir>/<name>/current` names the version in use. Every
+//! installed agent is mounted read-only into glibc-based sandboxes at
+//! `/.backshift/agents/<name>`, its commands (and `node`) on the PATH of
+//! what the agent runs. npm is the host's, with the host's registry
+//! configuration.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// How to install one agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recipe {
+    /// The name users give (`opencode`).
+    pub name: &'static str,
+    /// Its npm package.
+    pub package: &'static str,
+    /// The command the package installs.
+    pub bin: &'static str,
+    /// Whether it runs on Node (a runtime is installed with it).
+    pub node: bool,
+    /// Arguments that make it speak ACP over stdio.
+    pub acp_args: &'static [&'static str],
+}
+
+/// The agents backshift knows how to install.
+pub const RECIPES: &[Recipe] = &[
+    Recipe {
+        name: "opencode",
+        package: "opencode-ai",
+        bin: "opencode",
+        node: false,
+        acp_args: &["acp"],
+    },
+    Recipe {
+        name: "claude-code",
+        package: "@zed-industries/claude-code-acp",
+        bin: "claude-code-acp",
+        node: true,
+        acp_args: &[],
+    },
+    Recipe {
+        name: "codex",
+        package: "@zed-industries/codex-acp",
+        bin: "codex-acp",
+        node: true,
+        acp_args: &[],
+    },
+    Recipe {
+        name: "gemini",
+        package: "@google/gemini-cli",
+        bin: "gemini",
+        node: true,
+        acp_args: &["--experimental-acp"],
+    },
+];
+
+/// The Node major version installed for agents that need one.
+pub const NODE_MAJOR: u32 = 22;
+
+/// Where installed agents appear inside a sandbox.
+pub const SANDBOX_AGENTS: &str = "/.backshift/agents";
+
+/// What `install` wrote next to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Agent name.
+    pub name: String,
+    /// npm package.
+    pub package: String,
+    /// Installed version.
+    pub version: String,
+    /// The Node runtime's version, when it has one.
+    pub node: Option<String>,
+    /// Its command.
+    pub bin: String,
+    /// When it was installed (unix ms).
+    pub installed_at: i64,
+}
+
+const MANIFEST: &str = "backshift-agent.json";
+
+/// An installed agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// What was installed.
+    pub manifest: Manifest,
+    /// Its directory on the host.
+    pub dir: PathBuf,
+}
+
+impl Installed {
+    /// Its directory inside a sandbox.
+    pub fn sandbox_dir(&self) -> String {
+        format!("{SANDBOX_AGENTS}/{}", self.manifest.name)
+    }
+
+    /// The directory inside a sandbox that holds its commands (and `node`).
+    pub fn sandbox_bin_dir(&self) -> String {
+        format!("{}/node_modules/.bin", self.sandbox_dir())
+    }
+}
+
+/// `NAME` or `NAME@VERSION` (a version or an npm range/tag).
+pub fn parse_spec(spec: &str) -> Result<(Recipe, Option<String>), String> {
+    let (name, version) = match spec.split_once('@') {
+        Some((n, v)) if !v.is_empty() => (n, Some(v.to_owned())),
+        Some((n, _)) => (n, None),
+        None => (spec, None),
+    };
+    let known = || {
+        RECIPES
+            .iter()
+            .map(|r| r.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if name == "builtin" {
+        return Err("the built-in agent needs no installation".into());
+    }
+    RECIPES
+        .iter()
+        .find(|r| r.name == name)
+        .map(|r| (*r, version))
+        .ok_or_else(|| format!("unknown agent {name:?}; installable: {}", known()))
+}
+
+/// The current version of every installed agent, by name.
+pub fn installed(agents_dir: &Path) -> Vec<Installed> {
+    let mut out = Vec::new();
+    for recipe in RECIPES {
+        let base = agents_dir.join(recipe.name);
+        let Ok(version) = std::fs::read_to_string(base.join("current")) else {
+            continue;
+        };
+        let dir = base.join(version.trim());
+        let Ok(text) = std::fs::read_to_string(dir.join(MANIFEST)) else {
+            continue;
+        };
+        if let Ok(manifest) = serde_json::from_str::<Manifest>(&text) {
+            out.push(Installed { manifest, dir });
+        }
+    }
+    out
+}
+
+fn npm() -> Command {
+    let mut cmd = Command::new("npm");
+    cmd.env("NO_UPDATE_NOTIFIER", "1")
+        .env("npm_config_fund", "false");
+    cmd
+}
+
+/// The version npm resolves `package@wanted` to.
+fn resolve(package: &str, wanted: &str) -> anyhow::Result<String> {
+    let out = npm()
+        .args(["view", &format!("{package}@{wanted}"), "version", "--json"])
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot run npm ({e}); install Node.js and npm (Debian: apt install npm)"
+            )
+        })?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "npm cannot find {package}@{wanted}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| anyhow::anyhow!("npm's answer about {package} is not JSON: {e}"))?;
+    let version = match v {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Array(a) => a.last().and_then(|x| x.as_str()).map(str::to_owned),
+        _ => None,
+    };
+    version.ok_or_else(|| anyhow::anyhow!("npm knows no version of {package}@{wanted}"))
+}
+
+/// npm's name for this host's Node build.
+fn node_package() -> anyhow::Result<String> {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "x64",
+        "aarch64" => "arm64",
+        other => anyhow::bail!("no Node runtime for agents on {other}"),
+    };
+    Ok(format!("node-linux-{arch}"))
+}
+
+/// Installs `recipe` at `version` (latest when `None`), telling `say`
+/// what it does; npm's own output goes to this process's stderr. Returns
+/// the installation (the existing one when that version is there).
+pub fn install(
+    agents_dir: &Path,
+    recipe: Recipe,
+    version: Option<&str>,
+    say: &mut dyn FnMut(&str),
+) -> anyhow::Result<Installed> {
+    let version = resolve(recipe.package, version.unwrap_or("latest"))?;
+    let base = agents_dir.join(recipe.name);
+    let dir = base.join(&version);
+    if let Ok(text) = std::fs::read_to_string(dir.join(MANIFEST))
+        && let Ok(manifest) = serde_json::from_str::<Manifest>(&text)
+    {
+        say(&format!("{} {version} is already installed", recipe.name));
+        write_current(&base, &version)?;
+        return Ok(Installed { manifest, dir });
+    }
+    let mut packages = vec![format!("{}@{version}", recipe.package)];
+    let node = if recipe.node {
+        let pkg = node_package()?;
+        let v = resolve(&pkg, &NODE_MAJOR.to_string())?;
+        packages.push(format!("{pkg}@{v}"));
+        Some(v)
+    } else {
+        None
+    };
+    std::fs::create_dir_all(&base)?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".installing-")
+        .tempdir_in(&base)?;
+    say(&format!(
+        "installing {} from npm: {}",
+        recipe.name,
+        packages.join(" ")
+    ));
+    let status = npm()
+        .arg("install")
+        .arg("--prefix")
+        .arg(scratch.path())
+        .args(["--no-audit", "--omit=dev", "--loglevel=warn"])
+        .args(&packages)
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot run npm ({e}); install Node.js and npm (Debian: apt install npm)"
+            )
+        })?;
+    if !status.success() {
+        anyhow::bail!(
+            "npm install of {} failed ({status}); see npm's output above",
+            packages.join(" ")
+        );
+    }
+    let bin = scratch.path().join("node_modules/.bin").join(recipe.bin);
+    if !bin.exists() {
+        anyhow::bail!(
+            "{} installed no `{}` command (looked for {})",
+            recipe.package,
+            recipe.bin,
+            bin.display()
+        );
+    }
+    let manifest = Manifest {
+        name: recipe.name.into(),
+        package: recipe.package.into(),
+        version: version.clone(),
+        node,
+        bin: recipe.bin.into(),
+        installed_at: backshift_protocol::now_ms(),
+    };
+    std::fs::write(
+        scratch.path().join(MANIFEST),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
+    let scratch = scratch.keep();
+    std::fs::rename(&scratch, &dir)?;
+    write_current(&base, &version)?;
+    say(&format!(
+        "installed {} {version} in {}",
+        recipe.name,
+        dir.display()
+    ));
+    Ok(Installed { manifest, dir })
+}
+
+fn write_current(base: &Path, version: &str) -> std::io::Result<()> {
+    let tmp = base.join(".current.tmp");
+    std::fs::write(&tmp, format!("{version}\n"))?;
+    std::fs::rename(tmp, base.join("current"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_name_a_known_agent_and_maybe_a_version() {
+        let (r, v) = parse_spec("opencode").unwrap();
+        assert_eq!((r.package, v), ("opencode-ai", None));
+        let (r, v) = parse_spec("codex@0.16.0").unwrap();
+        assert_eq!((r.bin, v.as_deref()), ("codex-acp", Some("0.16.0")));
+        assert!(
+            parse_spec("vim")
+                .unwrap_err()
+                .contains("installable: opencode")
+        );
+        assert!(
+            parse_spec("builtin")
+                .unwrap_err()
+                .contains("no installation")
+        );
+    }
+
+    #[test]
+    fn only_complete_installations_are_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(installed(dir.path()).is_empty());
+        let base = dir.path().join("opencode");
+        std::fs::create_dir_all(base.join("1.0.0")).unwrap();
+        // A version named current without a manifest (an interrupted
+        // install) is not an installation.
+        write_current(&base, "1.0.0").unwrap();
+        assert!(installed(dir.path()).is_empty());
+        let m = Manifest {
+            name: "opencode".into(),
+            package: "opencode-ai".into(),
+            version: "1.0.0".into(),
+            node: None,
+            bin: "opencode".into(),
+            installed_at: 1,
+        };
+        std::fs::write(
+            base.join("1.0.0").join(MANIFEST),
+            serde_json::to_vec(&m).unwrap(),
+        )
+        .unwrap();
+        let found = installed(dir.path());
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].manifest, m);
+        assert_eq!(
+            found[0].sandbox_bin_dir(),
+            "/.backshift/agents/opencode/node_modules/.bin"
+        );
+    }
+}
