@@ -303,7 +303,11 @@ impl SandboxDriver for DockerDriver {
                 Some(SandboxInfo {
                     id: SandboxId(c.id?),
                     labels: c.labels.unwrap_or_default().into_iter().collect(),
-                    running: c.state.map(|s| s.to_string() == "running").unwrap_or(false),
+                    // Paused (while a snapshot is written) is alive too.
+                    running: c
+                        .state
+                        .map(|s| matches!(s.to_string().as_str(), "running" | "paused"))
+                        .unwrap_or(false),
                 })
             })
             .collect())

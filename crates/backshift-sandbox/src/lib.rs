@@ -153,7 +153,7 @@ pub struct SandboxInfo {
     pub id: SandboxId,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
-    /// Whether it is running.
+    /// Whether it is alive: running, or paused for a moment (a snapshot).
     pub running: bool,
 }
 

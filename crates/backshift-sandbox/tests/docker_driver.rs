@@ -246,3 +246,59 @@ async fn a_missing_image_is_reported_as_such() {
         other => panic!("expected ImageMissing, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_snapshot_starts_sandboxes_with_its_files_and_a_paused_sandbox_is_alive() {
+    let sb = sandbox("snapshot").await;
+    let (code, _, err) = sh(&sb, "echo kept > /home/agent/dep").await;
+    assert_eq!(code, 0, "{err}");
+    // While a snapshot is written the sandbox is paused: still alive.
+    sb.driver.client().pause_container(&sb.id.0).await.unwrap();
+    let listed = sb
+        .driver
+        .list(&[("dev.backshift.test", "snapshot")])
+        .await
+        .unwrap();
+    sb.driver
+        .client()
+        .unpause_container(&sb.id.0)
+        .await
+        .unwrap();
+    assert!(listed[0].running, "paused is alive");
+
+    let suffix: u32 = rand_suffix();
+    let image = format!("backshift-snapshot:test-{suffix:08x}");
+    let labels = BTreeMap::from([(
+        "dev.backshift.test".to_owned(),
+        format!("snap-{suffix:08x}"),
+    )]);
+    assert!(sb.driver.snapshot(&sb.id, &image, &labels).await.unwrap());
+    let found = sb
+        .driver
+        .list_snapshots(&[("dev.backshift.test", &format!("snap-{suffix:08x}"))])
+        .await
+        .unwrap();
+    assert_eq!(
+        found.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(),
+        [image.as_str()]
+    );
+    let mut s = spec("from-snapshot");
+    s.image = image.clone();
+    let second = Sandbox {
+        id: sb.driver.create(&s).await.unwrap(),
+        driver: sb.driver.clone(),
+    };
+    let (_, out, _) = sh(&second, "cat /home/agent/dep").await;
+    assert_eq!(out, "kept\n");
+    drop(second);
+    sb.driver.remove_snapshot(&image).await.unwrap();
+    sb.driver.remove_snapshot(&image).await.unwrap(); // idempotent
+    assert!(!sb.driver.image_exists(&image).await.unwrap());
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() ^ std::process::id())
+        .unwrap_or(1)
+}
