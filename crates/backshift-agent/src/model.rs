@@ -23,6 +23,8 @@ pub struct ModelConfig {
     pub request_timeout: Duration,
     /// Maximum tokens of one response, when set.
     pub max_tokens: Option<u32>,
+    /// What tokens cost, when known.
+    pub prices: Option<backshift_protocol::Prices>,
 }
 
 /// One assistant reply.
@@ -94,6 +96,11 @@ impl ModelClient {
                 body: format!("cannot build HTTP client: {e}"),
             })?;
         Ok(ModelClient { http, config })
+    }
+
+    /// What tokens cost, when configured.
+    pub fn prices(&self) -> Option<backshift_protocol::Prices> {
+        self.config.prices
     }
 
     /// The endpoint URL.

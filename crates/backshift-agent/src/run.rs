@@ -275,6 +275,10 @@ pub async fn run_agent(
                 tool_calls: completion.tool_calls.clone(),
                 finish_reason: completion.finish_reason.clone(),
                 usage: completion.usage,
+                cost_usd: model
+                    .prices()
+                    .zip(completion.usage)
+                    .map(|(p, u)| p.cost(&u)),
                 latency_ms: elapsed_ms(started),
             })
             .await;

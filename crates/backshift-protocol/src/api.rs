@@ -95,6 +95,25 @@ pub struct AttemptView {
     /// log, which show what led to the end.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log_tail: Vec<String>,
+    /// The model tokens it used (the built-in agent's and every call
+    /// through the gateway) and their cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<ModelUsage>,
+}
+
+/// Model tokens used and what they cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelUsage {
+    /// Model calls.
+    pub calls: u64,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// In US dollars, when prices are configured (`[model]
+    /// input_usd_per_mtok`, `output_usd_per_mtok`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
 }
 
 /// `201` answer to a created task.

@@ -41,6 +41,24 @@ pub struct TokenUsage {
     pub output_tokens: u64,
 }
 
+/// What model tokens cost, in US dollars per million (server config).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Prices {
+    /// Per million input tokens.
+    pub input_usd_per_mtok: f64,
+    /// Per million output tokens.
+    pub output_usd_per_mtok: f64,
+}
+
+impl Prices {
+    /// The cost of `usage`, in US dollars.
+    pub fn cost(&self, usage: &TokenUsage) -> f64 {
+        (usage.input_tokens as f64 * self.input_usd_per_mtok
+            + usage.output_tokens as f64 * self.output_usd_per_mtok)
+            / 1_000_000.0
+    }
+}
+
 /// A tool call as the model asked for it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ToolCallRecord {
@@ -93,6 +111,9 @@ pub enum EventKind {
         finish_reason: Option<String>,
         /// Token counts, when the model reported them.
         usage: Option<TokenUsage>,
+        /// What they cost, when prices are configured.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cost_usd: Option<f64>,
         /// Time from request to complete response.
         latency_ms: u64,
     },
@@ -207,6 +228,9 @@ pub enum EventKind {
         /// Token counts, when the upstream reported them.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         usage: Option<TokenUsage>,
+        /// What they cost, when prices are configured.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cost_usd: Option<f64>,
         /// From the request to the end of the answer.
         latency_ms: u64,
         /// Why the gateway refused or failed the call.

@@ -104,6 +104,21 @@ pub struct ModelSection {
     pub request_timeout_secs: u64,
     /// Maximum output tokens per response, when set.
     pub max_tokens: Option<u32>,
+    /// Price of a million input tokens, US dollars (with the output price:
+    /// events and attempts show costs).
+    pub input_usd_per_mtok: Option<f64>,
+    /// Price of a million output tokens, US dollars.
+    pub output_usd_per_mtok: Option<f64>,
+}
+
+impl ModelSection {
+    /// The prices, when both are configured.
+    pub fn prices(&self) -> Option<backshift_protocol::Prices> {
+        Some(backshift_protocol::Prices {
+            input_usd_per_mtok: self.input_usd_per_mtok?,
+            output_usd_per_mtok: self.output_usd_per_mtok?,
+        })
+    }
 }
 
 /// `[git]`.
@@ -160,6 +175,8 @@ impl Default for ModelSection {
             retry_base_ms: 500,
             request_timeout_secs: 300,
             max_tokens: None,
+            input_usd_per_mtok: None,
+            output_usd_per_mtok: None,
         }
     }
 }

@@ -24,7 +24,7 @@ use tokio::sync::{Mutex as AsyncMutex, broadcast, mpsc, oneshot};
 const MAX_BATCH: usize = 4096;
 
 enum Item {
-    Event(Event, i64),
+    Event(Box<Event>, i64),
     Flush(oneshot::Sender<()>),
 }
 
@@ -166,7 +166,7 @@ impl EventHub {
         let _guard = lock.lock().await;
         let (event, now) = self.next_event(attempt, kind).await?;
         self.queue
-            .send(Item::Event(event.clone(), now))
+            .send(Item::Event(Box::new(event.clone()), now))
             .map_err(|_| backshift_store::StoreError::Write("the event writer stopped".into()))?;
         self.given_out(attempt, Some(event.seq));
         Ok(event)
@@ -271,7 +271,7 @@ async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Item>) 
         let mut flushes = Vec::new();
         for item in items {
             match item {
-                Item::Event(e, now) => events.push((e, now)),
+                Item::Event(e, now) => events.push((*e, now)),
                 Item::Flush(done) => flushes.push(done),
             }
         }

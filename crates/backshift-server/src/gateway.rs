@@ -200,6 +200,7 @@ async fn chat(State(gw): State<Arc<GatewayState>>, headers: HeaderMap, body: Byt
         Err(r) => return r,
     };
     let model = gw.app.config.model.model.clone();
+    let prices = gw.app.config.model.prices();
     let call =
         move |status: u16, stream: bool, usage: Option<TokenUsage>, error: Option<String>| {
             EventKind::ModelCall {
@@ -208,6 +209,7 @@ async fn chat(State(gw): State<Arc<GatewayState>>, headers: HeaderMap, body: Byt
                 stream,
                 status,
                 usage,
+                cost_usd: prices.zip(usage).map(|(p, u)| p.cost(&u)),
                 latency_ms: started.elapsed().as_millis() as u64,
                 error,
             }

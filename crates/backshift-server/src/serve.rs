@@ -78,6 +78,7 @@ impl App {
             retry_base: Duration::from_millis(m.retry_base_ms),
             request_timeout: Duration::from_secs(m.request_timeout_secs),
             max_tokens: m.max_tokens,
+            prices: m.prices(),
         })
     }
 }

@@ -645,6 +645,43 @@ impl Store {
             .await
     }
 
+    /// Model calls, tokens and cost of an attempt, from its
+    /// `model_response` and `model_call` events (`None`: no call yet).
+    pub async fn model_usage(
+        &self,
+        attempt_id: &str,
+    ) -> Result<Option<backshift_protocol::ModelUsage>> {
+        let rows = sqlx::query(
+            "SELECT body FROM events WHERE attempt_id = $1 \
+             AND kind IN ('model_response', 'model_call')",
+        )
+        .bind(attempt_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut total = backshift_protocol::ModelUsage::default();
+        for r in &rows {
+            let body: String = r.get(0);
+            let (usage, cost) = match serde_json::from_str(&body) {
+                Ok(EventKind::ModelResponse {
+                    usage, cost_usd, ..
+                })
+                | Ok(EventKind::ModelCall {
+                    usage, cost_usd, ..
+                }) => (usage, cost_usd),
+                _ => continue,
+            };
+            total.calls += 1;
+            if let Some(u) = usage {
+                total.input_tokens += u.input_tokens;
+                total.output_tokens += u.output_tokens;
+            }
+            if let Some(c) = cost {
+                total.cost_usd = Some(total.cost_usd.unwrap_or(0.0) + c);
+            }
+        }
+        Ok((total.calls > 0).then_some(total))
+    }
+
     /// Model tokens (input + output) an attempt has used, from its
     /// `model_response` events (the built-in agent) and `model_call`
     /// events (agents in the sandbox, through the gateway): the budget

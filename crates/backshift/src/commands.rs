@@ -146,6 +146,15 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                 if let Some(d) = &a.detail {
                     println!("detail   {d}");
                 }
+                if let Some(u) = &a.usage {
+                    println!(
+                        "model    {} call(s), {} in / {} out tokens{}",
+                        u.calls,
+                        u.input_tokens,
+                        u.output_tokens,
+                        u.cost_usd.map_or(String::new(), |c| format!(", ${c:.4}"))
+                    );
+                }
                 if let Some(r) = &a.driver {
                     println!("driver   {r}");
                 }

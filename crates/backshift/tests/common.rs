@@ -97,8 +97,9 @@ impl World {
             "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
             dir.path().join("data").display()
         );
-        // `extra` comes first so that it may set top-level keys too.
-        config.push_str(extra);
+        // `extra` comes first so that it may set top-level keys too; a
+        // `[model]` of its own may name the fake as `{fake_url}`.
+        config.push_str(&extra.replace("{fake_url}", &model_url));
         if !extra.contains("[model]") {
             config.push_str(&format!("\n[model]\nbase_url = \"{model_url}\"\nmodel = \"scripted\"\nmax_retries = 1\nretry_base_ms = 50\napi_key_env = \"{PROVIDER_KEY_ENV}\"\n"));
         }

@@ -47,7 +47,11 @@ async fn agents_in_the_sandbox_reach_the_model_only_through_the_gateway() {
         {"reply": {"content": "plain answer"}},
         {"reply": {"content": "streamed answer"}}
     ]}));
-    let w = World::start(Some(s), "").await;
+    let priced = format!(
+        "[model]\nbase_url = \"{{fake_url}}\"\nmodel = \"scripted\"\napi_key_env = \"{}\"\ninput_usd_per_mtok = 3.0\noutput_usd_per_mtok = 15.0\n",
+        common::PROVIDER_KEY_ENV
+    );
+    let w = World::start(Some(s), &priced).await;
     let repo = w.repo.to_string_lossy().into_owned();
     let (code, out, err) = w
         .cli(&["run", "Call the model", "--repo", &repo, "--command", AGENT])
@@ -86,10 +90,35 @@ async fn agents_in_the_sandbox_reach_the_model_only_through_the_gateway() {
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[0]["stream"], false);
     assert_eq!(calls[1]["stream"], true);
+    let (mut input, mut output, mut cost) = (0, 0, 0.0);
     for c in &calls {
         assert_eq!(c["status"], 200, "{c}");
-        assert!(c["usage"]["input_tokens"].as_u64().unwrap() > 0, "{c}");
+        let (i, o) = (
+            c["usage"]["input_tokens"].as_u64().unwrap(),
+            c["usage"]["output_tokens"].as_u64().unwrap(),
+        );
+        assert!(i > 0 && o > 0, "{c}");
+        let expected = (i as f64 * 3.0 + o as f64 * 15.0) / 1e6;
+        let got = c["cost_usd"].as_f64().unwrap();
+        assert!((got - expected).abs() < 1e-12, "{c}");
+        (input, output, cost) = (input + i, output + o, cost + got);
     }
+    // The attempt adds them up.
+    let usage = &view["attempts"][0]["usage"];
+    assert_eq!(usage["calls"], 2, "{usage}");
+    assert_eq!(usage["input_tokens"], input, "{usage}");
+    assert_eq!(usage["output_tokens"], output, "{usage}");
+    assert!(
+        (usage["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-12,
+        "{usage}"
+    );
+    let (_, shown, _) = w.cli(&["show", &task]).await;
+    assert!(
+        shown.contains(&format!(
+            "model    2 call(s), {input} in / {output} out tokens, $"
+        )),
+        "{shown}"
+    );
     let all = serde_json::to_string(&evs).unwrap();
     assert!(!all.contains(PROVIDER_KEY), "the key is in an event");
     let (_, diff, _) = w.cli(&["diff", &task]).await;

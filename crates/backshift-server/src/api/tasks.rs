@@ -278,6 +278,7 @@ pub(super) async fn attempt_view(
         Vec::new()
     };
     let driver = if a.state.is_terminal() { None } else { a.owner };
+    let usage = app.store.model_usage(&a.id).await?;
     Ok(AttemptView {
         id: a.id,
         task_id: a.task_id,
@@ -295,6 +296,7 @@ pub(super) async fn attempt_view(
         updated_at: format_ts(a.updated_at),
         driver,
         log_tail,
+        usage,
     })
 }
 
