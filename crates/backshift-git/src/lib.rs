@@ -78,10 +78,22 @@ impl GitStore {
         if path.join("HEAD").exists() && path.join("config").exists() {
             return Ok(path);
         }
+        let complete = |p: &Path| p.join("HEAD").exists() && p.join("config").exists();
         tokio::fs::create_dir_all(&self.root).await?;
         if path.exists() {
-            // Left half-made by an older, killed creation.
-            tokio::fs::remove_dir_all(&path).await?;
+            // A concurrent creation may have renamed its repository into
+            // place since the first look: complete now means done.
+            if complete(&path) {
+                return Ok(path);
+            }
+            // Left half-made by a killed creation of an older version
+            // (creations are atomic now). Another process may be removing
+            // it too.
+            match tokio::fs::remove_dir_all(&path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         let scratch = self.root.join(format!(
             ".new-{project}-{}-{:x}",
@@ -95,7 +107,7 @@ impl GitStore {
         if tokio::fs::rename(&scratch, &path).await.is_err() {
             // Someone else made it first.
             let _ = tokio::fs::remove_dir_all(&scratch).await;
-            if !path.join("config").exists() {
+            if !complete(&path) {
                 return Err(GitError::Failed {
                     args: "init --bare".into(),
                     stderr: format!("{} could not be created", path.display()),

@@ -158,6 +158,8 @@ impl GatewayState {
     async fn over_budget(&self, attempt: &backshift_store::AttemptRow) -> Option<String> {
         let task = self.app.store.task(&attempt.task_id).await.ok()??;
         let budget = task.limits.max_tokens?;
+        // Calls recorded a moment ago count: stored before the sum.
+        self.app.hub.flush().await;
         let used = self.app.store.model_tokens_used(&self.attempt).await.ok()?;
         if used < budget {
             return None;
