@@ -74,6 +74,15 @@ impl DockerDriver {
     }
 }
 
+/// A Docker `filters` value matching everything that carries all of
+/// `labels`.
+fn label_filters(labels: &[(&str, &str)]) -> HashMap<String, Vec<String>> {
+    HashMap::from([(
+        "label".to_owned(),
+        labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+    )])
+}
+
 fn backend(op: &'static str, e: bollard::errors::Error) -> SandboxError {
     match e {
         bollard::errors::Error::DockerResponseServerError {
@@ -280,13 +289,7 @@ impl SandboxDriver for DockerDriver {
     }
 
     async fn list(&self, labels: &[(&str, &str)]) -> Result<Vec<SandboxInfo>> {
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>(),
-        )]);
+        let filters = label_filters(labels);
         let options = ListContainersOptions {
             all: true,
             filters: Some(filters),
@@ -365,13 +368,7 @@ impl SandboxDriver for DockerDriver {
         &self,
         labels: &[(&str, &str)],
     ) -> Result<Vec<(String, BTreeMap<String, String>)>> {
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>(),
-        )]);
+        let filters = label_filters(labels);
         let options = ListImagesOptions {
             filters: Some(filters),
             ..Default::default()

@@ -687,25 +687,10 @@ impl Store {
     /// events (agents in the sandbox, through the gateway): the budget
     /// survives recoveries.
     pub async fn model_tokens_used(&self, attempt_id: &str) -> Result<u64> {
-        let rows = sqlx::query(
-            "SELECT body FROM events WHERE attempt_id = $1 \
-             AND kind IN ('model_response', 'model_call')",
-        )
-        .bind(attempt_id)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut total = 0;
-        for r in rows {
-            let body: String = r.get(0);
-            match serde_json::from_str(&body) {
-                Ok(EventKind::ModelResponse { usage: Some(u), .. })
-                | Ok(EventKind::ModelCall { usage: Some(u), .. }) => {
-                    total += u.input_tokens + u.output_tokens;
-                }
-                _ => {}
-            }
-        }
-        Ok(total)
+        Ok(self
+            .model_usage(attempt_id)
+            .await?
+            .map_or(0, |u| u.input_tokens + u.output_tokens))
     }
 
     /// The seq of an attempt's last event (0 when it has none).

@@ -7,19 +7,8 @@ mod common;
 
 use common::World;
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::time::Duration;
-
-async fn events(w: &World, attempt: &str) -> Vec<Value> {
-    let (_, v) = w
-        .api(
-            Method::GET,
-            &format!("/api/v1/attempts/{attempt}/events?limit=10000"),
-            None,
-        )
-        .await;
-    v.as_array().cloned().unwrap_or_default()
-}
 
 async fn submit(w: &World, prompt: &str, command: &str) -> String {
     let repo = w.repo.to_string_lossy().into_owned();
@@ -42,12 +31,8 @@ async fn a_script_runs_as_the_agent_and_its_changes_are_published() {
     let view = w.wait(&task).await;
     assert_eq!(view["state"], "succeeded", "{view}");
     assert_eq!(view["agent"], "command");
-    let evs = events(&w, &format!("{task}-1")).await;
-    let output: String = evs
-        .iter()
-        .filter(|e| e["type"] == "command_output")
-        .map(|e| e["text"].as_str().unwrap())
-        .collect();
+    let evs = w.events(&format!("{task}-1")).await;
+    let output: String = common::command_output(&evs);
     assert_eq!(output, "done\n");
     let result = evs.iter().find(|e| e["type"] == "tool_result").unwrap();
     assert_eq!(result["exit_code"], 0, "{result}");
@@ -125,7 +110,7 @@ async fn a_killed_server_follows_the_script_already_running_instead_of_starting_
     .await;
     let attempt = format!("{task}-1");
     for _ in 0..300 {
-        if events(&w, &attempt)
+        if w.events(&attempt)
             .await
             .iter()
             .any(|e| e["type"] == "command_output" && e["text"] == "start\n")
@@ -138,15 +123,11 @@ async fn a_killed_server_follows_the_script_already_running_instead_of_starting_
     w.restart_server().await;
     let view = w.wait(&task).await;
     assert_eq!(view["state"], "succeeded", "{view}");
-    let evs = events(&w, &attempt).await;
+    let evs = w.events(&attempt).await;
     for (i, e) in evs.iter().enumerate() {
         assert_eq!(e["seq"], i as u64 + 1, "gapless, no duplicates: {e}");
     }
-    let output: String = evs
-        .iter()
-        .filter(|e| e["type"] == "command_output")
-        .map(|e| e["text"].as_str().unwrap())
-        .collect();
+    let output: String = common::command_output(&evs);
     assert_eq!(output, "start\nend\n", "caught up, nothing twice");
     let calls = evs.iter().filter(|e| e["type"] == "tool_call").count();
     assert_eq!(calls, 1);

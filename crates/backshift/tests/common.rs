@@ -159,6 +159,18 @@ impl World {
         self.server = server;
     }
 
+    /// All events of `attempt`, in order.
+    pub async fn events(&self, attempt: &str) -> Vec<Value> {
+        let (_, v) = self
+            .api(
+                reqwest::Method::GET,
+                &format!("/api/v1/attempts/{attempt}/events?limit=10000"),
+                None,
+            )
+            .await;
+        v.as_array().cloned().unwrap_or_default()
+    }
+
     /// Runs the CLI; returns (exit code, stdout, stderr).
     pub async fn cli(&self, args: &[&str]) -> (i32, String, String) {
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_backshift"))
@@ -232,4 +244,13 @@ impl World {
         }
         panic!("task {task} did not end in 120 s");
     }
+}
+
+/// The text of every `command_output` event, joined.
+pub fn command_output(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter(|e| e["type"] == "command_output")
+        .filter_map(|e| e["text"].as_str())
+        .collect()
 }

@@ -7,19 +7,7 @@
 mod common;
 
 use common::{PROVIDER_KEY, World, script};
-use reqwest::Method;
 use serde_json::{Value, json};
-
-async fn events(w: &World, attempt: &str) -> Vec<Value> {
-    let (_, v) = w
-        .api(
-            Method::GET,
-            &format!("/api/v1/attempts/{attempt}/events?limit=10000"),
-            None,
-        )
-        .await;
-    v.as_array().cloned().unwrap_or_default()
-}
 
 /// Two calls (plain and streamed), one with a wrong token, then a search
 /// for the provider key in the environment, every process's arguments
@@ -60,12 +48,8 @@ async fn agents_in_the_sandbox_reach_the_model_only_through_the_gateway() {
     let task = out.split_whitespace().nth(1).unwrap().to_owned();
     let view = w.wait(&task).await;
     let attempt = format!("{task}-1");
-    let evs = events(&w, &attempt).await;
-    let output: String = evs
-        .iter()
-        .filter(|e| e["type"] == "command_output")
-        .map(|e| e["text"].as_str().unwrap())
-        .collect();
+    let evs = w.events(&attempt).await;
+    let output: String = common::command_output(&evs);
     assert_eq!(view["state"], "succeeded", "{view}\n{output}");
     assert!(output.contains("wrong token: 401"), "{output}");
     assert!(output.contains("\"id\":\"scripted\""), "{output}");
@@ -152,12 +136,8 @@ echo "first: $(call)"; echo "second: $(call)"; sleep 30"#;
     let a = &view["attempts"][0];
     assert_eq!(a["state"], "failed", "{view}");
     assert_eq!(a["reason"], "budget_exhausted", "{view}");
-    let evs = events(&w, &format!("{task}-1")).await;
-    let output: String = evs
-        .iter()
-        .filter(|e| e["type"] == "command_output")
-        .map(|e| e["text"].as_str().unwrap())
-        .collect();
+    let evs = w.events(&format!("{task}-1")).await;
+    let output: String = common::command_output(&evs);
     // Journaled before the refusal stopped the attempt, recorded by the
     // catch-up from the shim's journal before the sandbox went.
     assert!(output.contains("first: 200"), "{output}");

@@ -10,7 +10,6 @@
 mod common;
 
 use common::{World, script};
-use reqwest::Method;
 use serde_json::{Value, json};
 use std::time::Duration;
 use testkit::docker;
@@ -31,17 +30,6 @@ fn resumable_script() -> fake_model::Script {
     ]}))
 }
 
-async fn events(w: &World, attempt: &str) -> Vec<Value> {
-    let (_, v) = w
-        .api(
-            Method::GET,
-            &format!("/api/v1/attempts/{attempt}/events?limit=10000"),
-            None,
-        )
-        .await;
-    v.as_array().cloned().unwrap_or_default()
-}
-
 /// Submits the task and waits until the agent has started the long
 /// command; returns (task, attempt).
 async fn submit_and_wait_for_the_command(w: &World) -> (String, String) {
@@ -51,7 +39,7 @@ async fn submit_and_wait_for_the_command(w: &World) -> (String, String) {
     let task = out.split_whitespace().nth(1).unwrap().to_owned();
     let attempt = format!("{task}-1");
     for _ in 0..300 {
-        let evs = events(w, &attempt).await;
+        let evs = w.events(&attempt).await;
         if evs
             .iter()
             .any(|e| e["type"] == "tool_call" && e["name"] == "run_command")
@@ -83,7 +71,7 @@ async fn assert_recovered(w: &World, task: &str, attempt: &str, adopted: bool) {
     assert!(fake.failures().is_empty(), "{:?}", fake.failures());
     assert_eq!(view["state"], "succeeded", "{view}");
 
-    let evs = events(w, attempt).await;
+    let evs = w.events(attempt).await;
     for (i, e) in evs.iter().enumerate() {
         assert_eq!(e["seq"], i as u64 + 1, "gapless, no duplicates: {e}");
     }
@@ -113,11 +101,7 @@ async fn assert_recovered(w: &World, task: &str, attempt: &str, adopted: bool) {
         .filter(|e| e["type"] == "tool_call")
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    let output: String = evs
-        .iter()
-        .filter(|e| e["type"] == "command_output")
-        .map(|e| e["text"].as_str().unwrap())
-        .collect();
+    let output: String = common::command_output(&evs);
     let results = evs.iter().filter(|e| e["type"] == "tool_result").count();
     if adopted {
         // The sandbox survived: the running command was followed again,
@@ -167,7 +151,7 @@ async fn a_sandbox_killed_mid_run_is_rebuilt_from_the_last_checkpoint() {
     assert_eq!(ids.len(), 1);
     docker(&["kill", &ids[0]]).unwrap();
     assert_recovered(&w, &task, &attempt, false).await;
-    let evs = events(&w, &attempt).await;
+    let evs = w.events(&attempt).await;
     let lost = evs
         .iter()
         .find(|e| e["type"] == "state_changed" && e["to"] == "recovering")
@@ -187,7 +171,7 @@ async fn a_killed_server_resumes_its_attempt_on_restart() {
     assert_eq!(containers_of(&attempt).len(), 1);
     w.restart_server().await;
     assert_recovered(&w, &task, &attempt, true).await;
-    let evs = events(&w, &attempt).await;
+    let evs = w.events(&attempt).await;
     let interrupted = evs
         .iter()
         .find(|e| e["type"] == "state_changed" && e["to"] == "recovering")
@@ -249,7 +233,8 @@ async fn a_long_turn_is_checkpointed_meanwhile_and_restored_from_that() {
     // partial work.
     let mut mid = None;
     for _ in 0..100 {
-        mid = events(&w, &attempt)
+        mid = w
+            .events(&attempt)
             .await
             .into_iter()
             .find(|e| e["type"] == "checkpoint" && e["turn"] == 0 && e["changed"] == true);
@@ -269,7 +254,7 @@ async fn a_long_turn_is_checkpointed_meanwhile_and_restored_from_that() {
         fake.failures()
     );
     assert_eq!(view["state"], "succeeded", "{view}");
-    let evs = events(&w, &attempt).await;
+    let evs = w.events(&attempt).await;
     let restored = evs.iter().find(|e| e["type"] == "restored").unwrap();
     assert!(
         restored["checkpoint"].as_u64().unwrap() >= mid["n"].as_u64().unwrap(),
@@ -302,7 +287,7 @@ async fn a_rebuilt_sandbox_keeps_what_was_installed_through_its_snapshot() {
     let attempt = format!("{task}-1");
     let mut snapshot = None;
     for _ in 0..300 {
-        let evs = events(&w, &attempt).await;
+        let evs = w.events(&attempt).await;
         let waiting = evs
             .iter()
             .any(|e| e["type"] == "command_output" && e["text"] == "waiting\n");
@@ -314,7 +299,8 @@ async fn a_rebuilt_sandbox_keeps_what_was_installed_through_its_snapshot() {
     }
     let snapshot = snapshot.expect("no snapshot was taken");
     if snapshot["checkpoint"] != 1 {
-        let progress: Vec<Value> = events(&w, &attempt)
+        let progress: Vec<Value> = w
+            .events(&attempt)
             .await
             .into_iter()
             .filter(|e| e["type"] == "progress" || e["type"] == "checkpoint")
@@ -329,7 +315,7 @@ async fn a_rebuilt_sandbox_keeps_what_was_installed_through_its_snapshot() {
     let fake = w.fake.as_ref().unwrap();
     assert!(fake.failures().is_empty(), "{:?}", fake.failures());
     assert_eq!(view["state"], "succeeded", "{view}");
-    let evs = events(&w, &attempt).await;
+    let evs = w.events(&attempt).await;
     // One recovery: the kill's (a snapshot pauses the sandbox; that is
     // not a loss).
     let restored: Vec<&Value> = evs.iter().filter(|e| e["type"] == "restored").collect();

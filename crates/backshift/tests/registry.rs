@@ -7,20 +7,8 @@
 mod common;
 
 use common::{World, script};
-use reqwest::Method;
 use serde_json::json;
 use testkit::{Registry, docker};
-
-async fn events(w: &World, attempt: &str) -> Vec<serde_json::Value> {
-    let (_, events) = w
-        .api(
-            Method::GET,
-            &format!("/api/v1/attempts/{attempt}/events"),
-            None,
-        )
-        .await;
-    events.as_array().unwrap().clone()
-}
 
 fn progress(events: &[serde_json::Value]) -> Vec<String> {
     events
@@ -81,7 +69,7 @@ async fn a_configured_image_is_pulled_from_its_registry_and_used() {
         registry.log()
     );
     assert!(pulled, "the image is on the Docker host after the task");
-    let lines = progress(&events(&w, a["id"].as_str().unwrap()).await);
+    let lines = progress(&w.events(a["id"].as_str().unwrap()).await);
     let pos = |needle: &str| {
         lines
             .iter()
