@@ -117,6 +117,69 @@ fn run() -> BenchResult<()> {
             p50.as_secs_f64() / base.as_secs_f64()
         );
     }
+    rt.block_on(snapshots(&driver, &spec, &docker_cli, n))
+}
+
+/// Filesystem snapshots: the driver's (`docker commit` through the API,
+/// the sandbox paused meanwhile) next to the `docker commit` CLI, of one
+/// sandbox with 20 MiB written outside its checkout.
+async fn snapshots(
+    driver: &DockerDriver,
+    spec: &SandboxSpec,
+    cli: &Path,
+    n: usize,
+) -> BenchResult<()> {
+    let id = driver.create(spec).await?;
+    let fill = ExecSpec::new([
+        "bash",
+        "-c",
+        "head -c 20971520 /dev/urandom > /home/agent/deps.bin",
+    ]);
+    let filled = driver.exec_collect(&id, &fill).await?;
+    if filled.exit_code != 0 {
+        driver.destroy(&id).await?;
+        return Err("cannot write the snapshot bench's 20 MiB".into());
+    }
+    let labels = BTreeMap::from([(labels::MANAGED.to_owned(), "true".to_owned())]);
+    let (mut ours, mut raw) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut result = Ok(());
+    for i in 0..WARMUP + n {
+        let reference = format!("backshift-bench-snapshot:{}-{i}", std::process::id());
+        let start = Instant::now();
+        if let Err(e) = driver.snapshot(&id, &reference, &labels).await {
+            result = Err(e.to_string());
+            break;
+        }
+        let took = start.elapsed();
+        driver.remove_snapshot(&reference).await?;
+        let start = Instant::now();
+        let out = Command::new(cli)
+            .env("DOCKER_API_VERSION", "1.41")
+            .args(["commit", &id.0, &reference])
+            .output()?;
+        let cli_took = start.elapsed();
+        driver.remove_snapshot(&reference).await?;
+        if !out.status.success() {
+            result = Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+            break;
+        }
+        if i >= WARMUP {
+            ours.push(took);
+            raw.push(cli_took);
+        }
+    }
+    driver.destroy(&id).await?;
+    result?;
+    let base = percentile(&mut raw, 50);
+    let p50 = percentile(&mut ours, 50);
+    println!(
+        "{:<38} {:>8} {:>8}   {:<28} {:>5.2}x",
+        "backshift snapshot (20 MiB changed)",
+        ms(p50),
+        ms(percentile(&mut ours, 90)),
+        format!("docker commit {}", ms(base)),
+        p50.as_secs_f64() / base.as_secs_f64()
+    );
     Ok(())
 }
 

@@ -90,7 +90,7 @@ pub async fn readyz(State(app): State<Arc<App>>) -> (StatusCode, Json<ReadyView>
             "model",
             false,
             e,
-            Some("configure [model] base_url, model and api_key_env"),
+            Some("configure [model] base_url, model and api_key_env (tasks with a --command run without one)"),
         ),
     });
     let ready = checks.iter().all(|c| c.ok);
