@@ -2,8 +2,8 @@
 //! (Docker engine, dockerd, the default sandbox image), builds a release
 //! binary and starts the server; `cargo xtask test` sets up that plus what
 //! the tests need (a local image registry, PostgreSQL with the tests'
-//! role, the agents they run, from npm) and runs the whole suite; `cargo xtask ci` is what `.ci/run`
-//! runs.
+//! role, the agents they run, from npm) and runs the whole suite;
+//! `cargo xtask ci` is what `.ci/run` runs.
 
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
