@@ -262,6 +262,7 @@ fn bench(extra: &[String]) -> anyhow::Result<()> {
         ("backshift-sandbox", "sandbox_start"),
         ("backshift-server", "events"),
         ("backshift", "reattach"),
+        ("backshift", "gateway"),
     ] {
         step(&format!("{name} ({package}/benches/{name}.rs)"));
         run(Command::new("cargo")

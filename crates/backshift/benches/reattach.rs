@@ -13,11 +13,13 @@ use backshift_sandbox::docker::DockerDriver;
 use backshift_sandbox::{ExecSpec, SandboxDriver, SandboxId, labels};
 use fake_model::FakeModel;
 use serde_json::{Value, json};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+mod support;
+
+use support::{BenchResult, get, start_server, token};
 
 fn main() {
     if let Err(e) = tokio::runtime::Runtime::new()
@@ -42,66 +44,6 @@ fn attempts_arg() -> BenchResult<usize> {
             .ok_or("--attempts needs a positive number")?),
         None => Ok(50),
     }
-}
-
-struct Server {
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(dir: &Path, config: &Path) -> BenchResult<(Server, String)> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_backshift"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("BACKSHIFT_CONFIG_DIR", dir.join("config"))
-        .env("BACKSHIFT_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let server = Server { child };
-    use std::io::BufRead;
-    let mut url = None;
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    for line in lines.by_ref() {
-        let line = line?;
-        if let Some(u) = line.strip_prefix("backshift listening on ") {
-            url = Some(u.trim().to_owned());
-        }
-        if line.contains("ready for tasks") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    Ok((
-        server,
-        url.ok_or("the server did not say where it listens")?,
-    ))
-}
-
-fn token(dir: &Path, url: &str) -> BenchResult<String> {
-    let text = std::fs::read_to_string(dir.join("config/credentials.toml"))?;
-    let v: toml::Value = toml::from_str(&text)?;
-    Ok(v["servers"][url]["token"]
-        .as_str()
-        .ok_or("no token saved")?
-        .to_owned())
-}
-
-async fn get(http: &reqwest::Client, url: &str, token: &str) -> BenchResult<Value> {
-    Ok(http
-        .get(url)
-        .bearer_auth(token)
-        .send()
-        .await?
-        .json()
-        .await?)
 }
 
 /// Waits until every attempt has an event matching `done` after `after[i]`.

@@ -1,0 +1,180 @@
+//! Model gateway overhead: the time of one chat-completion call made with
+//! curl inside a sandbox, through the shim's forward and the gateway (token
+//! check, real key added, usage read, call recorded), next to the same
+//! curl call made on the host straight to the same scripted model, in the
+//! same run. curl's own `time_total` is the measure on both sides, so
+//! process start does not count.
+//!
+//! Run with `cargo xtask bench` (or `cargo bench -p backshift --bench
+//! gateway -- --calls 200`). Needs dockerd and the default image.
+
+mod support;
+
+use fake_model::FakeModel;
+use serde_json::{Value, json};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::{BenchResult, get, start_server, token};
+
+fn main() {
+    if let Err(e) = tokio::runtime::Runtime::new()
+        .map_err(|e| e.into())
+        .and_then(|rt| rt.block_on(run()))
+    {
+        eprintln!("gateway: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn calls_arg() -> BenchResult<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--bench") {
+        return Ok(3); // `cargo test --benches`: a quick pass
+    }
+    match args.iter().position(|a| a == "--calls") {
+        Some(i) => Ok(args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .filter(|n: &usize| *n > 0)
+            .ok_or("--calls needs a positive number")?),
+        None => Ok(200),
+    }
+}
+
+const BODY: &str = r#"{"model":"any","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// `curl` timing lines (seconds) into durations.
+fn parse_times(text: &str) -> Vec<Duration> {
+    text.lines()
+        .filter_map(|l| l.trim().parse::<f64>().ok())
+        .map(Duration::from_secs_f64)
+        .collect()
+}
+
+fn p50(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+async fn run() -> BenchResult<()> {
+    let n = calls_arg()?;
+    // Both sides' calls, in sequence mode: any request takes the next step.
+    let steps: Vec<Value> = (0..2 * n)
+        .map(|_| json!({"reply": {"content": "ok"}}))
+        .collect();
+    let fake = FakeModel::start(serde_json::from_value(json!({ "steps": steps }))?).await?;
+    let dir = tempfile::tempdir()?;
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo)?;
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(&repo)
+            .env("GIT_AUTHOR_NAME", "b")
+            .env("GIT_AUTHOR_EMAIL", "b@example.invalid")
+            .env("GIT_COMMITTER_NAME", "b")
+            .env("GIT_COMMITTER_EMAIL", "b@example.invalid")
+            .status()
+    };
+    git(&["init", "-q", "-b", "main"])?;
+    std::fs::write(repo.join("README.md"), "bench\n")?;
+    git(&["add", "."])?;
+    git(&["commit", "-qm", "init"])?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.path().join("backshift.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\n[model]\nbase_url = \"{}\"\nmodel = \"scripted\"\n",
+            dir.path().join("data").display(),
+            fake.base_url()
+        ),
+    )?;
+    let (_server, url) = start_server(dir.path(), &config)?;
+    let token = token(dir.path(), &url)?;
+    let http = reqwest::Client::new();
+
+    println!("gateway: {n} sequential calls each way");
+    let script = format!(
+        "for i in $(seq 1 {n}); do curl -s -o /dev/null -w '%{{time_total}}\\n' -H \"Authorization: Bearer $OPENAI_API_KEY\" -H 'content-type: application/json' -d '{BODY}' \"$OPENAI_BASE_URL/chat/completions\"; done"
+    );
+    let created: Value = http
+        .post(format!("{url}/api/v1/tasks"))
+        .bearer_auth(&token)
+        .json(&json!({"prompt": "call the model", "repo": repo, "command": script}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let task = created["id"]
+        .as_str()
+        .ok_or(format!("no task: {created}"))?;
+    let started = Instant::now();
+    let view = loop {
+        let v = get(&http, &format!("{url}/api/v1/tasks/{task}"), &token).await?;
+        let state = v["state"].as_str().unwrap_or("");
+        if ["succeeded", "failed", "cancelled", "timed_out"].contains(&state) {
+            break v;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err("the task did not end within 10 minutes".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if view["state"] != "succeeded" {
+        return Err(format!("the calling task did not succeed: {view}").into());
+    }
+    let events = get(
+        &http,
+        &format!("{url}/api/v1/attempts/{task}-1/events?limit=100000"),
+        &token,
+    )
+    .await?;
+    let output: String = events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == "command_output" && e["stream"] == "stdout")
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    let mut through = parse_times(&output);
+    if through.len() != n {
+        return Err(format!("{} timings from the sandbox, expected {n}", through.len()).into());
+    }
+    // Baseline: the same calls from the host, straight to the model.
+    let direct = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "for i in $(seq 1 {n}); do curl -s -o /dev/null -w '%{{time_total}}\\n' -H 'content-type: application/json' -d '{BODY}' '{}/chat/completions'; done",
+                fake.base_url()
+            ),
+        ])
+        .output()?;
+    let mut direct = parse_times(&String::from_utf8_lossy(&direct.stdout));
+    if direct.len() != n {
+        return Err(format!("{} timings from the host, expected {n}", direct.len()).into());
+    }
+    let (ours, base) = (p50(&mut through), p50(&mut direct));
+    println!(
+        "{:<44} {:>10}   {:<36} {:>7}",
+        "measure", "p50", "baseline p50", "ratio"
+    );
+    println!(
+        "{:<44} {:>10}   {:<36} {:>6.1}x",
+        "chat completion through the gateway",
+        format!("{:.2} ms", ours.as_secs_f64() * 1000.0),
+        format!(
+            "curl on the host, direct {:.2} ms",
+            base.as_secs_f64() * 1000.0
+        ),
+        ours.as_secs_f64() / base.as_secs_f64()
+    );
+    println!(
+        "gateway overhead per call (p50): {:.2} ms",
+        (ours.as_secs_f64() - base.as_secs_f64()) * 1000.0
+    );
+    Ok(())
+}
