@@ -63,35 +63,7 @@ async fn run() -> BenchResult<()> {
         .map(|_| json!({"reply": {"content": "ok"}}))
         .collect();
     let fake = FakeModel::start(serde_json::from_value(json!({ "steps": steps }))?).await?;
-    let dir = tempfile::tempdir()?;
-    let repo = dir.path().join("repo");
-    std::fs::create_dir_all(&repo)?;
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(args)
-            .current_dir(&repo)
-            .env("GIT_AUTHOR_NAME", "b")
-            .env("GIT_AUTHOR_EMAIL", "b@example.invalid")
-            .env("GIT_COMMITTER_NAME", "b")
-            .env("GIT_COMMITTER_EMAIL", "b@example.invalid")
-            .status()
-    };
-    git(&["init", "-q", "-b", "main"])?;
-    std::fs::write(repo.join("README.md"), "bench\n")?;
-    git(&["add", "."])?;
-    git(&["commit", "-qm", "init"])?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let config = dir.path().join("backshift.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\n[model]\nbase_url = \"{}\"\nmodel = \"scripted\"\n",
-            dir.path().join("data").display(),
-            fake.base_url()
-        ),
-    )?;
+    let (dir, repo, config) = support::bench_setup(&fake.base_url(), "")?;
     let (_server, url) = start_server(dir.path(), &config)?;
     let token = token(dir.path(), &url)?;
     let http = reqwest::Client::new();

@@ -14,7 +14,6 @@ use backshift_sandbox::{ExecSpec, SandboxDriver, SandboxId, labels};
 use fake_model::FakeModel;
 use serde_json::{Value, json};
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod support;
@@ -94,34 +93,9 @@ async fn run() -> BenchResult<()> {
         {"reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "sleep 3000"}}]}}
     ]}))?;
     let fake = FakeModel::start(script).await?;
-    let dir = tempfile::tempdir()?;
-    let repo = dir.path().join("repo");
-    std::fs::create_dir_all(&repo)?;
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(args)
-            .current_dir(&repo)
-            .env("GIT_AUTHOR_NAME", "b")
-            .env("GIT_AUTHOR_EMAIL", "b@example.invalid")
-            .env("GIT_COMMITTER_NAME", "b")
-            .env("GIT_COMMITTER_EMAIL", "b@example.invalid")
-            .status()
-    };
-    git(&["init", "-q", "-b", "main"])?;
-    std::fs::write(repo.join("README.md"), "bench\n")?;
-    git(&["add", "."])?;
-    git(&["commit", "-qm", "init"])?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let config = dir.path().join("backshift.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nmax_concurrent_attempts = {n}\n\n[model]\nbase_url = \"{}\"\nmodel = \"scripted\"\n",
-            dir.path().join("data").display(),
-            fake.base_url()
-        ),
+    let (dir, repo, config) = support::bench_setup(
+        &fake.base_url(),
+        &format!("max_concurrent_attempts = {n}\n"),
     )?;
 
     let (server, url) = start_server(dir.path(), &config)?;

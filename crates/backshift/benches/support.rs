@@ -66,3 +66,41 @@ pub async fn get(http: &reqwest::Client, url: &str, token: &str) -> BenchResult<
         .json()
         .await?)
 }
+
+/// A scratch directory with a one-commit repository (`repo`) and a server
+/// config (`backshift.toml`) on a free loopback port, its model the
+/// scripted one at `model_url`, with `extra` top-level keys.
+pub fn bench_setup(
+    model_url: &str,
+    extra: &str,
+) -> BenchResult<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo)?;
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(&repo)
+            .env("GIT_AUTHOR_NAME", "b")
+            .env("GIT_AUTHOR_EMAIL", "b@example.invalid")
+            .env("GIT_COMMITTER_NAME", "b")
+            .env("GIT_COMMITTER_EMAIL", "b@example.invalid")
+            .status()
+    };
+    git(&["init", "-q", "-b", "main"])?;
+    std::fs::write(repo.join("README.md"), "bench\n")?;
+    git(&["add", "."])?;
+    git(&["commit", "-qm", "init"])?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.path().join("backshift.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n{extra}\n[model]\nbase_url = \"{model_url}\"\nmodel = \"scripted\"\n",
+            dir.path().join("data").display(),
+        ),
+    )?;
+    Ok((dir, repo, config))
+}
