@@ -17,28 +17,7 @@ use std::time::{Duration, Instant};
 use support::{BenchResult, get, start_server, token};
 
 fn main() {
-    if let Err(e) = tokio::runtime::Runtime::new()
-        .map_err(|e| e.into())
-        .and_then(|rt| rt.block_on(run()))
-    {
-        eprintln!("gateway: {e}");
-        std::process::exit(1);
-    }
-}
-
-fn calls_arg() -> BenchResult<usize> {
-    let args: Vec<String> = std::env::args().collect();
-    if !args.iter().any(|a| a == "--bench") {
-        return Ok(3); // `cargo test --benches`: a quick pass
-    }
-    match args.iter().position(|a| a == "--calls") {
-        Some(i) => Ok(args
-            .get(i + 1)
-            .and_then(|v| v.parse().ok())
-            .filter(|n: &usize| *n > 0)
-            .ok_or("--calls needs a positive number")?),
-        None => Ok(200),
-    }
+    support::main("gateway", run());
 }
 
 const BODY: &str = r#"{"model":"any","messages":[{"role":"user","content":"hi"}]}"#;
@@ -57,7 +36,7 @@ fn p50(samples: &mut [Duration]) -> Duration {
 }
 
 async fn run() -> BenchResult<()> {
-    let n = calls_arg()?;
+    let n = support::count_arg("--calls", 3, 200)?;
     // Both sides' calls, in sequence mode: any request takes the next step.
     let steps: Vec<Value> = (0..2 * n)
         .map(|_| json!({"reply": {"content": "ok"}}))

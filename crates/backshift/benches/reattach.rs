@@ -21,28 +21,7 @@ mod support;
 use support::{BenchResult, get, start_server, token};
 
 fn main() {
-    if let Err(e) = tokio::runtime::Runtime::new()
-        .map_err(|e| e.into())
-        .and_then(|rt| rt.block_on(run()))
-    {
-        eprintln!("reattach: {e}");
-        std::process::exit(1);
-    }
-}
-
-fn attempts_arg() -> BenchResult<usize> {
-    let args: Vec<String> = std::env::args().collect();
-    if !args.iter().any(|a| a == "--bench") {
-        return Ok(2); // `cargo test --benches`: a quick pass
-    }
-    match args.iter().position(|a| a == "--attempts") {
-        Some(i) => Ok(args
-            .get(i + 1)
-            .and_then(|v| v.parse().ok())
-            .filter(|n: &usize| *n > 0)
-            .ok_or("--attempts needs a positive number")?),
-        None => Ok(50),
-    }
+    support::main("reattach", run());
 }
 
 /// Waits until every attempt has an event matching `done` after `after[i]`.
@@ -85,7 +64,7 @@ async fn wait_for(
 }
 
 async fn run() -> BenchResult<()> {
-    let n = attempts_arg()?;
+    let n = support::count_arg("--attempts", 2, 50)?;
     let driver = DockerDriver::connect()
         .await
         .map_err(|e| format!("{e}; start dockerd (cargo xtask setup does)"))?;

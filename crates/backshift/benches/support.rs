@@ -104,3 +104,31 @@ pub fn bench_setup(
     )?;
     Ok((dir, repo, config))
 }
+
+/// Runs a bench's `run` on a runtime; a failure is printed and exits 1.
+pub fn main(name: &str, run: impl std::future::Future<Output = BenchResult<()>>) {
+    if let Err(e) = tokio::runtime::Runtime::new()
+        .map_err(|e| e.into())
+        .and_then(|rt| rt.block_on(run))
+    {
+        eprintln!("{name}: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The positive count after `flag` (`default` without it); `quick` under
+/// `cargo test --benches`, which passes no `--bench`.
+pub fn count_arg(flag: &str, quick: usize, default: usize) -> BenchResult<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--bench") {
+        return Ok(quick);
+    }
+    match args.iter().position(|a| a == flag) {
+        Some(i) => Ok(args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .filter(|n: &usize| *n > 0)
+            .ok_or(format!("{flag} needs a positive number"))?),
+        None => Ok(default),
+    }
+}
