@@ -174,12 +174,7 @@ impl ShimClient {
             .await?;
         let mut line = String::new();
         loop {
-            line.clear();
-            let n = reader
-                .read_line(&mut line)
-                .await
-                .map_err(|e| self.unreachable(format!("the journal stream broke: {e}")))?;
-            if n == 0 {
+            if !self.next_line(&mut reader, &mut line).await? {
                 return Err(self.unreachable("the shim ended the journal stream"));
             }
             let value: serde_json::Value =
@@ -205,6 +200,20 @@ impl ShimClient {
         }
     }
 
+    /// Reads the journal stream's next line into `line`; `false` at its end.
+    async fn next_line(
+        &self,
+        reader: &mut BufReader<UnixStream>,
+        line: &mut String,
+    ) -> Result<bool> {
+        line.clear();
+        let n = reader
+            .read_line(line)
+            .await
+            .map_err(|e| self.unreachable(format!("the journal stream broke: {e}")))?;
+        Ok(n > 0)
+    }
+
     /// Every journal entry after `after`, up to the journal's end now.
     pub async fn journal(&self, after: u64) -> Result<Vec<Entry>> {
         let read = async {
@@ -217,19 +226,12 @@ impl ShimClient {
                 .await?;
             let mut entries = Vec::new();
             let mut line = String::new();
-            loop {
-                line.clear();
-                let n = reader
-                    .read_line(&mut line)
-                    .await
-                    .map_err(|e| self.unreachable(format!("the journal stream broke: {e}")))?;
-                if n == 0 {
-                    return Ok(entries);
-                }
+            while self.next_line(&mut reader, &mut line).await? {
                 entries.push(
                     serde_json::from_str(&line).map_err(|e| ShimError::Protocol(e.to_string()))?,
                 );
             }
+            Ok(entries)
         };
         tokio::time::timeout(REQUEST_TIMEOUT, read)
             .await

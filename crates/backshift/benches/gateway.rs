@@ -51,17 +51,13 @@ async fn run() -> BenchResult<()> {
     let script = format!(
         "for i in $(seq 1 {n}); do curl -s -o /dev/null -w '%{{time_total}}\\n' -H \"Authorization: Bearer $OPENAI_API_KEY\" -H 'content-type: application/json' -d '{BODY}' \"$OPENAI_BASE_URL/chat/completions\"; done"
     );
-    let created: Value = http
-        .post(format!("{url}/api/v1/tasks"))
-        .bearer_auth(&token)
-        .json(&json!({"prompt": "call the model", "repo": repo, "command": script}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let task = created["id"]
-        .as_str()
-        .ok_or(format!("no task: {created}"))?;
+    let task = &support::submit(
+        &http,
+        &url,
+        &token,
+        json!({"prompt": "call the model", "repo": repo, "command": script}),
+    )
+    .await?;
     let started = Instant::now();
     let view = loop {
         let v = get(&http, &format!("{url}/api/v1/tasks/{task}"), &token).await?;

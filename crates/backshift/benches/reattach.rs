@@ -82,17 +82,8 @@ async fn run() -> BenchResult<()> {
     let http = reqwest::Client::new();
     let mut attempts = Vec::new();
     for _ in 0..n {
-        let created: Value = http
-            .post(format!("{url}/api/v1/tasks"))
-            .bearer_auth(&token)
-            .json(&json!({"prompt": "wait", "repo": repo}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let task = created["id"]
-            .as_str()
-            .ok_or(format!("no task id: {created}"))?;
+        let task =
+            support::submit(&http, &url, &token, json!({"prompt": "wait", "repo": repo})).await?;
         attempts.push(format!("{task}-1"));
     }
     println!("re-attach: {n} attempts running, then SIGKILL and restart");

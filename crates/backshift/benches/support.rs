@@ -132,3 +132,24 @@ pub fn count_arg(flag: &str, quick: usize, default: usize) -> BenchResult<usize>
         None => Ok(default),
     }
 }
+
+/// Creates a task from `body`; returns its id.
+pub async fn submit(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: Value,
+) -> BenchResult<String> {
+    let created: Value = http
+        .post(format!("{url}/api/v1/tasks"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(created["id"]
+        .as_str()
+        .ok_or(format!("no task id: {created}"))?
+        .to_owned())
+}
