@@ -33,6 +33,8 @@ pub async fn run_command_agent(
             call_id: CALL_ID.into(),
             name: "command".into(),
             arguments: json!({ "command": script }),
+            kind: Some("execute".into()),
+            title: None,
         })
         .await;
     }

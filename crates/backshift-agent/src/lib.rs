@@ -7,11 +7,13 @@
 //! it does goes through [`tools::SandboxTools`], and everything it sees or
 //! decides is reported to an [`EventSink`].
 
+pub mod acp;
 pub mod command;
 pub mod model;
 pub mod run;
 pub mod tools;
 
+pub use acp::{AcpLaunch, AcpResume, PermissionPolicy, run_acp_agent};
 pub use command::run_command_agent;
 pub use model::{ModelClient, ModelConfig, ModelFailure};
 pub use run::{AgentOutcome, Conversation, Replay, run_agent};

@@ -257,11 +257,16 @@ fn parse(text: &str) -> Result<Completion, String> {
 
 /// Shortens long text for error messages.
 pub(crate) fn clip(s: &str) -> String {
-    const MAX: usize = 500;
-    if s.len() <= MAX {
+    clip_at(s, 500)
+}
+
+/// Shortens text to at most `max` bytes (at a character boundary), saying
+/// how long it was.
+pub(crate) fn clip_at(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_owned();
     }
-    let mut end = MAX;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }

@@ -375,6 +375,8 @@ pub async fn run_agent(
                         call_id: call.call_id.clone(),
                         name: call.name.clone(),
                         arguments: shown,
+                        kind: None,
+                        title: None,
                     })
                     .await;
             }

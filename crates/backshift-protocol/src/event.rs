@@ -70,6 +70,17 @@ pub struct ToolCallRecord {
     pub arguments: String,
 }
 
+/// One step of an agent's plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlanEntry {
+    /// What the step does.
+    pub content: String,
+    /// `pending`, `in_progress` or `completed`.
+    pub status: String,
+    /// `high`, `medium` or `low`.
+    pub priority: String,
+}
+
 /// What happened. Serialized with a `type` field naming the variant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -137,6 +148,15 @@ pub enum EventKind {
         /// Parsed arguments (or the raw text under `raw` when invalid).
         #[schema(value_type = Object)]
         arguments: serde_json::Value,
+        /// For agents speaking ACP: the kind of tool (`read`, `edit`,
+        /// `delete`, `move`, `search`, `execute`, `think`, `fetch`,
+        /// `other`), the same across agents.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<String>,
+        /// For agents speaking ACP: the agent's one-line description of
+        /// the call (a command line, a file name).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
     },
     /// Output of a running command, as it is produced.
     CommandOutput {
@@ -237,6 +257,63 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// An agent speaking ACP opened (or reopened) its session.
+    AgentSession {
+        /// The agent (`opencode`).
+        agent: String,
+        /// What the agent calls itself, with its version.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent_info: Option<String>,
+        /// The agent's session id.
+        session_id: String,
+        /// The agent's process in the sandbox (its shim command id).
+        process: String,
+        /// Whether an earlier session was loaded (`session/load`, after a
+        /// restart) rather than a new one started.
+        loaded: bool,
+    },
+    /// What an agent speaking ACP said (its streamed message chunks,
+    /// joined).
+    AgentMessage {
+        /// The text.
+        text: String,
+    },
+    /// An agent's reasoning, as it chose to show it.
+    AgentThought {
+        /// The text.
+        text: String,
+    },
+    /// An agent's plan, as it stands now (each update replaces the last).
+    Plan {
+        /// The steps.
+        entries: Vec<PlanEntry>,
+    },
+    /// A file change an agent made or proposed in a tool call.
+    FileDiff {
+        /// The tool call.
+        call_id: String,
+        /// The file.
+        path: String,
+        /// A unified diff from the old text to the new (cut at 256 KiB).
+        diff: String,
+    },
+    /// An agent asked permission for a tool call and was answered.
+    PermissionDecision {
+        /// The tool call it asked about.
+        call_id: String,
+        /// What it asked about (a command line, a file).
+        title: String,
+        /// The kind of tool (`execute`, `edit`, ...).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<String>,
+        /// The answer: `allow_once`, `allow_always`, `reject_once`,
+        /// `reject_always`, or `cancelled` (no option fit).
+        decision: String,
+        /// Who answered (`policy`: the configured permission policy).
+        by: String,
+        /// Why.
+        reason: String,
+    },
     /// The sandbox's filesystem was saved as an image (after a
     /// checkpoint): a rebuilt sandbox starts from it.
     Snapshot {
@@ -267,6 +344,12 @@ impl EventKind {
             EventKind::Restored { .. } => "restored",
             EventKind::Snapshot { .. } => "snapshot",
             EventKind::ModelCall { .. } => "model_call",
+            EventKind::AgentSession { .. } => "agent_session",
+            EventKind::AgentMessage { .. } => "agent_message",
+            EventKind::AgentThought { .. } => "agent_thought",
+            EventKind::Plan { .. } => "plan",
+            EventKind::FileDiff { .. } => "file_diff",
+            EventKind::PermissionDecision { .. } => "permission_decision",
         }
     }
 }

@@ -128,6 +128,141 @@ pub fn parse_spec(spec: &str) -> Result<(Recipe, Option<String>), String> {
         .ok_or_else(|| format!("unknown agent {name:?}; installable: {}", known()))
 }
 
+/// The recipe of agent `name`.
+pub fn recipe(name: &str) -> Option<Recipe> {
+    RECIPES.iter().find(|r| r.name == name).copied()
+}
+
+/// The installed agent `name`, if it is.
+pub fn find_installed(agents_dir: &Path, name: &str) -> Option<Installed> {
+    installed(agents_dir)
+        .into_iter()
+        .find(|a| a.manifest.name == name)
+}
+
+/// Why agent `name` cannot run tasks on this server yet, if it cannot.
+pub fn not_runnable(agents_dir: &Path, name: &str) -> Option<(String, String)> {
+    let recipe = recipe(name)?;
+    if find_installed(agents_dir, name).is_none() {
+        return Some((
+            format!(
+                "{name} is not installed on this server (agents live in {})",
+                agents_dir.display()
+            ),
+            format!("run `backshift agents install {name}` on the server's host"),
+        ));
+    }
+    match recipe.name {
+        "opencode" => None,
+        other => Some((
+            format!(
+                "{other} is installed, but backshift cannot run it yet: its model API ({}) is not served by the model gateway",
+                match other {
+                    "claude-code" => "Anthropic messages",
+                    "codex" => "OpenAI responses",
+                    _ => "Gemini",
+                }
+            ),
+            "use `--agent opencode` or the built-in agent for now".into(),
+        )),
+    }
+}
+
+/// Where an agent's per-attempt configuration is written in the shim
+/// directory (the sandbox sees it under `/.backshift/run`).
+pub const CONFIG_FILE: &str = "agent-config.json";
+
+/// What an attempt tells an agent about where it runs.
+#[derive(Debug, Clone)]
+pub struct AgentSetup<'a> {
+    /// The model's name at the gateway.
+    pub model: &'a str,
+    /// Tools the agent must ask permission for.
+    pub ask: &'a [String],
+}
+
+/// How to run installed agent `agent` for an attempt: program, arguments
+/// and environment, with its configuration written to `shim_dir`. The
+/// configuration names the gateway and its token through the sandbox's
+/// environment (`OPENAI_BASE_URL`, `OPENAI_API_KEY`), never by value, and
+/// turns off everything that would reach out (updates, sharing, model
+/// catalogues, LSP downloads).
+pub fn launch(
+    agent: &Installed,
+    shim_dir: &Path,
+    setup: &AgentSetup<'_>,
+) -> std::io::Result<(Vec<String>, Vec<(String, String)>)> {
+    let Some(recipe) = recipe(&agent.manifest.name) else {
+        return Err(std::io::Error::other(format!(
+            "no recipe for {}",
+            agent.manifest.name
+        )));
+    };
+    let bin = format!("{}/{}", agent.sandbox_bin_dir(), recipe.bin);
+    let mut argv = vec![bin];
+    argv.extend(recipe.acp_args.iter().map(|a| (*a).to_owned()));
+    let config_in_sandbox = format!("{}/{CONFIG_FILE}", backshift_shim::proto::SANDBOX_DIR);
+    match recipe.name {
+        "opencode" => {
+            let config = opencode_config(setup);
+            write_config(&shim_dir.join(CONFIG_FILE), &config)?;
+            let env = [
+                ("OPENCODE_CONFIG", config_in_sandbox.as_str()),
+                ("OPENCODE_DISABLE_AUTOUPDATE", "true"),
+                ("OPENCODE_DISABLE_MODELS_FETCH", "true"),
+                ("OPENCODE_DISABLE_LSP_DOWNLOAD", "true"),
+                ("OPENCODE_DISABLE_SHARE", "true"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+            Ok((argv, env))
+        }
+        other => Err(std::io::Error::other(format!(
+            "backshift cannot run {other} yet"
+        ))),
+    }
+}
+
+/// OpenCode's configuration: one provider, the gateway, through the
+/// OpenAI-compatible adapter bundled with it.
+fn opencode_config(setup: &AgentSetup<'_>) -> serde_json::Value {
+    let model = setup.model;
+    let mut config = serde_json::json!({
+        "autoupdate": false,
+        "share": "disabled",
+        "provider": {
+            "backshift": {
+                "npm": "@ai-sdk/openai-compatible",
+                "name": "backshift model gateway",
+                "options": {
+                    "baseURL": "{env:OPENAI_BASE_URL}",
+                    "apiKey": "{env:OPENAI_API_KEY}",
+                },
+                "models": { model: { "name": model } },
+            }
+        },
+        "model": format!("backshift/{model}"),
+        "small_model": format!("backshift/{model}"),
+        "enabled_providers": ["backshift"],
+    });
+    if !setup.ask.is_empty() {
+        config["permission"] = setup
+            .ask
+            .iter()
+            .map(|tool| (tool.clone(), serde_json::Value::from("ask")))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+    config
+}
+
+fn write_config(path: &Path, config: &serde_json::Value) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(config)?)?;
+    std::fs::rename(tmp, path)
+}
+
 /// The current version of every installed agent, by name.
 pub fn installed(agents_dir: &Path) -> Vec<Installed> {
     let mut out = Vec::new();
@@ -306,6 +441,23 @@ mod tests {
                 .unwrap_err()
                 .contains("no installation")
         );
+    }
+
+    #[test]
+    fn opencode_is_configured_for_the_gateway_without_secrets() {
+        let ask = vec!["bash".to_owned()];
+        let c = opencode_config(&AgentSetup {
+            model: "gpt-x",
+            ask: &ask,
+        });
+        assert_eq!(c["model"], "backshift/gpt-x");
+        assert_eq!(
+            c["provider"]["backshift"]["options"]["apiKey"],
+            "{env:OPENAI_API_KEY}"
+        );
+        assert_eq!(c["autoupdate"], false);
+        assert_eq!(c["share"], "disabled");
+        assert_eq!(c["permission"]["bash"], "ask");
     }
 
     #[test]

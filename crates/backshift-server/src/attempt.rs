@@ -3,12 +3,13 @@
 //! timed_out). Each transition is persisted before the work it starts.
 
 use crate::checkpoint::{self, AttemptJournal};
+use crate::config::PermissionPolicySetting;
 use crate::serve::App;
 use crate::supervisor::{Stop, StopReason};
 use async_trait::async_trait;
 use backshift_agent::{
-    AgentOutcome, Conversation, EventSink, ModelClient, Replay, SandboxTools, run_agent,
-    run_command_agent,
+    AcpLaunch, AcpResume, AgentOutcome, Conversation, EventSink, ModelClient, PermissionPolicy,
+    Replay, SandboxTools, run_acp_agent, run_agent, run_command_agent,
 };
 use backshift_core::{AttemptState, FailureReason, Transition};
 use backshift_protocol::EventKind;
@@ -1120,6 +1121,14 @@ async fn work(
                 &journal,
                 &conversation.replay,
             )),
+            (name, None) if crate::agents::recipe(name).is_some() => {
+                let (launch, resume) = acp_setup(run, &shim_dir, &conversation).await?;
+                let shim = ShimClient::new(&shim_dir);
+                let (sink, journal, prompt) = (&sink, &journal, run.task.prompt.clone());
+                Box::pin(async move {
+                    run_acp_agent(&shim, &launch, &prompt, sink, journal, resume).await
+                })
+            }
             _ => {
                 let model_config = app
                     .model_config()
@@ -1168,6 +1177,91 @@ async fn work(
         AgentOutcome::Stopped { reason, detail } => Err(Failure(reason, detail).into()),
         AgentOutcome::Interrupted { detail } => Err(Halt::Lost(detail)),
     }
+}
+
+/// How to run the task's installed agent over ACP in this sandbox, and
+/// where it starts from: a first session, or the one an earlier
+/// generation of it opened (a restart or a lost sandbox).
+async fn acp_setup(
+    run: &Run,
+    shim_dir: &Path,
+    conversation: &Conversation,
+) -> Result<(AcpLaunch, AcpResume), Failure> {
+    let app = &run.app;
+    let name = run.task.agent.as_str();
+    let dir = app.config.agents_dir();
+    if let Some((why, fix)) = crate::agents::not_runnable(&dir, name) {
+        return Err(Failure(
+            FailureReason::AgentCrashed,
+            format!("{why}; {fix}"),
+        ));
+    }
+    let installed = crate::agents::find_installed(&dir, name).ok_or_else(|| {
+        Failure(
+            FailureReason::AgentCrashed,
+            format!("{name} is not installed"),
+        )
+    })?;
+    let (argv, env) = crate::agents::launch(
+        &installed,
+        shim_dir,
+        &crate::agents::AgentSetup {
+            model: &app.config.model.model,
+            ask: &app.config.agents.ask,
+        },
+    )
+    .map_err(|e| {
+        Failure(
+            FailureReason::SandboxFailed,
+            format!("cannot configure {name} for this attempt: {e}"),
+        )
+    })?;
+    let launch = AcpLaunch {
+        agent: name.to_owned(),
+        argv,
+        env,
+        path_prepend: crate::agents::installed(&dir)
+            .iter()
+            .map(|a| a.sandbox_bin_dir())
+            .collect(),
+        cwd: WORKDIR.into(),
+        permissions: match app.config.agents.permission_policy {
+            PermissionPolicySetting::Allow => PermissionPolicy::Allow,
+            PermissionPolicySetting::Deny => PermissionPolicy::Deny,
+        },
+        max_tool_calls: run.task.limits.max_turns,
+    };
+    let internal = |e: backshift_store::StoreError| Failure(FailureReason::Internal, e.to_string());
+    let events = app
+        .store
+        .events_of_kinds(&run.attempt.id, &["agent_session", "tool_call"], 0)
+        .await
+        .map_err(internal)?;
+    let mut resume = AcpResume {
+        generation: 1,
+        finished: conversation.replay.finished,
+        ..Default::default()
+    };
+    for e in events {
+        match e.kind {
+            EventKind::AgentSession {
+                session_id,
+                process,
+                ..
+            } => {
+                let n: u32 = process
+                    .strip_prefix("acp:")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                resume.generation = resume.generation.max(n + 1);
+                resume.session_id = Some(session_id);
+                resume.why = Some("the control plane restarted or the sandbox was lost".into());
+            }
+            EventKind::ToolCall { .. } => resume.tool_calls += 1,
+            _ => {}
+        }
+    }
+    Ok((launch, resume))
 }
 
 async fn publish(run: &mut Run, summary: &str) -> Result<(), Halt> {

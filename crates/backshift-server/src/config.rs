@@ -39,14 +39,41 @@ pub struct Config {
     pub max_concurrent_attempts: usize,
     /// Sandbox settings.
     pub sandbox: SandboxConfig,
-    /// The model the built-in agent talks to.
+    /// The model: the built-in agent talks to it, and the gateway
+    /// forwards every installed agent's calls to it.
     pub model: ModelSection,
+    /// How installed agents (opencode, ...) are run.
+    pub agents: AgentsSection,
     /// Default limits of a task.
     pub limits: Limits,
     /// How long an attempt may stay in each active state.
     pub deadlines: Deadlines,
     /// Identity of the commits backshift makes.
     pub git: GitSection,
+}
+
+/// `[agents]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsSection {
+    /// How an agent's permission requests are answered until approvals
+    /// by people exist: `allow` (the sandbox is the fence) or `deny`.
+    pub permission_policy: PermissionPolicySetting,
+    /// Tools the agent must ask permission for before each use, in the
+    /// agent's own names (opencode: `bash`, `edit`, `webfetch`...). Empty:
+    /// the agent's own defaults.
+    pub ask: Vec<String>,
+}
+
+/// `agents.permission_policy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PermissionPolicySetting {
+    /// Allow once.
+    #[default]
+    Allow,
+    /// Reject once.
+    Deny,
 }
 
 /// `[sandbox]`.
@@ -144,6 +171,7 @@ impl Default for Config {
             max_concurrent_attempts: 4,
             sandbox: SandboxConfig::default(),
             model: ModelSection::default(),
+            agents: AgentsSection::default(),
             limits: Limits::default(),
             deadlines: Deadlines::default(),
             git: GitSection::default(),

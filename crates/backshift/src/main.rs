@@ -51,14 +51,16 @@ enum Command {
         /// Branch, tag or commit to start from (default: HEAD).
         #[arg(long)]
         base: Option<String>,
-        /// Agent: builtin (the default) or command.
+        /// Agent: builtin (the default), command, or an installed agent
+        /// (opencode; see `backshift agents ls`).
         #[arg(long)]
         agent: Option<String>,
         /// A bash script to run in the checkout as the whole agent (the
         /// command agent); the prompt is in $BACKSHIFT_PROMPT.
         #[arg(long)]
         command: Option<String>,
-        /// Model turns before the agent is stopped.
+        /// Model turns before the agent is stopped (for installed agents:
+        /// tool calls).
         #[arg(long)]
         max_turns: Option<u32>,
         /// Wall-time limit in seconds.

@@ -53,6 +53,17 @@ pub fn event_lines(e: &Event) -> String {
             "! model request failed ({error}); retry {retry} in {wait_ms} ms"
         )),
         EventKind::ToolCall {
+            title: Some(title),
+            kind,
+            name,
+            ..
+        } => line(format!(
+            "→ {name}{} {title}",
+            kind.as_ref()
+                .filter(|k| *k != name)
+                .map_or(String::new(), |k| format!(" [{k}]"))
+        )),
+        EventKind::ToolCall {
             name, arguments, ..
         } => line(format!("→ {name} {}", short_args(name, arguments))),
         EventKind::CommandOutput { stream, text, .. } => {
@@ -147,6 +158,61 @@ pub fn event_lines(e: &Event) -> String {
             duration_ms,
         } => line(format!(
             "⚑ filesystem snapshot {image} after checkpoint {checkpoint} ({duration_ms} ms)"
+        )),
+        EventKind::AgentSession {
+            agent,
+            agent_info,
+            session_id,
+            loaded,
+            ..
+        } => line(format!(
+            "◆ {agent}{} {} session {session_id}",
+            agent_info
+                .as_ref()
+                .map_or(String::new(), |i| format!(" ({i})")),
+            if *loaded { "reloaded" } else { "started" }
+        )),
+        EventKind::AgentMessage { text } => {
+            let mut lines = text.trim().lines();
+            let mut s = line(format!("» {}", lines.next().unwrap_or("")));
+            for l in lines {
+                s.push_str(&format!("\n           {l}"));
+            }
+            s
+        }
+        EventKind::AgentThought { text } => line(format!("… {}", first_line(text))),
+        EventKind::Plan { entries } => {
+            let mut s = line("☰ plan".to_owned());
+            for e in entries {
+                let mark = match e.status.as_str() {
+                    "completed" => "x",
+                    "in_progress" => ">",
+                    _ => " ",
+                };
+                s.push_str(&format!("\n         [{mark}] {}", e.content));
+            }
+            s
+        }
+        EventKind::FileDiff { path, diff, .. } => {
+            let (added, removed) = diff.lines().fold((0, 0), |(a, r), l| {
+                if l.starts_with('+') && !l.starts_with("+++") {
+                    (a + 1, r)
+                } else if l.starts_with('-') && !l.starts_with("---") {
+                    (a, r + 1)
+                } else {
+                    (a, r)
+                }
+            });
+            line(format!("± {path} +{added} -{removed}"))
+        }
+        EventKind::PermissionDecision {
+            title,
+            decision,
+            by,
+            reason,
+            ..
+        } => line(format!(
+            "? permission for {title}: {decision} by {by} ({reason})"
         )),
     }
 }

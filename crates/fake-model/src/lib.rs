@@ -129,53 +129,70 @@ async fn completions(
         };
         guard.requests.push(request.clone());
         let n = guard.requests.len();
-        let (index, expected_ids) = match guard.script.mode {
-            Mode::Sequence => (guard.next, guard.last_call_ids.clone()),
-            Mode::Turn => conversation_turn(&request),
-        };
-        let total = guard.script.steps.len();
-        let Some(step) = guard.script.steps.get(index).cloned() else {
-            return fail(
-                &mut guard,
-                format!(
-                    "request {n} asks for step {} but the script has {total} steps",
-                    index + 1
-                ),
-            );
-        };
-        guard.next = guard.next.max(index + 1);
-        let problems = check(&request, &step.expect, &expected_ids);
-        if !problems.is_empty() {
-            return fail(&mut guard, format!("request {n}: {}", problems.join("; ")));
+        let offers_tools = request
+            .get("tools")
+            .and_then(Value::as_array)
+            .is_some_and(|t| !t.is_empty());
+        if !offers_tools && let Some(reply) = guard.script.untooled.clone() {
+            let stream = request
+                .get("stream")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let model = request
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or("fake")
+                .to_owned();
+            (reply, stream, model, Vec::new(), (body.len() / 4) as u64)
+        } else {
+            let (index, expected_ids) = match guard.script.mode {
+                Mode::Sequence => (guard.next, guard.last_call_ids.clone()),
+                Mode::Turn => conversation_turn(&request),
+            };
+            let total = guard.script.steps.len();
+            let Some(step) = guard.script.steps.get(index).cloned() else {
+                return fail(
+                    &mut guard,
+                    format!(
+                        "request {n} asks for step {} but the script has {total} steps",
+                        index + 1
+                    ),
+                );
+            };
+            guard.next = guard.next.max(index + 1);
+            let problems = check(&request, &step.expect, &expected_ids);
+            if !problems.is_empty() {
+                return fail(&mut guard, format!("request {n}: {}", problems.join("; ")));
+            }
+            let ids: Vec<String> = match guard.script.mode {
+                Mode::Sequence => step
+                    .reply
+                    .tool_calls
+                    .iter()
+                    .map(|_| {
+                        guard.call_counter += 1;
+                        format!("call_{}", guard.call_counter)
+                    })
+                    .collect(),
+                // The same step always answers with the same ids.
+                Mode::Turn => (0..step.reply.tool_calls.len())
+                    .map(|i| format!("call_{}_{}", index + 1, i + 1))
+                    .collect(),
+            };
+            if step.reply.status.is_none() {
+                guard.last_call_ids = ids.clone();
+            }
+            let stream = request
+                .get("stream")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let model = request
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or("fake")
+                .to_owned();
+            (step.reply, stream, model, ids, (body.len() / 4) as u64)
         }
-        let ids: Vec<String> = match guard.script.mode {
-            Mode::Sequence => step
-                .reply
-                .tool_calls
-                .iter()
-                .map(|_| {
-                    guard.call_counter += 1;
-                    format!("call_{}", guard.call_counter)
-                })
-                .collect(),
-            // The same step always answers with the same ids.
-            Mode::Turn => (0..step.reply.tool_calls.len())
-                .map(|i| format!("call_{}_{}", index + 1, i + 1))
-                .collect(),
-        };
-        if step.reply.status.is_none() {
-            guard.last_call_ids = ids.clone();
-        }
-        let stream = request
-            .get("stream")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let model = request
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or("fake")
-            .to_owned();
-        (step.reply, stream, model, ids, (body.len() / 4) as u64)
     };
     if let Some(ms) = reply.delay_ms {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;

@@ -20,6 +20,12 @@ pub struct Script {
     pub mode: Mode,
     /// Steps, in the order requests consume them.
     pub steps: Vec<Step>,
+    /// The answer to every request that offers no tools (an agent's side
+    /// requests, such as OpenCode's title for a session). Such requests
+    /// consume no step and may come at any time; without this they take
+    /// steps like any other.
+    #[serde(default)]
+    pub untooled: Option<Reply>,
 }
 
 /// How a request finds its step.

@@ -171,3 +171,25 @@ async fn turn_mode_answers_a_conversation_state_the_same_way_every_time() {
     assert_eq!(fake.remaining(), 0);
     assert_eq!(fake.failures().len(), 1, "{:?}", fake.failures());
 }
+
+#[tokio::test]
+async fn requests_without_tools_get_the_untooled_reply_and_take_no_step() {
+    let fake = FakeModel::start(script(json!({
+        "untooled": {"content": "A title"},
+        "steps": [{"reply": {"content": "the real answer"}}]
+    })))
+    .await
+    .unwrap();
+    let title = json!({"model": "m", "messages": [{"role": "user", "content": "name this"}]});
+    for _ in 0..2 {
+        let (code, body) = post(&fake.base_url(), title.clone()).await;
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "A title");
+    }
+    assert_eq!(fake.remaining(), 1, "side requests consume no step");
+    let (_, body) = post(&fake.base_url(), user("work")).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "the real answer");
+    assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+}

@@ -52,12 +52,21 @@ pub async fn create_task(
         "builtin"
     };
     let agent = req.agent.clone().unwrap_or_else(|| default_agent.into());
-    if !AGENTS.contains(&agent.as_str()) {
+    let installable = crate::agents::recipe(&agent).is_some();
+    if !AGENTS.contains(&agent.as_str()) && !installable {
+        let known: Vec<&str> = AGENTS
+            .iter()
+            .copied()
+            .chain(crate::agents::RECIPES.iter().map(|r| r.name))
+            .collect();
         return Err(ApiError::bad_request(
             "unknown_agent",
-            format!("unknown agent {agent:?}; available: {}", AGENTS.join(", ")),
+            format!("unknown agent {agent:?}; available: {}", known.join(", ")),
             Some("omit `agent` for the built-in agent"),
         ));
+    }
+    if let Some((why, fix)) = crate::agents::not_runnable(&app.config.agents_dir(), &agent) {
+        return Err(ApiError::bad_request("agent_unavailable", why, Some(&fix)));
     }
     match (agent.as_str(), &command) {
         ("command", None) => {
@@ -81,7 +90,7 @@ pub async fn create_task(
         .unwrap_or(LimitsRequest::default())
         .resolve(&app.config.limits)
         .map_err(|e| ApiError::bad_request("invalid_limits", e, None))?;
-    if agent == "builtin" {
+    if agent == "builtin" || installable {
         app.model_config().map_err(|e| {
             ApiError::bad_request(
                 "model_not_configured",

@@ -1,0 +1,244 @@
+//! Real agents from npm speaking ACP inside Docker sandboxes, against the
+//! scripted model through the gateway: OpenCode makes a scripted edit and
+//! runs a command; its updates become our normalized events; a permission
+//! request is answered by the policy; an agent that dies early ends the
+//! attempt `agent_crashed` with its stderr.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::World;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// OpenCode writes a file, then (asking permission first) runs a command
+/// that reads it, then says what it did. Its title request (no tools) gets
+/// the untooled reply.
+fn opencode_script() -> fake_model::Script {
+    common::script(json!({
+        "untooled": {"content": "Greeting file"},
+        "steps": [
+            {"expect": {"user_contains": "greeting", "tools_include": ["bash", "write", "edit", "read"]},
+             "reply": {"content": "I will write the file.",
+                       "tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/hello.txt", "content": "hello from opencode\n"}}]}},
+            {"expect": {"tool_results": [{"contains": "Wrote file"}]},
+             "reply": {"tool_calls": [{"name": "bash", "arguments": {"command": "cat hello.txt && echo ran-it", "description": "Show the file"}}]}},
+            {"expect": {"tool_results": [{"contains": "ran-it"}]},
+             "reply": {"content": "Wrote hello.txt and checked it with cat."}}
+        ]
+    }))
+}
+
+fn of_type<'a>(evs: &'a [Value], t: &str) -> Vec<&'a Value> {
+    evs.iter().filter(|e| e["type"] == t).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opencode_edits_and_runs_a_command_through_the_gateway() {
+    let agents = testkit::agents_dir(&["opencode"]);
+    let w = World::start(
+        Some(opencode_script()),
+        &format!(
+            "agents_dir = \"{}\"\n[agents]\npermission_policy = \"allow\"\nask = [\"bash\"]\n",
+            agents.display()
+        ),
+    )
+    .await;
+    let (task, view) = w
+        .run_task(
+            "Write a greeting file and check it",
+            &["--agent", "opencode"],
+        )
+        .await;
+    let attempt = format!("{task}-1");
+    let evs = w.events(&attempt).await;
+    let fake = w.fake.as_ref().unwrap();
+    assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+    assert_eq!(view["state"], "succeeded", "{view}\n{evs:#?}");
+    assert_eq!(view["agent"], "opencode");
+
+    // The session, announced once.
+    let sessions = of_type(&evs, "agent_session");
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0]["agent"], "opencode");
+    assert_eq!(sessions[0]["loaded"], false);
+    assert!(
+        sessions[0]["agent_info"]
+            .as_str()
+            .unwrap()
+            .starts_with("OpenCode "),
+        "{}",
+        sessions[0]
+    );
+
+    // Its tool calls, normalized: name, kind, input, result.
+    let calls = of_type(&evs, "tool_call");
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0]["name"], "write");
+    assert_eq!(calls[0]["kind"], "edit");
+    assert_eq!(calls[0]["arguments"]["filePath"], "/workspace/hello.txt");
+    assert_eq!(calls[1]["name"], "bash");
+    assert_eq!(calls[1]["kind"], "execute");
+    assert_eq!(calls[1]["title"], "cat hello.txt && echo ran-it");
+    let results = of_type(&evs, "tool_result");
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
+    assert_eq!(results[1]["exit_code"], 0);
+    assert_eq!(
+        common::command_output(&evs),
+        "hello from opencode\nran-it\n"
+    );
+
+    // The bash call asked first; the policy allowed it, on the record,
+    // before the command ran.
+    let decisions = of_type(&evs, "permission_decision");
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    assert_eq!(decisions[0]["decision"], "allow_once");
+    assert_eq!(decisions[0]["by"], "policy");
+    assert_eq!(decisions[0]["call_id"], calls[1]["call_id"]);
+    let pos = |e: &Value| evs.iter().position(|x| x == e).unwrap();
+    assert!(pos(decisions[0]) < pos(results[1]));
+
+    // Its messages, joined from their chunks; the last is the summary.
+    let messages: Vec<&str> = of_type(&evs, "agent_message")
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert!(messages.contains(&"I will write the file."), "{messages:?}");
+    assert_eq!(
+        messages.last(),
+        Some(&"Wrote hello.txt and checked it with cat.")
+    );
+    let summary = view["attempts"][0]["summary"].as_str().unwrap();
+    assert!(summary.starts_with("Wrote hello.txt"), "{summary}");
+
+    // Every model call went through the gateway, which added the real key
+    // and counted the tokens.
+    let model_calls = of_type(&evs, "model_call");
+    assert!(model_calls.len() >= 4, "title + 3 turns: {model_calls:?}");
+    assert!(
+        fake.authorizations()
+            .iter()
+            .all(|a| a.as_deref() == Some(&format!("Bearer {}", common::PROVIDER_KEY))),
+        "{:?}",
+        fake.authorizations()
+    );
+    let (_, attempt_view) = w
+        .api(Method::GET, &format!("/api/v1/attempts/{attempt}"), None)
+        .await;
+    assert!(
+        attempt_view["usage"]["calls"].as_u64().unwrap() >= 4,
+        "{attempt_view}"
+    );
+
+    // No event carries the provider's key.
+    let all = serde_json::to_string(&evs).unwrap();
+    assert!(!all.contains(common::PROVIDER_KEY));
+
+    // The change is on the branch; the log reads as a story.
+    let (code, diff, _) = w.cli(&["diff", &task]).await;
+    assert_eq!(code, 0);
+    assert!(diff.contains("+hello from opencode"), "{diff}");
+    let (code, logs, _) = w.cli(&["logs", &task]).await;
+    assert_eq!(code, 0);
+    for want in [
+        "opencode (OpenCode",
+        "→ write [edit] /workspace/hello.txt",
+        "→ bash [execute] cat hello.txt && echo ran-it",
+        "? permission for cat hello.txt && echo ran-it: allow_once by policy",
+        "| ran-it",
+        "» Wrote hello.txt and checked it with cat.",
+    ] {
+        assert!(logs.contains(want), "missing {want:?} in:\n{logs}");
+    }
+}
+
+/// An "opencode" that dies at once: a script in a test agents directory.
+fn crashing_agents_dir(dir: &std::path::Path) -> std::path::PathBuf {
+    let agents = dir.join("agents");
+    let version = agents.join("opencode/0.0.0-crash");
+    let bin = version.join("node_modules/.bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = bin.join("opencode");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho 'starting up' >&2\necho 'fatal: cannot open the session database: disk I/O error' >&2\nexit 2\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        version.join("backshift-agent.json"),
+        json!({"name": "opencode", "package": "opencode-ai", "version": "0.0.0-crash",
+               "node": null, "bin": "opencode", "installed_at": 1})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(agents.join("opencode/current"), "0.0.0-crash\n").unwrap();
+    agents
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_dies_early_ends_agent_crashed_with_its_stderr() {
+    let scratch = tempfile::tempdir().unwrap();
+    let agents = crashing_agents_dir(scratch.path());
+    let w = World::start(
+        Some(common::script(json!({"steps": []}))),
+        &format!("agents_dir = \"{}\"\n", agents.display()),
+    )
+    .await;
+    let (_, view) = w.run_task("Anything", &["--agent", "opencode"]).await;
+    let attempt = &view["attempts"][0];
+    assert_eq!(attempt["state"], "failed", "{view}");
+    assert_eq!(attempt["reason"], "agent_crashed", "{view}");
+    let detail = attempt["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("exited with code 2")
+            && detail.contains("fatal: cannot open the session database"),
+        "{detail}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_that_cannot_run_are_refused_at_submission() {
+    let scratch = tempfile::tempdir().unwrap();
+    let empty = scratch.path().join("agents");
+    std::fs::create_dir_all(&empty).unwrap();
+    let w = World::start(
+        Some(common::script(json!({"steps": []}))),
+        &format!("agents_dir = \"{}\"\n", empty.display()),
+    )
+    .await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, body) = w
+        .api(
+            Method::POST,
+            "/api/v1/tasks",
+            Some(json!({"prompt": "x", "repo": repo, "agent": "opencode"})),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["error"]["code"], "agent_unavailable", "{body}");
+    assert!(
+        body["error"]["hint"]
+            .as_str()
+            .unwrap()
+            .contains("backshift agents install opencode"),
+        "{body}"
+    );
+    let (code, body) = w
+        .api(
+            Method::POST,
+            "/api/v1/tasks",
+            Some(json!({"prompt": "x", "repo": repo, "agent": "emacs"})),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("opencode, claude-code, codex, gemini"),
+        "{body}"
+    );
+}
