@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 /// How to install one agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +181,9 @@ pub struct AgentSetup<'a> {
     pub ask: &'a [String],
 }
 
+/// An agent's command line in the sandbox and the environment it adds.
+pub type Command = (Vec<String>, Vec<(String, String)>);
+
 /// How to run installed agent `agent` for an attempt: program, arguments
 /// and environment, with its configuration written to `shim_dir`. The
 /// configuration names the gateway and its token through the sandbox's
@@ -191,7 +194,7 @@ pub fn launch(
     agent: &Installed,
     shim_dir: &Path,
     setup: &AgentSetup<'_>,
-) -> std::io::Result<(Vec<String>, Vec<(String, String)>)> {
+) -> std::io::Result<Command> {
     let Some(recipe) = recipe(&agent.manifest.name) else {
         return Err(std::io::Error::other(format!(
             "no recipe for {}",
@@ -282,8 +285,8 @@ pub fn installed(agents_dir: &Path) -> Vec<Installed> {
     out
 }
 
-fn npm() -> Command {
-    let mut cmd = Command::new("npm");
+fn npm() -> std::process::Command {
+    let mut cmd = std::process::Command::new("npm");
     cmd.env("NO_UPDATE_NOTIFIER", "1")
         .env("npm_config_fund", "false");
     cmd
