@@ -343,6 +343,8 @@ pub async fn run_acp_agent(
         )
     };
 
+    // Dropped (the attempt stopped): the helpers stop with it.
+    let _tasks = AbortOnDrop(vec![reader.abort_handle(), connection.abort_handle()]);
     let mut mapper = Mapper::new();
     let mut session: Option<String> = None;
     let mut replaying = true;
@@ -555,6 +557,17 @@ async fn crashed(
             "{} {how}; nothing is published. Check the agent's installation (`backshift agents ls`) and the model settings; {said}",
             launch.agent
         ),
+    }
+}
+
+/// Aborts its tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }
 

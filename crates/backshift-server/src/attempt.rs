@@ -250,6 +250,7 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         ),
     };
     if transition.is_some() {
+        cancel_agent(&run).await;
         catch_up_output(&run).await;
     }
     if run.sandbox.is_some() {
@@ -266,6 +267,68 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
     {
         tracing::error!(attempt = %run.attempt.id, "cannot record the end of the attempt: {e}");
     }
+}
+
+/// How long an ACP agent asked to cancel gets to stop before its sandbox
+/// is removed with it.
+const CANCEL_GRACE: Duration = Duration::from_secs(3);
+
+/// An ACP agent still at work when its attempt is stopped (cancelled, out
+/// of time or budget) is asked to cancel its turn (`session/cancel`, the
+/// protocol's way) and its stdin closed, so it can stop cleanly before
+/// its sandbox goes. Written straight to its stdin through the shim: it
+/// works whatever became of the connection that started it.
+async fn cancel_agent(run: &Run) {
+    let Some(dir) = &run.shim_dir else {
+        return;
+    };
+    if crate::agents::recipe(&run.task.agent).is_none() {
+        return;
+    }
+    let app = &run.app;
+    app.hub.flush().await;
+    let Ok(events) = app
+        .store
+        .events_of_kinds(&run.attempt.id, &["agent_session"], 0)
+        .await
+    else {
+        return;
+    };
+    let Some(EventKind::AgentSession {
+        agent,
+        session_id,
+        process,
+        ..
+    }) = events.into_iter().last().map(|e| e.kind)
+    else {
+        return;
+    };
+    let shim = ShimClient::new(dir);
+    let cancel = serde_json::json!({
+        "jsonrpc": "2.0",
+        "method": "session/cancel",
+        "params": {"sessionId": session_id},
+    });
+    if shim
+        .write(&process, format!("{cancel}\n").as_bytes(), true)
+        .await
+        .is_err()
+    {
+        // It is not running any more.
+        return;
+    }
+    let stopped = tokio::time::timeout(CANCEL_GRACE, shim.follow(&process, 0, &mut |_| {}))
+        .await
+        .is_ok();
+    run.progress(if stopped {
+        format!("asked {agent} to cancel its turn (session/cancel); it stopped")
+    } else {
+        format!(
+            "asked {agent} to cancel its turn (session/cancel); it did not stop within {} s and goes with its sandbox",
+            CANCEL_GRACE.as_secs()
+        )
+    })
+    .await;
 }
 
 /// Output streamed per call before a catch-up stops adding to it (as

@@ -242,3 +242,162 @@ async fn agents_that_cannot_run_are_refused_at_submission() {
         "{body}"
     );
 }
+
+/// Waits until the attempt has an event for which `ready` holds.
+async fn wait_for(w: &World, attempt: &str, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    for _ in 0..600 {
+        let evs = w.events(attempt).await;
+        if ready(&evs) {
+            return evs;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{attempt}: the awaited event did not come in 60 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denying_policy_rejects_what_the_agent_asks_and_it_carries_on() {
+    let agents = testkit::agents_dir(&["opencode"]);
+    let script = common::script(json!({
+        "untooled": {"content": "Greeting file"},
+        "steps": [
+            {"reply": {"tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/hello.txt", "content": "hello\n"}}]}},
+            {"reply": {"tool_calls": [{"name": "bash", "arguments": {"command": "echo ran-it > ran.txt", "description": "Run"}}]}},
+            {"reply": {"content": "The command was not allowed; the file is written."}}
+        ]
+    }));
+    let w = World::start(
+        Some(script),
+        &format!(
+            "agents_dir = \"{}\"\n[agents]\npermission_policy = \"deny\"\nask = [\"bash\"]\n",
+            agents.display()
+        ),
+    )
+    .await;
+    let (task, view) = w
+        .run_task("Write a greeting file", &["--agent", "opencode"])
+        .await;
+    let evs = w.events(&format!("{task}-1")).await;
+    assert_eq!(view["state"], "succeeded", "{view}\n{evs:#?}");
+    let decisions = of_type(&evs, "permission_decision");
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    assert_eq!(decisions[0]["decision"], "reject_once");
+    let bash = of_type(&evs, "tool_result")
+        .into_iter()
+        .find(|r| r["name"] == "bash")
+        .cloned()
+        .unwrap();
+    assert_eq!(bash["ok"], false, "{bash}");
+    let (_, diff, _) = w.cli(&["diff", &task]).await;
+    assert!(diff.contains("+hello"), "{diff}");
+    assert!(
+        !diff.contains("ran.txt"),
+        "the rejected command ran: {diff}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_asks_the_agent_to_stop_its_turn() {
+    let agents = testkit::agents_dir(&["opencode"]);
+    let script = common::script(json!({
+        "untooled": {"content": "Slow work"},
+        "steps": [
+            {"reply": {"tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/a.txt", "content": "a\n"}}]}},
+            {"reply": {"delay_ms": 60000, "content": "too late"}}
+        ]
+    }));
+    let w = World::start(
+        Some(script),
+        &format!("agents_dir = \"{}\"\n", agents.display()),
+    )
+    .await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, out, err) = w
+        .cli(&["run", "Slow work", "--repo", &repo, "--agent", "opencode"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let task = out.split_whitespace().nth(1).unwrap().to_owned();
+    let attempt = format!("{task}-1");
+    wait_for(&w, &attempt, |evs| {
+        evs.iter().any(|e| e["type"] == "checkpoint")
+    })
+    .await;
+    let (code, out, err) = w.cli(&["cancel", &task]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let view = w.wait(&task).await;
+    assert_eq!(view["state"], "cancelled", "{view}");
+    let evs = w.events(&attempt).await;
+    let said: Vec<&str> = of_type(&evs, "progress")
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        said.contains(&"asked opencode to cancel its turn (session/cancel); it stopped"),
+        "{said:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_reopens_the_agents_session_and_it_finishes() {
+    let agents = testkit::agents_dir(&["opencode"]);
+    // By conversation state: the reopened session asks again from where
+    // its history stands.
+    let script = common::script(json!({
+        "mode": "turn",
+        "untooled": {"content": "Two files"},
+        "steps": [
+            {"reply": {"tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/one.txt", "content": "one\n"}}]}},
+            {"reply": {"delay_ms": 4000, "tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/two.txt", "content": "two\n"}}]}},
+            {"reply": {"content": "Both files are written."}},
+            {"reply": {"content": "Both files are written."}}
+        ]
+    }));
+    let mut w = World::start(
+        Some(script),
+        &format!("agents_dir = \"{}\"\n", agents.display()),
+    )
+    .await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, out, err) = w
+        .cli(&[
+            "run",
+            "Write two files",
+            "--repo",
+            &repo,
+            "--agent",
+            "opencode",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let task = out.split_whitespace().nth(1).unwrap().to_owned();
+    let attempt = format!("{task}-1");
+    // The first file is written and checkpointed; the model is slow with
+    // the second.
+    wait_for(&w, &attempt, |evs| {
+        evs.iter().any(|e| e["type"] == "checkpoint")
+    })
+    .await;
+    w.kill_server().await;
+    w.restart_server().await;
+    let view = w.wait(&task).await;
+    let evs = w.events(&attempt).await;
+    assert_eq!(view["state"], "succeeded", "{view}\n{evs:#?}");
+    let sessions = of_type(&evs, "agent_session");
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    assert_eq!(sessions[1]["loaded"], true, "{sessions:?}");
+    assert_eq!(sessions[1]["process"], "acp:2");
+    assert_eq!(sessions[0]["session_id"], sessions[1]["session_id"]);
+    let restored = of_type(&evs, "restored");
+    assert_eq!(restored.len(), 1);
+    assert_eq!(restored[0]["adopted"], true, "{restored:?}");
+    // The reopened session was told what happened.
+    let fake = w.fake.as_ref().unwrap();
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|r| r.to_string().contains("This session was interrupted")),
+        "no request carried the resume note"
+    );
+    let (_, diff, _) = w.cli(&["diff", &task]).await;
+    assert!(diff.contains("+one") && diff.contains("+two"), "{diff}");
+}
