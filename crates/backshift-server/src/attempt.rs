@@ -864,6 +864,12 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
             // own; the provider's key never enters it.
             ("OPENAI_BASE_URL".into(), gateway.clone()),
             ("OPENAI_API_KEY".into(), token.clone()),
+            // Anthropic's SDKs add `/v1/messages` themselves.
+            (
+                "ANTHROPIC_BASE_URL".into(),
+                gateway.trim_end_matches("/v1").to_owned(),
+            ),
+            ("ANTHROPIC_API_KEY".into(), token.clone()),
             ("BACKSHIFT_MODEL_URL".into(), gateway),
             ("BACKSHIFT_MODEL_TOKEN".into(), token),
             ("BACKSHIFT_MODEL".into(), app.config.model.model.clone()),

@@ -136,6 +136,14 @@ pub struct ModelSection {
     pub input_usd_per_mtok: Option<f64>,
     /// Price of a million output tokens, US dollars.
     pub output_usd_per_mtok: Option<f64>,
+    /// An Anthropic-compatible endpoint (up to, not including,
+    /// `/messages`, e.g. `https://host/v1`), for agents that speak the
+    /// Anthropic messages API through the gateway.
+    pub anthropic_base_url: Option<String>,
+    /// The model Anthropic-API calls go to.
+    pub anthropic_model: Option<String>,
+    /// Name of the environment variable holding the Anthropic key.
+    pub anthropic_api_key_env: Option<String>,
 }
 
 impl ModelSection {
@@ -203,6 +211,9 @@ impl Default for ModelSection {
             retry_base_ms: 500,
             request_timeout_secs: 300,
             max_tokens: None,
+            anthropic_base_url: None,
+            anthropic_model: None,
+            anthropic_api_key_env: None,
             input_usd_per_mtok: None,
             output_usd_per_mtok: None,
         }

@@ -7,7 +7,10 @@
 //! (the sandbox's `OPENAI_API_KEY`; only its SHA-256 is stored, and it is
 //! valid while the attempt is active). The gateway swaps it for the real
 //! provider key from the server's environment on the way out, so the key
-//! never enters a sandbox. It counts each call's tokens, records each
+//! never enters a sandbox. It serves OpenAI chat completions and
+//! responses (forwarded to `[model] base_url`) and Anthropic messages
+//! (forwarded to `[model] anthropic_base_url`), streamed or not, and
+//! answers `/v1/models`. It counts each call's tokens, records each
 //! call as a `model_call` event (no secrets in it), and enforces the
 //! task's token budget: once spent, calls get 429 and the attempt ends
 //! `budget_exhausted`.
@@ -28,7 +31,7 @@ use serde_json::{Value, json};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -81,6 +84,8 @@ pub fn start(app: Arc<App>, attempt: &str, dir: &Path) -> std::io::Result<Gatewa
     });
     let router = Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/responses", post(responses))
+        .route("/v1/messages", post(messages))
         .route("/v1/models", get(models))
         .fallback(unsupported)
         .with_state(state);
@@ -103,7 +108,7 @@ async fn unsupported(method: Method, uri: Uri) -> Response {
         StatusCode::NOT_FOUND,
         "not_supported",
         format!(
-            "backshift's model gateway serves POST /v1/chat/completions and GET /v1/models; {method} {} is not supported",
+            "backshift's model gateway serves POST /v1/chat/completions, /v1/responses (OpenAI), /v1/messages (Anthropic) and GET /v1/models; {method} {} is not supported",
             uri.path()
         ),
     )
@@ -116,17 +121,19 @@ impl GatewayState {
         &self,
         headers: &HeaderMap,
     ) -> Result<backshift_store::AttemptRow, Response> {
+        // OpenAI clients send a bearer token; Anthropic's send `x-api-key`.
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
             .map(str::trim);
         let refused = |why: &str| {
             error(
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
                 format!(
-                    "{why}: use the sandbox's OPENAI_API_KEY (or BACKSHIFT_MODEL_TOKEN) as the bearer token"
+                    "{why}: use the sandbox's OPENAI_API_KEY (or BACKSHIFT_MODEL_TOKEN) as the bearer token or x-api-key"
                 ),
             )
         };
@@ -186,27 +193,162 @@ async fn models(State(gw): State<Arc<GatewayState>>, headers: HeaderMap) -> Resp
         .into_response()
 }
 
-/// `usage` of a chat completion (or of a stream's last chunk).
-fn usage_of(v: &Value) -> Option<TokenUsage> {
-    let u = v.get("usage")?;
-    Some(TokenUsage {
-        input_tokens: u.get("prompt_tokens")?.as_u64()?,
-        output_tokens: u.get("completion_tokens")?.as_u64()?,
-    })
+/// The model APIs the gateway serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// OpenAI chat completions (`/v1/chat/completions`).
+    Chat,
+    /// OpenAI responses (`/v1/responses`).
+    Responses,
+    /// Anthropic messages (`/v1/messages`).
+    Messages,
 }
 
-async fn chat(State(gw): State<Arc<GatewayState>>, headers: HeaderMap, body: Bytes) -> Response {
+impl Api {
+    /// Its name in `model_call` events.
+    pub fn name(self) -> &'static str {
+        match self {
+            Api::Chat => "chat.completions",
+            Api::Responses => "responses",
+            Api::Messages => "messages",
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Api::Chat => "chat/completions",
+            Api::Responses => "responses",
+            Api::Messages => "messages",
+        }
+    }
+}
+
+/// Where calls of one API go: the upstream's base URL, model and key.
+struct Upstream {
+    base_url: String,
+    model: String,
+    key: Option<String>,
+}
+
+fn upstream(app: &App, api: Api) -> Result<Upstream, String> {
+    match api {
+        Api::Chat | Api::Responses => {
+            let c = app.model_config()?;
+            Ok(Upstream {
+                base_url: c.base_url,
+                model: c.model,
+                key: c.api_key,
+            })
+        }
+        Api::Messages => {
+            let m = &app.config.model;
+            let base_url = m.anthropic_base_url.clone().ok_or_else(|| {
+                "no Anthropic endpoint is configured: set [model] anthropic_base_url (and anthropic_model, anthropic_api_key_env) in the server's config".to_owned()
+            })?;
+            let key = match &m.anthropic_api_key_env {
+                Some(var) => Some(std::env::var(var).map_err(|_| {
+                    format!("the Anthropic key variable {var} ([model] anthropic_api_key_env) is not set in the server's environment")
+                })?),
+                None => None,
+            };
+            Ok(Upstream {
+                base_url,
+                model: m.anthropic_model.clone().unwrap_or_else(|| m.model.clone()),
+                key,
+            })
+        }
+    }
+}
+
+/// Adds what one JSON body or stream event says about tokens to `u`:
+/// chat completions' `usage`, a response's (or `response.completed`'s)
+/// `usage`, Anthropic's `message_start` input and `message_delta`
+/// (cumulative) output counts.
+fn add_usage(api: Api, v: &Value, u: &mut Option<TokenUsage>) {
+    let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
+    match api {
+        Api::Chat => {
+            if let Some(x) = v.get("usage")
+                && let (Some(i), Some(o)) = (n(x, "prompt_tokens"), n(x, "completion_tokens"))
+            {
+                *u = Some(TokenUsage {
+                    input_tokens: i,
+                    output_tokens: o,
+                });
+            }
+        }
+        Api::Responses => {
+            let x = v.pointer("/response/usage").or_else(|| v.get("usage"));
+            if let Some(x) = x
+                && let (Some(i), Some(o)) = (n(x, "input_tokens"), n(x, "output_tokens"))
+            {
+                *u = Some(TokenUsage {
+                    input_tokens: i,
+                    output_tokens: o,
+                });
+            }
+        }
+        Api::Messages => {
+            let x = v.pointer("/message/usage").or_else(|| v.get("usage"));
+            if let Some(x) = x {
+                let now = u.get_or_insert_with(TokenUsage::default);
+                if let Some(i) = n(x, "input_tokens") {
+                    now.input_tokens = i
+                        + n(x, "cache_read_input_tokens").unwrap_or(0)
+                        + n(x, "cache_creation_input_tokens").unwrap_or(0);
+                }
+                if let Some(o) = n(x, "output_tokens") {
+                    now.output_tokens = o;
+                }
+            }
+        }
+    }
+}
+
+async fn chat(gw: State<Arc<GatewayState>>, headers: HeaderMap, body: Bytes) -> Response {
+    forward(gw, Api::Chat, headers, body).await
+}
+
+async fn responses(gw: State<Arc<GatewayState>>, headers: HeaderMap, body: Bytes) -> Response {
+    forward(gw, Api::Responses, headers, body).await
+}
+
+async fn messages(gw: State<Arc<GatewayState>>, headers: HeaderMap, body: Bytes) -> Response {
+    forward(gw, Api::Messages, headers, body).await
+}
+
+/// An error in the format of `api`'s clients.
+fn api_error(api: Api, status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    match api {
+        Api::Messages => {
+            let body = json!({"type": "error", "error": {"type": kind, "message": message.into()}});
+            (status, axum::Json(body)).into_response()
+        }
+        _ => error(status, kind, message),
+    }
+}
+
+async fn forward(
+    State(gw): State<Arc<GatewayState>>,
+    api: Api,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let started = Instant::now();
     let attempt = match gw.authorize(&headers).await {
         Ok(a) => a,
         Err(r) => return r,
     };
-    let model = gw.app.config.model.model.clone();
     let prices = gw.app.config.model.prices();
+    let target = upstream(&gw.app, api);
+    let model = match &target {
+        Ok(t) => t.model.clone(),
+        Err(_) => gw.app.config.model.model.clone(),
+    };
     let call =
         move |status: u16, stream: bool, usage: Option<TokenUsage>, error: Option<String>| {
             EventKind::ModelCall {
-                api: "chat.completions".into(),
+                api: api.name().into(),
                 model: model.clone(),
                 stream,
                 status,
@@ -219,42 +361,62 @@ async fn chat(State(gw): State<Arc<GatewayState>>, headers: HeaderMap, body: Byt
     if let Some(detail) = gw.over_budget(&attempt).await {
         gw.record(call(429, false, None, Some(detail.clone())))
             .await;
-        return error(StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", detail);
+        let kind = match api {
+            Api::Messages => "rate_limit_error",
+            _ => "insufficient_quota",
+        };
+        return api_error(api, StatusCode::TOO_MANY_REQUESTS, kind, detail);
     }
-    let config = match gw.app.model_config() {
-        Ok(c) => c,
+    let target = match target {
+        Ok(t) => t,
         Err(e) => {
             gw.record(call(503, false, None, Some(e.clone()))).await;
-            return error(StatusCode::SERVICE_UNAVAILABLE, "server_error", e);
+            return api_error(api, StatusCode::SERVICE_UNAVAILABLE, "api_error", e);
         }
     };
     let mut request: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
         _ => {
-            return error(
+            return api_error(
+                api,
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
-                "the body is not a JSON object (an OpenAI chat completion request)",
+                format!("the body is not a JSON object (a {} request)", api.name()),
             );
         }
     };
-    // One upstream model per server; streamed calls report their usage.
-    request["model"] = json!(config.model);
+    // One upstream model per API and server.
+    request["model"] = json!(target.model);
     let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
-    if stream {
+    if stream && api == Api::Chat {
+        // Streamed chat completions report their usage only when asked.
         request["stream_options"] = json!({"include_usage": true});
     }
-    let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
+    let url = format!("{}/{}", target.base_url.trim_end_matches('/'), api.path());
     let mut upstream = gw.http.post(&url).json(&request);
-    if let Some(key) = &config.api_key {
-        upstream = upstream.bearer_auth(key);
+    match (api, &target.key) {
+        (Api::Messages, key) => {
+            let version = headers
+                .get("anthropic-version")
+                .cloned()
+                .unwrap_or(header::HeaderValue::from_static("2023-06-01"));
+            upstream = upstream.header("anthropic-version", version);
+            if let Some(beta) = headers.get("anthropic-beta") {
+                upstream = upstream.header("anthropic-beta", beta.clone());
+            }
+            if let Some(key) = key {
+                upstream = upstream.header("x-api-key", key);
+            }
+        }
+        (_, Some(key)) => upstream = upstream.bearer_auth(key),
+        (_, None) => {}
     }
     let response = match upstream.send().await {
         Ok(r) => r,
         Err(e) => {
-            let why = format!("the model endpoint ([model] base_url) cannot be reached: {e}");
+            let why = format!("the model endpoint ([model]) cannot be reached: {e}");
             gw.record(call(502, stream, None, Some(why.clone()))).await;
-            return error(StatusCode::BAD_GATEWAY, "server_error", why);
+            return api_error(api, StatusCode::BAD_GATEWAY, "api_error", why);
         }
     };
     let status = response.status().as_u16();
@@ -266,7 +428,10 @@ async fn chat(State(gw): State<Arc<GatewayState>>, headers: HeaderMap, body: Byt
     if !stream || !response.status().is_success() {
         let bytes = response.bytes().await.unwrap_or_default();
         let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
-        let usage = parsed.as_ref().and_then(usage_of);
+        let mut usage = None;
+        if let Some(v) = &parsed {
+            add_usage(api, v, &mut usage);
+        }
         let failure = (status >= 400).then(|| {
             parsed
                 .as_ref()
@@ -282,15 +447,16 @@ async fn chat(State(gw): State<Arc<GatewayState>>, headers: HeaderMap, body: Byt
             .body(Body::from(bytes))
             .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response());
     }
-    // Streamed: passed through as it comes, watched for the usage chunk;
+    // Streamed: passed through as it comes, watched for token counts;
     // the call is recorded when the stream ends (or the client leaves).
     let (tx, rx) = tokio::sync::oneshot::channel();
     let tap = UsageTap {
+        api,
         inner: Box::pin(futures::StreamExt::map(response.bytes_stream(), |r| {
             r.map_err(std::io::Error::other)
         })),
         line: Vec::new(),
-        usage: Arc::new(Mutex::new(None)),
+        usage: None,
         done: Some(tx),
     };
     let gw2 = gw.clone();
@@ -310,9 +476,10 @@ type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 /// Passes a server-sent-event stream through, noting the `usage` of its
 /// chunks; reports it once, at the end (or when dropped).
 struct UsageTap {
+    api: Api,
     inner: ByteStream,
     line: Vec<u8>,
-    usage: Arc<Mutex<Option<TokenUsage>>>,
+    usage: Option<TokenUsage>,
     done: Option<tokio::sync::oneshot::Sender<Option<TokenUsage>>>,
 }
 
@@ -326,17 +493,15 @@ impl UsageTap {
             let line = std::mem::take(&mut self.line);
             if let Some(data) = line.strip_prefix(b"data:")
                 && let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii())
-                && let Some(u) = usage_of(&v)
             {
-                *self.usage.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
+                add_usage(self.api, &v, &mut self.usage);
             }
         }
     }
 
     fn finish(&mut self) {
         if let Some(tx) = self.done.take() {
-            let usage = *self.usage.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = tx.send(usage);
+            let _ = tx.send(self.usage);
         }
     }
 }

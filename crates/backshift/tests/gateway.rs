@@ -153,3 +153,89 @@ echo "first: $(call)"; echo "second: $(call)"; sleep 30"#;
         "{refused}"
     );
 }
+
+/// The responses and Anthropic messages APIs, plain and streamed, with
+/// the sandbox's token (as a bearer token and as `x-api-key`).
+const OTHER_APIS: &str = r#"set -e
+post() { curl -sS "$1" -H "$2" -H 'content-type: application/json' -H 'anthropic-version: 2023-06-01' -d "$3"; echo; }
+post "$OPENAI_BASE_URL/responses" "Authorization: Bearer $OPENAI_API_KEY" '{"model":"any","input":"hi"}'
+post "$OPENAI_BASE_URL/responses" "Authorization: Bearer $OPENAI_API_KEY" '{"model":"any","stream":true,"input":"hi"}'
+post "$ANTHROPIC_BASE_URL/v1/messages" "x-api-key: $ANTHROPIC_API_KEY" '{"model":"any","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}'
+post "$ANTHROPIC_BASE_URL/v1/messages" "x-api-key: $ANTHROPIC_API_KEY" '{"model":"any","max_tokens":50,"stream":true,"messages":[{"role":"user","content":"hi"}]}'
+echo "wrong key: $(curl -s -o /dev/null -w '%{http_code}' "$ANTHROPIC_BASE_URL/v1/messages" -H 'x-api-key: bsm_wrong' -d '{}')"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_speaks_responses_and_anthropic_messages_too() {
+    let s = script(json!({"steps": [
+        {"reply": {"content": "plain response"}},
+        {"reply": {"content": "streamed response"}},
+        {"reply": {"content": "plain message"}},
+        {"reply": {"content": "streamed message"}}
+    ]}));
+    let config = format!(
+        "[model]\nbase_url = \"{{fake_url}}\"\nmodel = \"scripted\"\napi_key_env = \"{env}\"\nanthropic_base_url = \"{{fake_url}}\"\nanthropic_model = \"scripted-claude\"\nanthropic_api_key_env = \"{env}\"\n",
+        env = common::PROVIDER_KEY_ENV
+    );
+    let w = World::start(Some(s), &config).await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, out, err) = w
+        .cli(&[
+            "run",
+            "Call the model",
+            "--repo",
+            &repo,
+            "--command",
+            OTHER_APIS,
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let task = out.split_whitespace().nth(1).unwrap().to_owned();
+    let view = w.wait(&task).await;
+    let evs = w.events(&format!("{task}-1")).await;
+    let output = common::command_output(&evs);
+    assert_eq!(view["state"], "succeeded", "{view}\n{output}");
+    assert!(output.contains("wrong key: 401"), "{output}");
+    assert!(output.contains("\"text\":\"plain response\""), "{output}");
+    assert!(output.contains("event: response.completed"), "{output}");
+    assert!(output.contains("\"text\":\"plain message\""), "{output}");
+    assert!(output.contains("event: message_stop"), "{output}");
+
+    let fake = w.fake.as_ref().unwrap();
+    assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+    let bearer = format!("Bearer {PROVIDER_KEY}");
+    let x_api_key = format!("x-api-key {PROVIDER_KEY}");
+    assert_eq!(
+        fake.authorizations(),
+        [
+            Some(bearer.clone()),
+            Some(bearer),
+            Some(x_api_key.clone()),
+            Some(x_api_key)
+        ]
+    );
+    let requests = fake.requests();
+    assert_eq!(requests[0]["model"], "scripted");
+    assert_eq!(requests[2]["model"], "scripted-claude");
+
+    let calls: Vec<&Value> = evs.iter().filter(|e| e["type"] == "model_call").collect();
+    let apis: Vec<(&str, bool)> = calls
+        .iter()
+        .map(|c| (c["api"].as_str().unwrap(), c["stream"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        apis,
+        [
+            ("responses", false),
+            ("responses", true),
+            ("messages", false),
+            ("messages", true)
+        ]
+    );
+    for c in &calls {
+        assert_eq!(c["status"], 200, "{c}");
+        assert!(c["usage"]["input_tokens"].as_u64().unwrap() > 0, "{c}");
+        assert!(c["usage"]["output_tokens"].as_u64().unwrap() > 0, "{c}");
+    }
+    assert_eq!(calls[2]["model"], "scripted-claude");
+}

@@ -1,9 +1,13 @@
-//! A scripted OpenAI-compatible chat-completions server, the one fake in
-//! backshift's tests (DESIGN §8). Real clients talk to it over a real
-//! socket; it replays a [`Script`] and checks every request it receives,
-//! so a misbehaving agent fails the test instead of passing by accident.
+//! A scripted model server, the one fake in backshift's tests (DESIGN
+//! §8): OpenAI chat completions and responses, and Anthropic messages,
+//! streamed or not, all from one [`Script`]. Real clients talk to it over
+//! a real socket; it checks every request it receives, so a misbehaving
+//! agent fails the test instead of passing by accident.
 
+mod apis;
 pub mod script;
+
+use apis::Api;
 
 pub use script::{Contains, Expect, Mode, Reply, Script, ScriptedCall, Step};
 
@@ -98,6 +102,8 @@ fn router(inner: Arc<Mutex<Inner>>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(completions))
         .route("/chat/completions", post(completions))
+        .route("/v1/responses", post(responses))
+        .route("/v1/messages", post(messages))
         .route("/_fake/status", get(status))
         .with_state(inner)
 }
@@ -116,18 +122,53 @@ async fn completions(
     headers: axum::http::HeaderMap,
     body: String,
 ) -> Response {
+    serve(inner, Api::Chat, headers, body).await
+}
+
+async fn responses(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Response {
+    serve(inner, Api::Responses, headers, body).await
+}
+
+async fn messages(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Response {
+    serve(inner, Api::Messages, headers, body).await
+}
+
+/// One request of any API: recorded as sent, checked and answered in
+/// the chat-completions form it normalizes to, the answer rendered in
+/// the API's own format.
+async fn serve(
+    inner: Arc<Mutex<Inner>>,
+    api: Api,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Response {
     let (reply, stream, model, call_ids, prompt_tokens) = {
         let mut guard = inner.lock().unwrap_or_else(|p| p.into_inner());
         let auth = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+            .map(str::to_owned)
+            .or_else(|| {
+                headers
+                    .get("x-api-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(|k| format!("x-api-key {k}"))
+            });
         guard.authorizations.push(auth);
-        let request: Value = match serde_json::from_str(&body) {
+        let raw: Value = match serde_json::from_str(&body) {
             Ok(v) => v,
-            Err(e) => return fail(&mut guard, format!("request is not JSON: {e}")),
+            Err(e) => return fail(&mut guard, api, format!("request is not JSON: {e}")),
         };
-        guard.requests.push(request.clone());
+        guard.requests.push(raw.clone());
+        let request = api.normalize(&raw);
         let n = guard.requests.len();
         let offers_tools = request
             .get("tools")
@@ -153,6 +194,7 @@ async fn completions(
             let Some(step) = guard.script.steps.get(index).cloned() else {
                 return fail(
                     &mut guard,
+                    api,
                     format!(
                         "request {n} asks for step {} but the script has {total} steps",
                         index + 1
@@ -162,7 +204,11 @@ async fn completions(
             guard.next = guard.next.max(index + 1);
             let problems = check(&request, &step.expect, &expected_ids);
             if !problems.is_empty() {
-                return fail(&mut guard, format!("request {n}: {}", problems.join("; ")));
+                return fail(
+                    &mut guard,
+                    api,
+                    format!("request {n}: {}", problems.join("; ")),
+                );
             }
             let ids: Vec<String> = match guard.script.mode {
                 Mode::Sequence => step
@@ -203,11 +249,7 @@ async fn completions(
             .error
             .clone()
             .unwrap_or_else(|| "scripted error".into());
-        return (
-            code,
-            axum::Json(json!({"error": {"message": msg, "type": "scripted"}})),
-        )
-            .into_response();
+        return api.error(code, "scripted", &msg);
     }
     let calls: Vec<Value> = reply
         .tool_calls
@@ -232,6 +274,19 @@ async fn completions(
         (reply.content.as_deref().unwrap_or("").len() / 4 + calls.len() * 10) as u64;
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                        "total_tokens": prompt_tokens + completion_tokens});
+    match api {
+        Api::Chat => {}
+        other => {
+            return other.reply(
+                &model,
+                reply.content.as_deref(),
+                &calls,
+                &finish,
+                (prompt_tokens, completion_tokens),
+                stream,
+            );
+        }
+    }
     if stream {
         return sse(&model, reply.content.as_deref(), &calls, &finish, usage);
     }
@@ -377,13 +432,13 @@ fn clip(s: &str) -> String {
     }
 }
 
-fn fail(inner: &mut Inner, message: String) -> Response {
+fn fail(inner: &mut Inner, api: Api, message: String) -> Response {
     inner.failures.push(message.clone());
-    (
+    api.error(
         StatusCode::BAD_REQUEST,
-        axum::Json(json!({"error": {"message": format!("fake-model: {message}"), "type": "script_mismatch"}})),
+        "script_mismatch",
+        &format!("fake-model: {message}"),
     )
-        .into_response()
 }
 
 /// A streamed answer in OpenAI's SSE chunk format: role, content in

@@ -193,3 +193,153 @@ async fn requests_without_tools_get_the_untooled_reply_and_take_no_step() {
     assert_eq!(v["choices"][0]["message"]["content"], "the real answer");
     assert!(fake.failures().is_empty(), "{:?}", fake.failures());
 }
+
+async fn post_to(url: &str, path: &str, body: Value) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// The `data:` payloads of a server-sent-event stream, with their event names.
+fn events(body: &str) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    let mut name = String::new();
+    for line in body.lines() {
+        if let Some(n) = line.strip_prefix("event: ") {
+            name = n.to_owned();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            out.push((name.clone(), serde_json::from_str(d).unwrap()));
+        }
+    }
+    out
+}
+
+fn tool_script() -> Script {
+    script(json!({"steps": [
+        {"expect": {"user_contains": "list", "tools_include": ["shell"]},
+         "reply": {"content": "Listing.", "tool_calls": [{"name": "shell", "arguments": {"command": "ls"}}]}},
+        {"expect": {"tool_results": [{"contains": "README"}]}, "reply": {"content": "There is a README."}}
+    ]}))
+}
+
+#[tokio::test]
+async fn speaks_the_responses_api_streamed_and_not() {
+    for stream in [false, true] {
+        let fake = FakeModel::start(tool_script()).await.unwrap();
+        let first = json!({"model": "m", "stream": stream, "instructions": "be brief",
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "list files"}]}],
+            "tools": [{"type": "function", "name": "shell", "parameters": {}}]});
+        let (code, body) = post_to(&fake.base_url(), "responses", first).await;
+        assert_eq!(code, 200, "{body}");
+        let output = if stream {
+            let evs = events(&body);
+            assert_eq!(evs[0].0, "response.created");
+            let deltas: String = evs
+                .iter()
+                .filter(|(n, _)| n == "response.output_text.delta")
+                .map(|(_, d)| d["delta"].as_str().unwrap())
+                .collect();
+            assert_eq!(deltas, "Listing.");
+            let (last, done) = evs.last().unwrap();
+            assert_eq!(last, "response.completed");
+            assert_eq!(
+                done["response"]["usage"]["output_tokens"],
+                done["response"]["usage"]["output_tokens"].as_u64().unwrap()
+            );
+            let seqs: Vec<u64> = evs
+                .iter()
+                .map(|(_, d)| d["sequence_number"].as_u64().unwrap())
+                .collect();
+            assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+            done["response"]["output"].clone()
+        } else {
+            serde_json::from_str::<Value>(&body).unwrap()["output"].clone()
+        };
+        let call = output
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["type"] == "function_call")
+            .unwrap()
+            .clone();
+        assert_eq!(call["name"], "shell");
+        assert_eq!(call["arguments"], r#"{"command":"ls"}"#);
+        let second = json!({"model": "m", "stream": stream,
+            "input": [{"type": "message", "role": "user", "content": "list files"},
+                      call.clone(),
+                      {"type": "function_call_output", "call_id": call["call_id"], "output": "README.md"}],
+            "tools": [{"type": "function", "name": "shell"}]});
+        let (code, body) = post_to(&fake.base_url(), "responses", second).await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("There is a README."), "{body}");
+        assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+    }
+}
+
+#[tokio::test]
+async fn speaks_the_anthropic_messages_api_streamed_and_not() {
+    for stream in [false, true] {
+        let fake = FakeModel::start(tool_script()).await.unwrap();
+        let first = json!({"model": "m", "stream": stream, "max_tokens": 100, "system": "be brief",
+            "messages": [{"role": "user", "content": "list files"}],
+            "tools": [{"name": "shell", "input_schema": {"type": "object"}}]});
+        let (code, body) = post_to(&fake.base_url(), "messages", first).await;
+        assert_eq!(code, 200, "{body}");
+        let (text, tool) = if stream {
+            let evs = events(&body);
+            assert_eq!(evs[0].0, "message_start");
+            assert_eq!(evs.last().unwrap().0, "message_stop");
+            let text: String = evs
+                .iter()
+                .filter_map(|(_, d)| d.pointer("/delta/text").and_then(Value::as_str))
+                .collect();
+            let json_text: String = evs
+                .iter()
+                .filter_map(|(_, d)| d.pointer("/delta/partial_json").and_then(Value::as_str))
+                .collect();
+            let start = evs
+                .iter()
+                .find(|(_, d)| d.pointer("/content_block/type") == Some(&json!("tool_use")))
+                .unwrap();
+            let delta = evs.iter().find(|(n, _)| n == "message_delta").unwrap();
+            assert_eq!(delta.1["delta"]["stop_reason"], "tool_use");
+            let mut block = start.1["content_block"].clone();
+            block["input"] = serde_json::from_str(&json_text).unwrap();
+            (text, block)
+        } else {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["stop_reason"], "tool_use");
+            (
+                v["content"][0]["text"].as_str().unwrap().to_owned(),
+                v["content"][1].clone(),
+            )
+        };
+        assert_eq!(text, "Listing.");
+        assert_eq!(tool["input"], json!({"command": "ls"}));
+        let second = json!({"model": "m", "stream": stream, "max_tokens": 100,
+            "messages": [{"role": "user", "content": "list files"},
+                         {"role": "assistant", "content": [{"type": "text", "text": "Listing."}, tool.clone()]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool["id"],
+                                                       "content": [{"type": "text", "text": "README.md"}]}]}],
+            "tools": [{"name": "shell", "input_schema": {"type": "object"}}]});
+        let (code, body) = post_to(&fake.base_url(), "messages", second).await;
+        assert_eq!(code, 200, "{body}");
+        let said: String = if stream {
+            events(&body)
+                .iter()
+                .filter_map(|(_, d)| d.pointer("/delta/text").and_then(Value::as_str))
+                .collect()
+        } else {
+            serde_json::from_str::<Value>(&body).unwrap()["content"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(said, "There is a README.");
+        assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+    }
+}
