@@ -160,7 +160,11 @@ fn setup_tests() -> anyhow::Result<()> {
 /// host's npm configuration) where the tests look for them. Keep in step
 /// with `testkit::agents`.
 const TEST_AGENTS_DIR: &str = "/var/cache/backshift-tests/agents";
-const TEST_AGENTS: &[(&str, &str)] = &[("opencode", "1.18.33")];
+const TEST_AGENTS: &[(&str, &str)] = &[
+    ("opencode", "1.18.33"),
+    ("codex", "0.16.0"),
+    ("claude-code", "0.16.2"),
+];
 
 fn test_agents() -> anyhow::Result<()> {
     for (name, version) in TEST_AGENTS {

@@ -780,12 +780,19 @@ impl Mapper {
         if call.done {
             return out;
         }
-        if let Some(name) = str_at(v, "name") {
+        // The tool's own name: ACP's `name`, or where an adapter puts
+        // it (Claude Code: `_meta.claudeCode.toolName`).
+        let meta_name = v
+            .get("_meta")
+            .and_then(Value::as_object)
+            .and_then(|m| m.values().find_map(|x| str_at(x, "toolName")));
+        if let Some(name) = str_at(v, "name").or(meta_name) {
             call.name = Some(name);
         }
         if let Some(title) = str_at(v, "title") {
             // The first title some agents send is the tool's own name.
-            if first && call.name.is_none() {
+            // (a single word); others describe the call from the start.
+            if first && call.name.is_none() && !title.contains(char::is_whitespace) {
                 call.name = Some(title.clone());
             }
             call.title = Some(title);
@@ -834,8 +841,10 @@ impl Mapper {
                 _ => {}
             }
         }
-        // A command's output so far, as it grows.
+        // A command's output so far, as it grows (what a pending call
+        // shows is its description, not output).
         if call.kind.as_deref() == Some("execute")
+            && status != "pending"
             && !text.is_empty()
             && text.starts_with(call.streamed.as_str())
             && text.len() > call.streamed.len()
@@ -850,20 +859,28 @@ impl Mapper {
         }
         if finished {
             call.done = true;
+            out.extend(call.announce(&id));
             let output = if text.is_empty() {
-                v.get("rawOutput")
-                    .map(|o| match o.get("output").and_then(Value::as_str) {
-                        Some(s) => s.to_owned(),
-                        None => o.to_string(),
-                    })
-                    .unwrap_or_default()
+                v.get("rawOutput").map(raw_output_text).unwrap_or_default()
             } else {
                 text
             };
+            // A command whose output was not streamed: all of it now.
+            if call.kind.as_deref() == Some("execute")
+                && call.streamed.is_empty()
+                && !output.is_empty()
+            {
+                out.push(Action::Emit(EventKind::CommandOutput {
+                    call_id: id.clone(),
+                    stream: OutputStream::Stdout,
+                    text: clip_at(&output, RESULT_MAX),
+                    journal_seq: None,
+                }));
+            }
             let exit_code = v
                 .pointer("/rawOutput/metadata/exit")
+                .or_else(|| v.pointer("/rawOutput/exit_code"))
                 .and_then(Value::as_i64);
-            out.extend(call.announce(&id));
             out.push(Action::Emit(EventKind::ToolResult {
                 call_id: id,
                 name: call.name(),
@@ -875,6 +892,24 @@ impl Mapper {
             out.push(Action::ToolFinished);
         }
         out
+    }
+}
+
+/// The text of a tool's raw output, as the agents we know report it
+/// (OpenCode: `output`; Codex: `formatted_output`, `aggregated_output`,
+/// or `stdout` and `stderr`); the JSON itself otherwise.
+fn raw_output_text(o: &Value) -> String {
+    if let Value::String(s) = o {
+        return s.clone();
+    }
+    for key in ["output", "formatted_output", "aggregated_output"] {
+        if let Some(s) = o.get(key).and_then(Value::as_str) {
+            return s.to_owned();
+        }
+    }
+    match (str_at(o, "stdout"), str_at(o, "stderr")) {
+        (None, None) => o.to_string(),
+        (out, err) => out.unwrap_or_default() + &err.unwrap_or_default(),
     }
 }
 

@@ -140,10 +140,12 @@ pub fn find_installed(agents_dir: &Path, name: &str) -> Option<Installed> {
         .find(|a| a.manifest.name == name)
 }
 
-/// Why agent `name` cannot run tasks on this server yet, if it cannot.
-pub fn not_runnable(agents_dir: &Path, name: &str) -> Option<(String, String)> {
+/// Why agent `name` cannot run tasks on this server, if it cannot, and
+/// what to do about it.
+pub fn not_runnable(config: &crate::config::Config, name: &str) -> Option<(String, String)> {
     let recipe = recipe(name)?;
-    if find_installed(agents_dir, name).is_none() {
+    let agents_dir = config.agents_dir();
+    if find_installed(&agents_dir, name).is_none() {
         return Some((
             format!(
                 "{name} is not installed on this server (agents live in {})",
@@ -153,17 +155,17 @@ pub fn not_runnable(agents_dir: &Path, name: &str) -> Option<(String, String)> {
         ));
     }
     match recipe.name {
-        "opencode" => None,
+        "opencode" | "codex" => None,
+        "claude-code" if config.model.anthropic_base_url.is_none() => Some((
+            "claude-code speaks the Anthropic messages API, and no Anthropic endpoint is configured for the model gateway".into(),
+            "set [model] anthropic_base_url (with anthropic_model and anthropic_api_key_env) in the server's config".into(),
+        )),
+        "claude-code" => None,
         other => Some((
             format!(
-                "{other} is installed, but backshift cannot run it yet: its model API ({}) is not served by the model gateway",
-                match other {
-                    "claude-code" => "Anthropic messages",
-                    "codex" => "OpenAI responses",
-                    _ => "Gemini",
-                }
+                "{other} is installed, but backshift cannot run it yet: its model API (Gemini) is not served by the model gateway"
             ),
-            "use `--agent opencode` or the built-in agent for now".into(),
+            "use `--agent opencode`, `codex` or `claude-code` for now".into(),
         )),
     }
 }
@@ -177,6 +179,8 @@ pub const CONFIG_FILE: &str = "agent-config.json";
 pub struct AgentSetup<'a> {
     /// The model's name at the gateway.
     pub model: &'a str,
+    /// The model Anthropic-API calls go to.
+    pub anthropic_model: &'a str,
     /// Tools the agent must ask permission for.
     pub ask: &'a [String],
 }
@@ -221,10 +225,69 @@ pub fn launch(
             .collect();
             Ok((argv, env))
         }
+        "codex" => {
+            for (key, value) in codex_overrides(setup) {
+                argv.push("-c".into());
+                argv.push(format!("{key}={value}"));
+            }
+            Ok((argv, Vec::new()))
+        }
+        "claude-code" => {
+            // `ANTHROPIC_BASE_URL` and `ANTHROPIC_API_KEY` (the gateway
+            // and the sandbox's token) are in the sandbox's environment.
+            let env = [
+                ("ANTHROPIC_MODEL", setup.anthropic_model),
+                ("ANTHROPIC_DEFAULT_HAIKU_MODEL", setup.anthropic_model),
+                ("DISABLE_TELEMETRY", "1"),
+                ("DISABLE_ERROR_REPORTING", "1"),
+                ("DISABLE_AUTOUPDATER", "1"),
+                ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+            Ok((argv, env))
+        }
         other => Err(std::io::Error::other(format!(
             "backshift cannot run {other} yet"
         ))),
     }
+}
+
+/// Codex's configuration, as `-c key=value` overrides (values in TOML):
+/// one provider, the gateway's responses API, with the sandbox's token
+/// from `OPENAI_API_KEY`; no approvals unless some are asked for (the
+/// sandbox is the fence, so Codex's own sandbox is off), no update
+/// checks.
+fn codex_overrides(setup: &AgentSetup<'_>) -> Vec<(&'static str, String)> {
+    let quoted = |s: &str| serde_json::Value::from(s).to_string();
+    vec![
+        ("model", quoted(setup.model)),
+        ("model_provider", quoted("backshift")),
+        (
+            "model_providers.backshift.name",
+            quoted("backshift model gateway"),
+        ),
+        (
+            "model_providers.backshift.base_url",
+            quoted(&crate::gateway::base_url_in_sandbox()),
+        ),
+        (
+            "model_providers.backshift.env_key",
+            quoted("OPENAI_API_KEY"),
+        ),
+        ("model_providers.backshift.wire_api", quoted("responses")),
+        (
+            "approval_policy",
+            quoted(if setup.ask.is_empty() {
+                "never"
+            } else {
+                "untrusted"
+            }),
+        ),
+        ("sandbox_mode", quoted("danger-full-access")),
+        ("check_for_update_on_startup", "false".into()),
+    ]
 }
 
 /// OpenCode's configuration: one provider, the gateway, through the
@@ -451,6 +514,7 @@ mod tests {
         let ask = vec!["bash".to_owned()];
         let c = opencode_config(&AgentSetup {
             model: "gpt-x",
+            anthropic_model: "claude-x",
             ask: &ask,
         });
         assert_eq!(c["model"], "backshift/gpt-x");
@@ -461,6 +525,23 @@ mod tests {
         assert_eq!(c["autoupdate"], false);
         assert_eq!(c["share"], "disabled");
         assert_eq!(c["permission"]["bash"], "ask");
+    }
+
+    #[test]
+    fn codex_is_pointed_at_the_gateways_responses_api() {
+        let o = codex_overrides(&AgentSetup {
+            model: "gpt-x",
+            anthropic_model: "claude-x",
+            ask: &[],
+        });
+        let get = |k: &str| o.iter().find(|(key, _)| *key == k).unwrap().1.clone();
+        assert_eq!(get("model"), "\"gpt-x\"");
+        assert_eq!(get("model_providers.backshift.wire_api"), "\"responses\"");
+        assert_eq!(
+            get("model_providers.backshift.env_key"),
+            "\"OPENAI_API_KEY\""
+        );
+        assert_eq!(get("approval_policy"), "\"never\"");
     }
 
     #[test]

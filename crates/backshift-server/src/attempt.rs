@@ -1259,7 +1259,7 @@ async fn acp_setup(
     let app = &run.app;
     let name = run.task.agent.as_str();
     let dir = app.config.agents_dir();
-    if let Some((why, fix)) = crate::agents::not_runnable(&dir, name) {
+    if let Some((why, fix)) = crate::agents::not_runnable(&app.config, name) {
         return Err(Failure(
             FailureReason::AgentCrashed,
             format!("{why}; {fix}"),
@@ -1276,6 +1276,12 @@ async fn acp_setup(
         shim_dir,
         &crate::agents::AgentSetup {
             model: &app.config.model.model,
+            anthropic_model: app
+                .config
+                .model
+                .anthropic_model
+                .as_deref()
+                .unwrap_or(&app.config.model.model),
             ask: &app.config.agents.ask,
         },
     )

@@ -401,3 +401,125 @@ async fn a_restarted_server_reopens_the_agents_session_and_it_finishes() {
     let (_, diff, _) = w.cli(&["diff", &task]).await;
     assert!(diff.contains("+one") && diff.contains("+two"), "{diff}");
 }
+
+/// A task for `agent` whose scripted model has it run `command` with its
+/// shell tool (`tool`, its arguments built by `args`), then end its turn.
+async fn agent_runs_a_command(
+    agent: &str,
+    tool: &str,
+    args: Value,
+    config: &str,
+) -> (World, String, Value, Vec<Value>) {
+    let script = common::script(json!({
+        "untooled": {"content": "Greeting file"},
+        "steps": [
+            {"expect": {"user_contains": "greeting", "tools_include": [tool]},
+             "reply": {"tool_calls": [{"name": tool, "arguments": args}]}},
+            {"expect": {"tool_results": [{"contains": "ran-it"}]},
+             "reply": {"content": "Wrote hello.txt and showed it."}}
+        ]
+    }));
+    let w = World::start(Some(script), config).await;
+    let (task, view) = w
+        .run_task("Write a greeting file and show it", &["--agent", agent])
+        .await;
+    let evs = w.events(&format!("{task}-1")).await;
+    let fake = w.fake.as_ref().unwrap();
+    assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+    assert_eq!(view["state"], "succeeded", "{view}\n{evs:#?}");
+    assert_eq!(view["agent"], agent);
+    let sessions = of_type(&evs, "agent_session");
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let calls = of_type(&evs, "tool_call");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0]["kind"], "execute");
+    let results = of_type(&evs, "tool_result");
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["ok"], true, "{results:?}");
+    assert!(
+        common::command_output(&evs).contains("ran-it"),
+        "{}",
+        common::command_output(&evs)
+    );
+    let summary = view["attempts"][0]["summary"].as_str().unwrap();
+    let (_, logs, _) = w.cli(&["logs", &task]).await;
+    assert!(summary.starts_with("Wrote hello.txt"), "{summary}\n{logs}");
+    let all = serde_json::to_string(&evs).unwrap();
+    assert!(!all.contains(common::PROVIDER_KEY));
+    let (_, diff, _) = w.cli(&["diff", &task]).await;
+    assert!(diff.contains(&format!("+hello from {agent}")), "{diff}");
+    (w, task, view, evs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_runs_a_command_through_the_gateways_responses_api() {
+    let agents = testkit::agents_dir(&["codex"]);
+    let (w, task, _, evs) = agent_runs_a_command(
+        "codex",
+        "exec_command",
+        json!({"cmd": "printf 'hello from codex\\n' > hello.txt && cat hello.txt && echo ran-it"}),
+        &format!("agents_dir = \"{}\"\n", agents.display()),
+    )
+    .await;
+    let sessions = of_type(&evs, "agent_session");
+    assert!(
+        sessions[0]["agent_info"]
+            .as_str()
+            .unwrap()
+            .contains("codex"),
+        "{sessions:?}"
+    );
+    let calls = of_type(&evs, "model_call");
+    assert!(!calls.is_empty());
+    assert!(calls.iter().all(|c| c["api"] == "responses"), "{calls:?}");
+    let results = of_type(&evs, "tool_result");
+    assert_eq!(results[0]["exit_code"], 0);
+    let (_, logs, _) = w.cli(&["logs", &task]).await;
+    assert!(logs.contains("→ execute printf"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_runs_a_command_through_the_gateways_messages_api() {
+    let agents = testkit::agents_dir(&["claude-code"]);
+    let config = format!(
+        "agents_dir = \"{}\"\n[model]\nbase_url = \"{{fake_url}}\"\nmodel = \"scripted\"\napi_key_env = \"{env}\"\nanthropic_base_url = \"{{fake_url}}\"\nanthropic_model = \"scripted-claude\"\nanthropic_api_key_env = \"{env}\"\n",
+        agents.display(),
+        env = common::PROVIDER_KEY_ENV
+    );
+    let (w, _, _, evs) = agent_runs_a_command(
+        "claude-code",
+        "Bash",
+        json!({"command": "printf 'hello from claude-code\\n' > hello.txt && cat hello.txt && echo ran-it", "description": "Write the file"}),
+        &config,
+    )
+    .await;
+    let calls = of_type(&evs, "tool_call");
+    assert_eq!(calls[0]["name"], "Bash");
+    // Claude Code asks before running a command; the policy allowed it.
+    let decisions = of_type(&evs, "permission_decision");
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    assert!(
+        decisions[0]["decision"]
+            .as_str()
+            .unwrap()
+            .starts_with("allow"),
+        "{decisions:?}"
+    );
+    let model_calls = of_type(&evs, "model_call");
+    assert!(
+        model_calls
+            .iter()
+            .all(|c| c["api"] == "messages" && c["model"] == "scripted-claude"),
+        "{model_calls:?}"
+    );
+    let x_api_key = format!("x-api-key {}", common::PROVIDER_KEY);
+    assert!(
+        w.fake
+            .as_ref()
+            .unwrap()
+            .authorizations()
+            .iter()
+            .all(|a| a.as_deref() == Some(x_api_key.as_str())),
+        "the gateway speaks to Anthropic with the real key, as x-api-key"
+    );
+}

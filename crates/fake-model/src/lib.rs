@@ -105,6 +105,7 @@ fn router(inner: Arc<Mutex<Inner>>) -> Router {
         .route("/v1/responses", post(responses))
         .route("/v1/messages", post(messages))
         .route("/_fake/status", get(status))
+        .route("/_fake/requests", get(requests))
         .with_state(inner)
 }
 
@@ -115,6 +116,12 @@ async fn status(State(inner): State<Arc<Mutex<Inner>>>) -> impl IntoResponse {
         "remaining": inner.script.steps.len().saturating_sub(inner.next),
         "failures": inner.failures,
     }))
+}
+
+/// Every request body received, for looking at what a client sends.
+async fn requests(State(inner): State<Arc<Mutex<Inner>>>) -> impl IntoResponse {
+    let inner = inner.lock().unwrap_or_else(|p| p.into_inner());
+    axum::Json(Value::Array(inner.requests.clone()))
 }
 
 async fn completions(

@@ -176,3 +176,88 @@ fn stderr_tail_keeps_the_end() {
     assert!(text.len() <= Tail::MAX);
     assert!(text.ends_with("line 1999\n"));
 }
+
+#[test]
+fn a_codex_command_reports_its_output_and_exit_code_at_the_end() {
+    let mut m = Mapper::new();
+    let mut actions = Vec::new();
+    for u in [
+        json!({"sessionUpdate": "tool_call", "toolCallId": "call_1", "title": "printf 'hi' > hello.txt && cat hello.txt",
+               "kind": "execute", "status": "in_progress",
+               "rawInput": {"command": ["/bin/bash", "-lc", "printf 'hi' > hello.txt && cat hello.txt"], "cwd": "/w"}}),
+        json!({"sessionUpdate": "tool_call_update", "toolCallId": "call_1", "status": "completed",
+               "rawOutput": {"stdout": "hi", "stderr": "", "aggregated_output": "hi", "exit_code": 0,
+                             "formatted_output": "hi"}}),
+        json!({"sessionUpdate": "usage_update", "used": 10, "size": 100}),
+    ] {
+        actions.extend(m.update(&u));
+    }
+    let events = emitted(&actions);
+    let names: Vec<&str> = events.iter().map(|e| e.type_name()).collect();
+    assert_eq!(names, ["tool_call", "command_output", "tool_result"]);
+    match events[0] {
+        EventKind::ToolCall { name, title, .. } => {
+            assert_eq!(name, "execute", "a described call is named by its kind");
+            assert!(title.as_deref().unwrap().starts_with("printf"));
+        }
+        other => panic!("{other:?}"),
+    }
+    match events[2] {
+        EventKind::ToolResult {
+            ok,
+            exit_code,
+            output,
+            ..
+        } => {
+            assert!(ok);
+            assert_eq!(*exit_code, Some(0));
+            assert_eq!(output, "hi");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn claude_codes_pending_description_is_not_command_output() {
+    let mut m = Mapper::new();
+    let mut actions = Vec::new();
+    let meta = json!({"claudeCode": {"toolName": "Bash"}});
+    for u in [
+        json!({"_meta": meta, "toolCallId": "t1", "sessionUpdate": "tool_call", "rawInput": {}, "status": "pending", "title": "Terminal", "kind": "execute", "content": []}),
+        json!({"_meta": meta, "toolCallId": "t1", "sessionUpdate": "tool_call", "rawInput": {"command": "echo ran-it", "description": "Say it"},
+               "status": "pending", "title": "`echo ran-it`", "kind": "execute",
+               "content": [{"type": "content", "content": {"type": "text", "text": "Say it"}}]}),
+    ] {
+        actions.extend(m.update(&u));
+    }
+    assert!(
+        emitted(&actions).is_empty(),
+        "nothing until it runs or asks"
+    );
+    // It asks permission: announced then, under its own name.
+    let asked = m.asking("t1");
+    match emitted(&asked)[..] {
+        [
+            EventKind::ToolCall {
+                name, arguments, ..
+            },
+        ] => {
+            assert_eq!(name, "Bash");
+            assert_eq!(arguments["command"], "echo ran-it");
+        }
+        ref other => panic!("{other:?}"),
+    }
+    let done = m.update(&json!({"_meta": meta, "toolCallId": "t1", "sessionUpdate": "tool_call_update", "status": "completed",
+        "rawOutput": "ran-it", "content": [{"type": "content", "content": {"type": "text", "text": "ran-it"}}]}));
+    let names: Vec<&str> = emitted(&done).iter().map(|e| e.type_name()).collect();
+    assert_eq!(names, ["command_output", "tool_result"]);
+    assert_eq!(
+        emitted(&done)[0],
+        &EventKind::CommandOutput {
+            call_id: "t1".into(),
+            stream: OutputStream::Stdout,
+            text: "ran-it".into(),
+            journal_seq: None
+        }
+    );
+}

@@ -65,7 +65,7 @@ pub async fn create_task(
             Some("omit `agent` for the built-in agent"),
         ));
     }
-    if let Some((why, fix)) = crate::agents::not_runnable(&app.config.agents_dir(), &agent) {
+    if let Some((why, fix)) = crate::agents::not_runnable(&app.config, &agent) {
         return Err(ApiError::bad_request("agent_unavailable", why, Some(&fix)));
     }
     match (agent.as_str(), &command) {
