@@ -523,3 +523,54 @@ async fn claude_code_runs_a_command_through_the_gateways_messages_api() {
         "the gateway speaks to Anthropic with the real key, as x-api-key"
     );
 }
+
+/// Run by the agent itself, while it and every installed agent are
+/// there: the provider key searched for in the environment, every
+/// process's arguments and environment, and every file. The needle is
+/// assembled at run time so that it appears in no command line; the
+/// sandbox's own token is searched the same way as a control.
+const LEAK_SEARCH: &str = r#"needle="$(printf '%s%s' 'sk-provider-' 'SECRET-4242')"
+leaks=""
+env | grep -qF "$needle" && leaks="$leaks env"
+for p in /proc/[0-9]*; do tr '\0' '\n' < "$p/cmdline"; echo; tr '\0' '\n' < "$p/environ"; echo; done > /tmp/procs.txt 2>/dev/null
+grep -qF "$needle" /tmp/procs.txt && leaks="$leaks processes"
+files=$(grep -rlIF "$needle" / --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev 2>/dev/null)
+[ -n "$files" ] && leaks="$leaks files:$files"
+grep -qF "$OPENAI_API_KEY" /tmp/procs.txt && echo "control:found"
+echo "leaks:[$leaks]"; echo ran-it"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_provider_key_is_nowhere_in_an_agents_sandbox() {
+    let agents = testkit::agents_dir(&["opencode", "codex", "claude-code"]);
+    let script = common::script(json!({
+        "untooled": {"content": "Leak search"},
+        "steps": [
+            {"reply": {"tool_calls": [{"name": "bash", "arguments": {"command": LEAK_SEARCH, "description": "Search"}}]}},
+            {"expect": {"tool_results": [{"contains": "ran-it"}]}, "reply": {"content": "Searched."}}
+        ]
+    }));
+    let w = World::start(
+        Some(script),
+        &format!("agents_dir = \"{}\"\n", agents.display()),
+    )
+    .await;
+    let (task, view) = w
+        .run_task("Search for the key", &["--agent", "opencode"])
+        .await;
+    let evs = w.events(&format!("{task}-1")).await;
+    let output = common::command_output(&evs);
+    assert_eq!(view["state"], "succeeded", "{view}\n{output}");
+    assert!(output.contains("control:found"), "{output}");
+    assert!(output.contains("leaks:[]"), "{output}");
+    let all = serde_json::to_string(&evs).unwrap();
+    assert!(!all.contains(common::PROVIDER_KEY));
+    // Yet the model was called with it, by the gateway.
+    assert!(
+        w.fake
+            .as_ref()
+            .unwrap()
+            .authorizations()
+            .iter()
+            .all(|a| a.as_deref() == Some(&format!("Bearer {}", common::PROVIDER_KEY)))
+    );
+}
