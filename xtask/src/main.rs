@@ -164,6 +164,7 @@ const TEST_AGENTS: &[(&str, &str)] = &[
     ("opencode", "1.18.33"),
     ("codex", "0.16.0"),
     ("claude-code", "0.16.2"),
+    ("gemini", "0.61.0"),
 ];
 
 fn test_agents() -> anyhow::Result<()> {

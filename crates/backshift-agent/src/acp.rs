@@ -109,7 +109,12 @@ enum Report {
     /// A `session/update` (as JSON: mapped by [`Mapper`]).
     Update(Value),
     /// A permission request was answered.
-    Permission(EventKind),
+    Permission {
+        /// The tool call asked about (ACP's `toolCall`, as JSON).
+        call: Value,
+        /// The decision.
+        decision: EventKind,
+    },
     /// The session is open; what follows is new (not a replay).
     SessionOpen {
         session_id: String,
@@ -265,20 +270,23 @@ pub async fn run_acp_agent(
                             Some((_, kind)) => json_name(kind),
                             None => "cancelled".to_owned(),
                         };
-                        let _ =
-                            permissions.send(Report::Permission(EventKind::PermissionDecision {
-                                call_id: str_at(&call, "toolCallId").unwrap_or_default(),
-                                title: str_at(&call, "title").unwrap_or_default(),
-                                kind: str_at(&call, "kind"),
-                                decision,
-                                by: "policy".into(),
-                                reason: match chosen {
-                                    Some(_) => reason.to_owned(),
-                                    None => {
-                                        format!("{reason}, but the agent offered no such option")
-                                    }
-                                },
-                            }));
+                        let event = EventKind::PermissionDecision {
+                            call_id: str_at(&call, "toolCallId").unwrap_or_default(),
+                            title: str_at(&call, "title").unwrap_or_default(),
+                            kind: str_at(&call, "kind"),
+                            decision,
+                            by: "policy".into(),
+                            reason: match chosen {
+                                Some(_) => reason.to_owned(),
+                                None => {
+                                    format!("{reason}, but the agent offered no such option")
+                                }
+                            },
+                        };
+                        let _ = permissions.send(Report::Permission {
+                            call,
+                            decision: event,
+                        });
                         responder.respond(RequestPermissionResponse::new(match chosen {
                             Some((option, _)) => RequestPermissionOutcome::Selected(
                                 SelectedPermissionOutcome::new(option),
@@ -377,12 +385,9 @@ pub async fn run_acp_agent(
             // A loaded session replays its history first.
             Report::Update(_) if replaying => continue,
             Report::Update(v) => mapper.update(&v),
-            Report::Permission(kind) => {
-                let mut actions = match &kind {
-                    EventKind::PermissionDecision { call_id, .. } => mapper.asking(call_id),
-                    _ => Vec::new(),
-                };
-                actions.push(Action::Emit(kind));
+            Report::Permission { call, decision } => {
+                let mut actions = mapper.asking(&call);
+                actions.push(Action::Emit(decision));
                 actions
             }
             Report::SessionOpen {
@@ -717,12 +722,19 @@ impl Mapper {
         out
     }
 
-    /// The agent asks permission for call `id`, which may not be
-    /// announced yet (still pending): it is, now.
-    pub fn asking(&mut self, id: &str) -> Vec<Action> {
-        let mut out: Vec<Action> = self.flush().into_iter().map(Action::Emit).collect();
-        if let Some(call) = self.calls.get_mut(id) {
-            out.extend(call.announce(id));
+    /// The agent asks permission for tool call `call` (ACP's `toolCall`),
+    /// which may be pending or not reported at all yet: what it says is
+    /// taken in, and the call is announced now.
+    pub fn asking(&mut self, call: &Value) -> Vec<Action> {
+        let Some(id) = str_at(call, "toolCallId") else {
+            return self.flush().into_iter().map(Action::Emit).collect();
+        };
+        let known = self.calls.contains_key(&id);
+        let mut pending = call.clone();
+        pending["status"] = Value::from("pending");
+        let mut out = self.tool(&pending, !known);
+        if let Some(c) = self.calls.get_mut(&id) {
+            out.extend(c.announce(&id));
         }
         out
     }

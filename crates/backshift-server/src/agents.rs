@@ -161,12 +161,11 @@ pub fn not_runnable(config: &crate::config::Config, name: &str) -> Option<(Strin
             "set [model] anthropic_base_url (with anthropic_model and anthropic_api_key_env) in the server's config".into(),
         )),
         "claude-code" => None,
-        other => Some((
-            format!(
-                "{other} is installed, but backshift cannot run it yet: its model API (Gemini) is not served by the model gateway"
-            ),
-            "use `--agent opencode`, `codex` or `claude-code` for now".into(),
+        "gemini" if config.model.gemini_base_url.is_none() => Some((
+            "gemini speaks the Gemini API, and no Gemini endpoint is configured for the model gateway".into(),
+            "set [model] gemini_base_url (with gemini_model and gemini_api_key_env) in the server's config".into(),
         )),
+        _ => None,
     }
 }
 
@@ -181,6 +180,8 @@ pub struct AgentSetup<'a> {
     pub model: &'a str,
     /// The model Anthropic-API calls go to.
     pub anthropic_model: &'a str,
+    /// The model Gemini-API calls go to.
+    pub gemini_model: &'a str,
     /// Tools the agent must ask permission for.
     pub ask: &'a [String],
 }
@@ -248,6 +249,22 @@ pub fn launch(
             .collect();
             Ok((argv, env))
         }
+        "gemini" => {
+            write_config(&shim_dir.join(CONFIG_FILE), &gemini_settings())?;
+            // `GOOGLE_GEMINI_BASE_URL` and `GEMINI_API_KEY` (the gateway
+            // and the sandbox's token) are in the sandbox's environment.
+            let env = [
+                ("GEMINI_MODEL", setup.gemini_model),
+                (
+                    "GEMINI_CLI_SYSTEM_SETTINGS_PATH",
+                    config_in_sandbox.as_str(),
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+            Ok((argv, env))
+        }
         other => Err(std::io::Error::other(format!(
             "backshift cannot run {other} yet"
         ))),
@@ -288,6 +305,17 @@ fn codex_overrides(setup: &AgentSetup<'_>) -> Vec<(&'static str, String)> {
         ("sandbox_mode", quoted("danger-full-access")),
         ("check_for_update_on_startup", "false".into()),
     ]
+}
+
+/// Gemini CLI's system settings (they override the user's): API-key
+/// auth, no update checks, usage statistics or telemetry.
+fn gemini_settings() -> serde_json::Value {
+    serde_json::json!({
+        "security": {"auth": {"selectedType": "gemini-api-key"}},
+        "general": {"disableAutoUpdate": true, "disableUpdateNag": true},
+        "privacy": {"usageStatisticsEnabled": false},
+        "telemetry": {"enabled": false},
+    })
 }
 
 /// OpenCode's configuration: one provider, the gateway, through the
@@ -515,6 +543,7 @@ mod tests {
         let c = opencode_config(&AgentSetup {
             model: "gpt-x",
             anthropic_model: "claude-x",
+            gemini_model: "gemini-x",
             ask: &ask,
         });
         assert_eq!(c["model"], "backshift/gpt-x");
@@ -532,6 +561,7 @@ mod tests {
         let o = codex_overrides(&AgentSetup {
             model: "gpt-x",
             anthropic_model: "claude-x",
+            gemini_model: "gemini-x",
             ask: &[],
         });
         let get = |k: &str| o.iter().find(|(key, _)| *key == k).unwrap().1.clone();

@@ -870,6 +870,12 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
                 gateway.trim_end_matches("/v1").to_owned(),
             ),
             ("ANTHROPIC_API_KEY".into(), token.clone()),
+            // Gemini's SDK adds `/v1beta/models/...` itself.
+            (
+                "GOOGLE_GEMINI_BASE_URL".into(),
+                gateway.trim_end_matches("/v1").to_owned(),
+            ),
+            ("GEMINI_API_KEY".into(), token.clone()),
             ("BACKSHIFT_MODEL_URL".into(), gateway),
             ("BACKSHIFT_MODEL_TOKEN".into(), token),
             ("BACKSHIFT_MODEL".into(), app.config.model.model.clone()),
@@ -1280,6 +1286,12 @@ async fn acp_setup(
                 .config
                 .model
                 .anthropic_model
+                .as_deref()
+                .unwrap_or(&app.config.model.model),
+            gemini_model: app
+                .config
+                .model
+                .gemini_model
                 .as_deref()
                 .unwrap_or(&app.config.model.model),
             ask: &app.config.agents.ask,

@@ -144,6 +144,13 @@ pub struct ModelSection {
     pub anthropic_model: Option<String>,
     /// Name of the environment variable holding the Anthropic key.
     pub anthropic_api_key_env: Option<String>,
+    /// A Gemini-API endpoint (up to, not including, `/v1beta`), for
+    /// agents that speak it (Gemini CLI) through the gateway.
+    pub gemini_base_url: Option<String>,
+    /// The model Gemini-API calls go to.
+    pub gemini_model: Option<String>,
+    /// Name of the environment variable holding the Gemini key.
+    pub gemini_api_key_env: Option<String>,
 }
 
 impl ModelSection {
@@ -214,6 +221,9 @@ impl Default for ModelSection {
             anthropic_base_url: None,
             anthropic_model: None,
             anthropic_api_key_env: None,
+            gemini_base_url: None,
+            gemini_model: None,
+            gemini_api_key_env: None,
             input_usd_per_mtok: None,
             output_usd_per_mtok: None,
         }

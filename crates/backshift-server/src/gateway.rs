@@ -9,7 +9,8 @@
 //! provider key from the server's environment on the way out, so the key
 //! never enters a sandbox. It serves OpenAI chat completions and
 //! responses (forwarded to `[model] base_url`) and Anthropic messages
-//! (forwarded to `[model] anthropic_base_url`), streamed or not, and
+//! (forwarded to `[model] anthropic_base_url`) and Gemini's
+//! `generateContent` (to `[model] gemini_base_url`), streamed or not, and
 //! answers `/v1/models`. It counts each call's tokens, records each
 //! call as a `model_call` event (no secrets in it), and enforces the
 //! task's token budget: once spent, calls get 429 and the attempt ends
@@ -86,6 +87,7 @@ pub fn start(app: Arc<App>, attempt: &str, dir: &Path) -> std::io::Result<Gatewa
         .route("/v1/chat/completions", post(chat))
         .route("/v1/responses", post(responses))
         .route("/v1/messages", post(messages))
+        .route("/v1beta/models/{action}", post(gemini))
         .route("/v1/models", get(models))
         .fallback(unsupported)
         .with_state(state);
@@ -108,7 +110,7 @@ async fn unsupported(method: Method, uri: Uri) -> Response {
         StatusCode::NOT_FOUND,
         "not_supported",
         format!(
-            "backshift's model gateway serves POST /v1/chat/completions, /v1/responses (OpenAI), /v1/messages (Anthropic) and GET /v1/models; {method} {} is not supported",
+            "backshift's model gateway serves POST /v1/chat/completions, /v1/responses (OpenAI), /v1/messages (Anthropic), /v1beta/models/MODEL:generateContent (Gemini) and GET /v1/models; {method} {} is not supported",
             uri.path()
         ),
     )
@@ -127,6 +129,7 @@ impl GatewayState {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+            .or_else(|| headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()))
             .map(str::trim);
         let refused = |why: &str| {
             error(
@@ -202,6 +205,12 @@ pub enum Api {
     Responses,
     /// Anthropic messages (`/v1/messages`).
     Messages,
+    /// Gemini (`/v1beta/models/<model>:generateContent`, or
+    /// `:streamGenerateContent`).
+    Gemini {
+        /// Streamed.
+        stream: bool,
+    },
 }
 
 impl Api {
@@ -211,14 +220,23 @@ impl Api {
             Api::Chat => "chat.completions",
             Api::Responses => "responses",
             Api::Messages => "messages",
+            Api::Gemini { .. } => "gemini.generate_content",
         }
     }
 
-    fn path(self) -> &'static str {
+    /// The upstream URL of a call to `model` at `base_url`.
+    fn url(self, base_url: &str, model: &str) -> String {
+        let base = base_url.trim_end_matches('/');
         match self {
-            Api::Chat => "chat/completions",
-            Api::Responses => "responses",
-            Api::Messages => "messages",
+            Api::Chat => format!("{base}/chat/completions"),
+            Api::Responses => format!("{base}/responses"),
+            Api::Messages => format!("{base}/messages"),
+            Api::Gemini { stream: true } => {
+                format!("{base}/v1beta/models/{model}:streamGenerateContent?alt=sse")
+            }
+            Api::Gemini { stream: false } => {
+                format!("{base}/v1beta/models/{model}:generateContent")
+            }
         }
     }
 }
@@ -257,6 +275,23 @@ fn upstream(app: &App, api: Api) -> Result<Upstream, String> {
                 key,
             })
         }
+        Api::Gemini { .. } => {
+            let m = &app.config.model;
+            let base_url = m.gemini_base_url.clone().ok_or_else(|| {
+                "no Gemini endpoint is configured: set [model] gemini_base_url (and gemini_model, gemini_api_key_env) in the server's config".to_owned()
+            })?;
+            let key = match &m.gemini_api_key_env {
+                Some(var) => Some(std::env::var(var).map_err(|_| {
+                    format!("the Gemini key variable {var} ([model] gemini_api_key_env) is not set in the server's environment")
+                })?),
+                None => None,
+            };
+            Ok(Upstream {
+                base_url,
+                model: m.gemini_model.clone().unwrap_or_else(|| m.model.clone()),
+                key,
+            })
+        }
     }
 }
 
@@ -285,6 +320,18 @@ fn add_usage(api: Api, v: &Value, u: &mut Option<TokenUsage>) {
                 *u = Some(TokenUsage {
                     input_tokens: i,
                     output_tokens: o,
+                });
+            }
+        }
+        Api::Gemini { .. } => {
+            // Each chunk's counts are the totals so far.
+            if let Some(x) = v.get("usageMetadata")
+                && let Some(i) = n(x, "promptTokenCount")
+            {
+                *u = Some(TokenUsage {
+                    input_tokens: i,
+                    output_tokens: n(x, "candidatesTokenCount").unwrap_or(0)
+                        + n(x, "thoughtsTokenCount").unwrap_or(0),
                 });
             }
         }
@@ -317,11 +364,39 @@ async fn messages(gw: State<Arc<GatewayState>>, headers: HeaderMap, body: Bytes)
     forward(gw, Api::Messages, headers, body).await
 }
 
+/// `/v1beta/models/<model>:<method>`: the model in the path is replaced
+/// by the configured one.
+async fn gemini(
+    gw: State<Arc<GatewayState>>,
+    axum::extract::Path(action): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let stream = match action.split_once(':').map(|(_, m)| m) {
+        Some("streamGenerateContent") => true,
+        Some("generateContent") => false,
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_supported",
+                format!(
+                    "backshift's model gateway serves Gemini's generateContent and streamGenerateContent, not {action}"
+                ),
+            );
+        }
+    };
+    forward(gw, Api::Gemini { stream }, headers, body).await
+}
+
 /// An error in the format of `api`'s clients.
 fn api_error(api: Api, status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
     match api {
         Api::Messages => {
             let body = json!({"type": "error", "error": {"type": kind, "message": message.into()}});
+            (status, axum::Json(body)).into_response()
+        }
+        Api::Gemini { .. } => {
+            let body = json!({"error": {"code": status.as_u16(), "message": message.into(), "status": kind}});
             (status, axum::Json(body)).into_response()
         }
         _ => error(status, kind, message),
@@ -385,14 +460,19 @@ async fn forward(
             );
         }
     };
-    // One upstream model per API and server.
-    request["model"] = json!(target.model);
-    let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
+    // One upstream model per API and server (Gemini names it in the path).
+    let stream = match api {
+        Api::Gemini { stream } => stream,
+        _ => {
+            request["model"] = json!(target.model);
+            request.get("stream").and_then(Value::as_bool) == Some(true)
+        }
+    };
     if stream && api == Api::Chat {
         // Streamed chat completions report their usage only when asked.
         request["stream_options"] = json!({"include_usage": true});
     }
-    let url = format!("{}/{}", target.base_url.trim_end_matches('/'), api.path());
+    let url = api.url(&target.base_url, &target.model);
     let mut upstream = gw.http.post(&url).json(&request);
     match (api, &target.key) {
         (Api::Messages, key) => {
@@ -408,6 +488,7 @@ async fn forward(
                 upstream = upstream.header("x-api-key", key);
             }
         }
+        (Api::Gemini { .. }, Some(key)) => upstream = upstream.header("x-goog-api-key", key),
         (_, Some(key)) => upstream = upstream.bearer_auth(key),
         (_, None) => {}
     }

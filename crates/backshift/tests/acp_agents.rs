@@ -574,3 +574,63 @@ async fn the_provider_key_is_nowhere_in_an_agents_sandbox() {
             .all(|a| a.as_deref() == Some(&format!("Bearer {}", common::PROVIDER_KEY)))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_runs_a_command_through_the_gateways_gemini_api() {
+    let agents = testkit::agents_dir(&["gemini"]);
+    let script = common::script(json!({
+        "steps": [
+            {"expect": {"user_contains": "greeting", "tools_include": ["run_shell_command", "write_file"]},
+             "reply": {"tool_calls": [{"name": "run_shell_command", "arguments": {"command": "printf 'hello from gemini\\n' > hello.txt && cat hello.txt && echo ran-it", "description": "Write the file"}}]}},
+            {"expect": {"tool_results": [{"contains": "ran-it"}]},
+             "reply": {"content": "Wrote hello.txt and showed it."}}
+        ]
+    }));
+    let config = format!(
+        "agents_dir = \"{}\"\n[model]\nbase_url = \"{{fake_url}}\"\nmodel = \"scripted\"\napi_key_env = \"{env}\"\ngemini_base_url = \"{{fake_root}}\"\ngemini_model = \"scripted-gemini\"\ngemini_api_key_env = \"{env}\"\n",
+        agents.display(),
+        env = common::PROVIDER_KEY_ENV
+    );
+    let w = World::start(Some(script), &config).await;
+    let (task, view) = w
+        .run_task("Write a greeting file and show it", &["--agent", "gemini"])
+        .await;
+    let evs = w.events(&format!("{task}-1")).await;
+    let fake = w.fake.as_ref().unwrap();
+    assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+    assert_eq!(view["state"], "succeeded", "{view}\n{evs:#?}");
+    let calls = of_type(&evs, "tool_call");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0]["kind"], "execute");
+    assert!(
+        calls[0]["title"].as_str().unwrap().starts_with("printf"),
+        "{calls:?}"
+    );
+    // Gemini CLI asks before running a command; the policy allowed it.
+    let decisions = of_type(&evs, "permission_decision");
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    let pos = |e: &Value| evs.iter().position(|x| x == e).unwrap();
+    assert!(pos(calls[0]) < pos(decisions[0]));
+    let results = of_type(&evs, "tool_result");
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["ok"], true);
+    let model_calls = of_type(&evs, "model_call");
+    assert!(
+        model_calls
+            .iter()
+            .all(|c| c["api"] == "gemini.generate_content" && c["model"] == "scripted-gemini"),
+        "{model_calls:?}"
+    );
+    let key = format!("x-goog-api-key {}", common::PROVIDER_KEY);
+    assert!(
+        fake.authorizations()
+            .iter()
+            .all(|a| a.as_deref() == Some(key.as_str())),
+        "{:?}",
+        fake.authorizations()
+    );
+    let summary = view["attempts"][0]["summary"].as_str().unwrap();
+    assert!(summary.starts_with("Wrote hello.txt"), "{summary}");
+    let (_, diff, _) = w.cli(&["diff", &task]).await;
+    assert!(diff.contains("+hello from gemini"), "{diff}");
+}

@@ -99,7 +99,12 @@ impl World {
         );
         // `extra` comes first so that it may set top-level keys too; a
         // `[model]` of its own may name the fake as `{fake_url}`.
-        config.push_str(&extra.replace("{fake_url}", &model_url));
+        // (`{fake_root}`: the same without `/v1`, for Gemini's API.)
+        config.push_str(
+            &extra
+                .replace("{fake_url}", &model_url)
+                .replace("{fake_root}", model_url.trim_end_matches("/v1")),
+        );
         if !extra.contains("[model]") {
             config.push_str(&format!("\n[model]\nbase_url = \"{model_url}\"\nmodel = \"scripted\"\nmax_retries = 1\nretry_base_ms = 50\napi_key_env = \"{PROVIDER_KEY_ENV}\"\n"));
         }

@@ -154,8 +154,9 @@ echo "first: $(call)"; echo "second: $(call)"; sleep 30"#;
     );
 }
 
-/// The responses and Anthropic messages APIs, plain and streamed, with
-/// the sandbox's token (as a bearer token and as `x-api-key`).
+/// The responses, Anthropic messages and Gemini APIs, plain and
+/// streamed, with the sandbox's token (as a bearer token, `x-api-key`,
+/// `x-goog-api-key`).
 const OTHER_APIS: &str = r#"set -e
 post() { curl -sS "$1" -H "$2" -H 'content-type: application/json' -H 'anthropic-version: 2023-06-01' -d "$3"; echo; }
 post "$OPENAI_BASE_URL/responses" "Authorization: Bearer $OPENAI_API_KEY" '{"model":"any","input":"hi"}'
@@ -163,18 +164,22 @@ post "$OPENAI_BASE_URL/responses" "Authorization: Bearer $OPENAI_API_KEY" '{"mod
 post "$ANTHROPIC_BASE_URL/v1/messages" "x-api-key: $ANTHROPIC_API_KEY" '{"model":"any","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}'
 post "$ANTHROPIC_BASE_URL/v1/messages" "x-api-key: $ANTHROPIC_API_KEY" '{"model":"any","max_tokens":50,"stream":true,"messages":[{"role":"user","content":"hi"}]}'
 echo "wrong key: $(curl -s -o /dev/null -w '%{http_code}' "$ANTHROPIC_BASE_URL/v1/messages" -H 'x-api-key: bsm_wrong' -d '{}')"
+post "$GOOGLE_GEMINI_BASE_URL/v1beta/models/any:generateContent" "x-goog-api-key: $GEMINI_API_KEY" '{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}'
+post "$GOOGLE_GEMINI_BASE_URL/v1beta/models/any:streamGenerateContent?alt=sse" "x-goog-api-key: $GEMINI_API_KEY" '{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}'
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_speaks_responses_and_anthropic_messages_too() {
+async fn the_gateway_speaks_responses_anthropic_messages_and_gemini_too() {
     let s = script(json!({"steps": [
         {"reply": {"content": "plain response"}},
         {"reply": {"content": "streamed response"}},
         {"reply": {"content": "plain message"}},
-        {"reply": {"content": "streamed message"}}
+        {"reply": {"content": "streamed message"}},
+        {"reply": {"content": "plain gemini"}},
+        {"reply": {"content": "streamed gemini"}}
     ]}));
     let config = format!(
-        "[model]\nbase_url = \"{{fake_url}}\"\nmodel = \"scripted\"\napi_key_env = \"{env}\"\nanthropic_base_url = \"{{fake_url}}\"\nanthropic_model = \"scripted-claude\"\nanthropic_api_key_env = \"{env}\"\n",
+        "[model]\nbase_url = \"{{fake_url}}\"\nmodel = \"scripted\"\napi_key_env = \"{env}\"\nanthropic_base_url = \"{{fake_url}}\"\nanthropic_model = \"scripted-claude\"\nanthropic_api_key_env = \"{env}\"\ngemini_base_url = \"{{fake_root}}\"\ngemini_model = \"scripted-gemini\"\ngemini_api_key_env = \"{env}\"\n",
         env = common::PROVIDER_KEY_ENV
     );
     let w = World::start(Some(s), &config).await;
@@ -200,18 +205,23 @@ async fn the_gateway_speaks_responses_and_anthropic_messages_too() {
     assert!(output.contains("event: response.completed"), "{output}");
     assert!(output.contains("\"text\":\"plain message\""), "{output}");
     assert!(output.contains("event: message_stop"), "{output}");
+    assert!(output.contains("\"text\":\"plain gemini\""), "{output}");
+    assert!(output.contains("\"finishReason\":\"STOP\""), "{output}");
 
     let fake = w.fake.as_ref().unwrap();
     assert!(fake.failures().is_empty(), "{:?}", fake.failures());
     let bearer = format!("Bearer {PROVIDER_KEY}");
     let x_api_key = format!("x-api-key {PROVIDER_KEY}");
+    let x_goog = format!("x-goog-api-key {PROVIDER_KEY}");
     assert_eq!(
         fake.authorizations(),
         [
             Some(bearer.clone()),
             Some(bearer),
             Some(x_api_key.clone()),
-            Some(x_api_key)
+            Some(x_api_key),
+            Some(x_goog.clone()),
+            Some(x_goog)
         ]
     );
     let requests = fake.requests();
@@ -229,7 +239,9 @@ async fn the_gateway_speaks_responses_and_anthropic_messages_too() {
             ("responses", false),
             ("responses", true),
             ("messages", false),
-            ("messages", true)
+            ("messages", true),
+            ("gemini.generate_content", false),
+            ("gemini.generate_content", true)
         ]
     );
     for c in &calls {
@@ -238,4 +250,5 @@ async fn the_gateway_speaks_responses_and_anthropic_messages_too() {
         assert!(c["usage"]["output_tokens"].as_u64().unwrap() > 0, "{c}");
     }
     assert_eq!(calls[2]["model"], "scripted-claude");
+    assert_eq!(calls[4]["model"], "scripted-gemini");
 }

@@ -17,6 +17,11 @@ pub enum Api {
     Responses,
     /// Anthropic messages.
     Messages,
+    /// Gemini `generateContent` (`stream`: `streamGenerateContent`).
+    Gemini {
+        /// Whether the answer is streamed.
+        stream: bool,
+    },
 }
 
 fn text_of(v: &Value) -> String {
@@ -38,6 +43,7 @@ impl Api {
             Api::Chat => raw.clone(),
             Api::Responses => responses_to_chat(raw),
             Api::Messages => messages_to_chat(raw),
+            Api::Gemini { stream } => gemini_to_chat(raw, stream),
         }
     }
 
@@ -46,6 +52,9 @@ impl Api {
         let body = match self {
             Api::Messages => {
                 json!({"type": "error", "error": {"type": kind, "message": message}})
+            }
+            Api::Gemini { .. } => {
+                json!({"error": {"code": status.as_u16(), "message": message, "status": kind}})
             }
             _ => json!({"error": {"message": message, "type": kind}}),
         };
@@ -67,6 +76,9 @@ impl Api {
             Api::Chat => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
             Api::Responses => responses_reply(model, content, calls, (input, output), stream),
             Api::Messages => messages_reply(model, content, calls, finish, (input, output), stream),
+            Api::Gemini { .. } => {
+                gemini_reply(model, content, calls, finish, (input, output), stream)
+            }
         }
     }
 }
@@ -407,4 +419,133 @@ fn messages_reply(
     ));
     events.push(("message_stop", json!({"type": "message_stop"})));
     sse_events(&events)
+}
+
+/// Gemini `contents` as chat messages: `functionCall` parts become
+/// `tool_calls`, `functionResponse` parts `tool` messages (matched by
+/// their `id`, or by name when the client sends none).
+fn gemini_to_chat(raw: &Value, stream: bool) -> Value {
+    let mut messages: Vec<Value> = Vec::new();
+    if let Some(system) = raw.get("systemInstruction") {
+        let text = system.get("parts").map(text_of).unwrap_or_default();
+        messages.push(json!({"role": "system", "content": text}));
+    }
+    for c in raw
+        .get("contents")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let role = c.get("role").and_then(Value::as_str).unwrap_or("user");
+        let parts = c
+            .get("parts")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let mut text = String::new();
+        let mut calls = Vec::new();
+        for p in &parts {
+            if let Some(t) = p.get("text").and_then(Value::as_str) {
+                text.push_str(t);
+            } else if let Some(f) = p.get("functionCall") {
+                let id = f
+                    .get("id")
+                    .or_else(|| f.get("name"))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                calls.push(json!({"id": id, "type": "function",
+                    "function": {"name": f.get("name").cloned().unwrap_or(Value::Null),
+                                 "arguments": f.get("args").map(Value::to_string).unwrap_or_default()}}));
+            } else if let Some(f) = p.get("functionResponse") {
+                let id = f
+                    .get("id")
+                    .or_else(|| f.get("name"))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                messages.push(json!({"role": "tool", "tool_call_id": id,
+                    "content": f.get("response").map(Value::to_string).unwrap_or_default()}));
+            }
+        }
+        if role == "model" {
+            let mut msg = json!({"role": "assistant", "content": text});
+            if !calls.is_empty() {
+                msg["tool_calls"] = Value::Array(calls);
+            }
+            messages.push(msg);
+        } else if !text.is_empty() {
+            messages.push(json!({"role": "user", "content": text}));
+        }
+    }
+    let tools: Vec<Value> = raw
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.get("functionDeclarations").and_then(Value::as_array))
+        .flatten()
+        .filter_map(|d| {
+            let name = d.get("name")?.clone();
+            Some(json!({"type": "function", "function": {"name": name}}))
+        })
+        .collect();
+    // The model is named in the path, not the body.
+    json!({"stream": stream, "messages": messages, "tools": tools})
+}
+
+fn gemini_reply(
+    model: &str,
+    content: Option<&str>,
+    calls: &[Value],
+    finish: &str,
+    (input, output): (u64, u64),
+    stream: bool,
+) -> Response {
+    let reason = match finish {
+        "length" => "MAX_TOKENS",
+        _ => "STOP",
+    };
+    let usage = json!({"promptTokenCount": input, "candidatesTokenCount": output,
+                       "totalTokenCount": input + output});
+    let chunk = |parts: Vec<Value>, finish: Option<&str>, usage: Option<&Value>| {
+        let mut candidate = json!({"content": {"role": "model", "parts": parts}, "index": 0});
+        if let Some(f) = finish {
+            candidate["finishReason"] = json!(f);
+        }
+        let mut c = json!({"candidates": [candidate], "modelVersion": model});
+        if let Some(u) = usage {
+            c["usageMetadata"] = u.clone();
+        }
+        c
+    };
+    let call_parts: Vec<Value> = calls
+        .iter()
+        .map(|call| {
+            let (id, name, args) = call_parts(call);
+            let args: Value = serde_json::from_str(&args).unwrap_or_else(|_| json!({}));
+            json!({"functionCall": {"id": id, "name": name, "args": args}})
+        })
+        .collect();
+    if !stream {
+        let mut parts = Vec::new();
+        if let Some(text) = content.filter(|t| !t.is_empty()) {
+            parts.push(json!({"text": text}));
+        }
+        parts.extend(call_parts);
+        return axum::Json(chunk(parts, Some(reason), Some(&usage))).into_response();
+    }
+    let mut chunks = Vec::new();
+    if let Some(text) = content.filter(|t| !t.is_empty()) {
+        for piece in super::pieces(text, 7) {
+            chunks.push(chunk(vec![json!({"text": piece})], None, None));
+        }
+    }
+    if !call_parts.is_empty() {
+        chunks.push(chunk(call_parts, None, None));
+    }
+    chunks.push(chunk(Vec::new(), Some(reason), Some(&usage)));
+    let mut out = String::new();
+    for c in chunks {
+        out.push_str(&format!("data: {c}\r\n\r\n"));
+    }
+    ([("content-type", "text/event-stream")], out).into_response()
 }

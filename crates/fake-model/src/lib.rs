@@ -104,6 +104,7 @@ fn router(inner: Arc<Mutex<Inner>>) -> Router {
         .route("/chat/completions", post(completions))
         .route("/v1/responses", post(responses))
         .route("/v1/messages", post(messages))
+        .route("/v1beta/models/{action}", post(gemini))
         .route("/_fake/status", get(status))
         .route("/_fake/requests", get(requests))
         .with_state(inner)
@@ -148,6 +149,20 @@ async fn messages(
     serve(inner, Api::Messages, headers, body).await
 }
 
+/// Gemini's `models/{model}:{method}`.
+async fn gemini(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    axum::extract::Path(action): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> Response {
+    let method = action.split_once(':').map_or("", |(_, m)| m);
+    let api = Api::Gemini {
+        stream: method == "streamGenerateContent",
+    };
+    serve(inner, api, headers, body).await
+}
+
 /// One request of any API: recorded as sent, checked and answered in
 /// the chat-completions form it normalizes to, the answer rendered in
 /// the API's own format.
@@ -164,10 +179,12 @@ async fn serve(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
             .or_else(|| {
-                headers
-                    .get("x-api-key")
-                    .and_then(|v| v.to_str().ok())
-                    .map(|k| format!("x-api-key {k}"))
+                ["x-api-key", "x-goog-api-key"].iter().find_map(|h| {
+                    headers
+                        .get(*h)
+                        .and_then(|v| v.to_str().ok())
+                        .map(|k| format!("{h} {k}"))
+                })
             });
         guard.authorizations.push(auth);
         let raw: Value = match serde_json::from_str(&body) {

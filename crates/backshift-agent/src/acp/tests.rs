@@ -235,7 +235,7 @@ fn claude_codes_pending_description_is_not_command_output() {
         "nothing until it runs or asks"
     );
     // It asks permission: announced then, under its own name.
-    let asked = m.asking("t1");
+    let asked = m.asking(&json!({"toolCallId": "t1", "title": "`echo ran-it`", "kind": "execute"}));
     match emitted(&asked)[..] {
         [
             EventKind::ToolCall {
@@ -260,4 +260,34 @@ fn claude_codes_pending_description_is_not_command_output() {
             journal_seq: None
         }
     );
+}
+
+#[test]
+fn a_call_first_heard_of_in_a_permission_request_is_announced_then() {
+    let mut m = Mapper::new();
+    let asked = m.asking(
+        &json!({"toolCallId": "run_shell_command__call_1", "status": "pending",
+        "title": "echo hi", "kind": "execute", "locations": []}),
+    );
+    match emitted(&asked)[..] {
+        [
+            EventKind::ToolCall {
+                call_id,
+                name,
+                title,
+                ..
+            },
+        ] => {
+            assert_eq!(call_id, "run_shell_command__call_1");
+            assert_eq!(name, "execute");
+            assert_eq!(title.as_deref(), Some("echo hi"));
+        }
+        ref other => panic!("{other:?}"),
+    }
+    let done = m.update(
+        &json!({"sessionUpdate": "tool_call_update", "toolCallId": "run_shell_command__call_1",
+        "status": "completed", "content": [], "kind": "execute"}),
+    );
+    let names: Vec<&str> = emitted(&done).iter().map(|e| e.type_name()).collect();
+    assert_eq!(names, ["tool_result"], "announced once");
 }
