@@ -634,3 +634,101 @@ async fn gemini_runs_a_command_through_the_gateways_gemini_api() {
     let (_, diff, _) = w.cli(&["diff", &task]).await;
     assert!(diff.contains("+hello from gemini"), "{diff}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_sandbox_is_rebuilt_and_the_agent_goes_on_from_the_checkpoint() {
+    let agents = testkit::agents_dir(&["opencode"]);
+    // By conversation state: the rebuilt sandbox's agent is asked for
+    // what comes next from where its history stands.
+    let script = common::script(json!({
+        "mode": "turn",
+        "untooled": {"content": "Two files"},
+        "steps": [
+            {"reply": {"tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/one.txt", "content": "one\n"}}]}},
+            {"reply": {"delay_ms": 3000, "tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/two.txt", "content": "two\n"}}]}},
+            {"reply": {"content": "Both files are written."}},
+            {"reply": {"content": "Both files are written."}}
+        ]
+    }));
+    let w = World::start(
+        Some(script),
+        &format!(
+            "agents_dir = \"{}\"\n[sandbox]\nsnapshot_every_secs = 0\n",
+            agents.display()
+        ),
+    )
+    .await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, out, err) = w
+        .cli(&[
+            "run",
+            "Write two files",
+            "--repo",
+            &repo,
+            "--agent",
+            "opencode",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let task = out.split_whitespace().nth(1).unwrap().to_owned();
+    let attempt = format!("{task}-1");
+    wait_for(&w, &attempt, |evs| {
+        evs.iter().any(|e| e["type"] == "checkpoint")
+    })
+    .await;
+    let ids = testkit::docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=dev.backshift.attempt={attempt}"),
+    ])
+    .unwrap();
+    let id = ids.split_whitespace().next().unwrap().to_owned();
+    testkit::docker(&["kill", &id]).unwrap();
+    let view = w.wait(&task).await;
+    let evs = w.events(&attempt).await;
+    assert_eq!(view["state"], "succeeded", "{view}\n{evs:#?}");
+    let restored = of_type(&evs, "restored");
+    assert_eq!(restored.len(), 1, "{restored:?}");
+    assert_eq!(restored[0]["adopted"], false);
+    let sessions = of_type(&evs, "agent_session");
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    // The snapshot taken at the checkpoint kept the agent's own state.
+    assert_eq!(sessions[1]["loaded"], true, "{sessions:?}");
+    assert_eq!(sessions[1]["process"], "acp:2");
+    let (_, diff, _) = w.cli(&["diff", &task]).await;
+    assert!(diff.contains("+one") && diff.contains("+two"), "{diff}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_over_its_tool_call_limit_is_cancelled_and_fails_max_turns() {
+    let agents = testkit::agents_dir(&["opencode"]);
+    let script = common::script(json!({
+        "untooled": {"content": "Many files"},
+        "steps": [
+            {"reply": {"tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/a.txt", "content": "a\n"}}]}},
+            {"reply": {"tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/b.txt", "content": "b\n"}}]}},
+            {"reply": {"delay_ms": 5000, "content": "Done."}}
+        ]
+    }));
+    let w = World::start(
+        Some(script),
+        &format!("agents_dir = \"{}\"\n", agents.display()),
+    )
+    .await;
+    let (task, view) = w
+        .run_task("Write files", &["--agent", "opencode", "--max-turns", "1"])
+        .await;
+    let attempt = &view["attempts"][0];
+    assert_eq!(attempt["state"], "failed", "{view}");
+    assert_eq!(attempt["reason"], "max_turns", "{view}");
+    assert!(
+        attempt["detail"]
+            .as_str()
+            .unwrap()
+            .contains("more than 1 tool calls"),
+        "{view}"
+    );
+    let evs = w.events(&format!("{task}-1")).await;
+    assert_eq!(of_type(&evs, "agent_finished").len(), 0);
+}
