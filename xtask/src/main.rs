@@ -268,6 +268,7 @@ fn bench(extra: &[String]) -> anyhow::Result<()> {
         ("backshift-server", "events"),
         ("backshift", "reattach"),
         ("backshift", "gateway"),
+        ("backshift", "agent_start"),
     ] {
         step(&format!("{name} ({package}/benches/{name}.rs)"));
         run(Command::new("cargo")
