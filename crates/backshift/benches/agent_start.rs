@@ -4,9 +4,9 @@
 //! ACP session: `initialize` then `session/new`). Beside it, in the same
 //! run, the raw baseline: the same agent with the same launch (argv,
 //! environment, config) started by a script inside a container of the
-//! same image with the same limits, in a one-commit git checkout, timing its own `initialize`
-//! + `session/new` exchange over a pipe (no shim, no events, no docker
-//! exec in the measure).
+//! same image with the same limits, in a one-commit git checkout,
+//! timing its own `initialize` and `session/new` exchange over a pipe (no
+//! shim, no events, no docker exec in the measure).
 //!
 //! Run with `cargo xtask bench` (or `cargo bench -p backshift --bench
 //! agent_start -- --starts 10`). Needs dockerd, the default image and the
