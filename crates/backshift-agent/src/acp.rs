@@ -688,6 +688,9 @@ impl Call {
 pub struct Mapper {
     calls: HashMap<String, Call>,
     message: String,
+    /// The `messageId` of the message being joined, when the agent
+    /// gives one: a new id starts a new message.
+    message_id: Option<String>,
     thought: String,
     /// The agent's last complete message: its summary when it ends.
     pub last_message: Option<String>,
@@ -744,15 +747,21 @@ impl Mapper {
         let kind = v.get("sessionUpdate").and_then(Value::as_str).unwrap_or("");
         match kind {
             "agent_message_chunk" => {
+                let mut out = Vec::new();
                 if !self.thought.is_empty() {
-                    let out = vec![Action::Emit(EventKind::AgentThought {
+                    out.push(Action::Emit(EventKind::AgentThought {
                         text: std::mem::take(&mut self.thought),
-                    })];
-                    self.message.push_str(&chunk_text(v));
-                    return out;
+                    }));
+                }
+                let id = str_at(v, "messageId");
+                if id.is_some() && id != self.message_id {
+                    if !self.message.is_empty() {
+                        out.extend(self.flush().into_iter().map(Action::Emit));
+                    }
+                    self.message_id = id;
                 }
                 self.message.push_str(&chunk_text(v));
-                Vec::new()
+                out
             }
             "agent_thought_chunk" => {
                 let mut out = Vec::new();

@@ -271,7 +271,7 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
 
 /// How long an ACP agent asked to cancel gets to stop before its sandbox
 /// is removed with it.
-const CANCEL_GRACE: Duration = Duration::from_secs(3);
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
 /// An ACP agent still at work when its attempt is stopped (cancelled, out
 /// of time or budget) is asked to cancel its turn (`session/cancel`, the

@@ -291,3 +291,25 @@ fn a_call_first_heard_of_in_a_permission_request_is_announced_then() {
     let names: Vec<&str> = emitted(&done).iter().map(|e| e.type_name()).collect();
     assert_eq!(names, ["tool_result"], "announced once");
 }
+
+#[test]
+fn a_new_message_id_starts_a_new_message() {
+    let mut m = Mapper::new();
+    let mut actions = Vec::new();
+    for (id, text) in [("a", "Warming "), ("a", "up."), ("b", "Done.")] {
+        actions.extend(m.update(
+            &json!({"sessionUpdate": "agent_message_chunk", "messageId": id,
+            "content": {"type": "text", "text": text}}),
+        ));
+    }
+    actions.extend(m.flush().into_iter().map(Action::Emit));
+    let texts: Vec<&str> = emitted(&actions)
+        .iter()
+        .map(|e| match e {
+            EventKind::AgentMessage { text } => text.as_str(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(texts, ["Warming up.", "Done."]);
+    assert_eq!(m.last_message.as_deref(), Some("Done."));
+}
