@@ -243,6 +243,18 @@ async fn agents_that_cannot_run_are_refused_at_submission() {
     );
 }
 
+/// Submits a task for OpenCode without waiting: its task and attempt ids.
+async fn submit_to_opencode(w: &World, prompt: &str) -> (String, String) {
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, out, err) = w
+        .cli(&["run", prompt, "--repo", &repo, "--agent", "opencode"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let task = out.split_whitespace().nth(1).unwrap().to_owned();
+    let attempt = format!("{task}-1");
+    (task, attempt)
+}
+
 /// Waits until the attempt has an event for which `ready` holds.
 async fn wait_for(w: &World, attempt: &str, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     for _ in 0..600 {
@@ -311,13 +323,7 @@ async fn cancelling_asks_the_agent_to_stop_its_turn() {
         &format!("agents_dir = \"{}\"\n", agents.display()),
     )
     .await;
-    let repo = w.repo.to_string_lossy().into_owned();
-    let (code, out, err) = w
-        .cli(&["run", "Slow work", "--repo", &repo, "--agent", "opencode"])
-        .await;
-    assert_eq!(code, 0, "{out}{err}");
-    let task = out.split_whitespace().nth(1).unwrap().to_owned();
-    let attempt = format!("{task}-1");
+    let (task, attempt) = submit_to_opencode(&w, "Slow work").await;
     wait_for(&w, &attempt, |evs| {
         evs.iter().any(|e| e["type"] == "checkpoint")
     })
@@ -357,20 +363,7 @@ async fn a_restarted_server_reopens_the_agents_session_and_it_finishes() {
         &format!("agents_dir = \"{}\"\n", agents.display()),
     )
     .await;
-    let repo = w.repo.to_string_lossy().into_owned();
-    let (code, out, err) = w
-        .cli(&[
-            "run",
-            "Write two files",
-            "--repo",
-            &repo,
-            "--agent",
-            "opencode",
-        ])
-        .await;
-    assert_eq!(code, 0, "{out}{err}");
-    let task = out.split_whitespace().nth(1).unwrap().to_owned();
-    let attempt = format!("{task}-1");
+    let (task, attempt) = submit_to_opencode(&w, "Write two files").await;
     // The first file is written and checkpointed; the model is slow with
     // the second.
     wait_for(&w, &attempt, |evs| {
@@ -658,20 +651,7 @@ async fn a_lost_sandbox_is_rebuilt_and_the_agent_goes_on_from_the_checkpoint() {
         ),
     )
     .await;
-    let repo = w.repo.to_string_lossy().into_owned();
-    let (code, out, err) = w
-        .cli(&[
-            "run",
-            "Write two files",
-            "--repo",
-            &repo,
-            "--agent",
-            "opencode",
-        ])
-        .await;
-    assert_eq!(code, 0, "{out}{err}");
-    let task = out.split_whitespace().nth(1).unwrap().to_owned();
-    let attempt = format!("{task}-1");
+    let (task, attempt) = submit_to_opencode(&w, "Write two files").await;
     wait_for(&w, &attempt, |evs| {
         evs.iter().any(|e| e["type"] == "checkpoint")
     })

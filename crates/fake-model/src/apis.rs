@@ -4,6 +4,7 @@
 //! `tool_calls` and `tool` results, `tools` as functions); answers are
 //! rendered in the API's own format, streamed as its server-sent events.
 
+use crate::content_text;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -22,18 +23,6 @@ pub enum Api {
         /// Whether the answer is streamed.
         stream: bool,
     },
-}
-
-fn text_of(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(""),
-        _ => String::new(),
-    }
 }
 
 impl Api {
@@ -83,6 +72,23 @@ impl Api {
     }
 }
 
+/// A chat request with `messages`, offering `tools` (each named by its
+/// `name`), with `raw`'s model and stream flag.
+fn chat_request(raw: &Value, messages: Vec<Value>, tools: Option<&Value>) -> Value {
+    let tools: Vec<Value> = tools
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            let name = t.get("name")?.clone();
+            Some(json!({"type": "function", "function": {"name": name}}))
+        })
+        .collect();
+    json!({"model": raw.get("model").cloned().unwrap_or(Value::Null),
+           "stream": raw.get("stream").cloned().unwrap_or(Value::Bool(false)),
+           "messages": messages, "tools": tools})
+}
+
 /// `input` items (and `instructions`) as chat messages; consecutive
 /// `function_call`s become one assistant message's `tool_calls`.
 fn responses_to_chat(raw: &Value) -> Value {
@@ -107,7 +113,7 @@ fn responses_to_chat(raw: &Value) -> Value {
                     Some(r) => r,
                     None => "user",
                 };
-                let text = item.get("content").map(text_of).unwrap_or_default();
+                let text = item.get("content").map(content_text).unwrap_or_default();
                 messages.push(json!({"role": role, "content": text}));
             }
             "function_call" | "custom_tool_call" | "local_shell_call" => {
@@ -132,7 +138,7 @@ fn responses_to_chat(raw: &Value) -> Value {
                 }
             }
             "function_call_output" | "custom_tool_call_output" => {
-                let output = item.get("output").map(text_of).unwrap_or_default();
+                let output = item.get("output").map(content_text).unwrap_or_default();
                 messages.push(json!({"role": "tool",
                     "tool_call_id": item.get("call_id").cloned().unwrap_or(Value::Null),
                     "content": output}));
@@ -140,19 +146,7 @@ fn responses_to_chat(raw: &Value) -> Value {
             _ => {}
         }
     }
-    let tools: Vec<Value> = raw
-        .get("tools")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|t| {
-            let name = t.get("name")?.clone();
-            Some(json!({"type": "function", "function": {"name": name}}))
-        })
-        .collect();
-    json!({"model": raw.get("model").cloned().unwrap_or(Value::Null),
-           "stream": raw.get("stream").cloned().unwrap_or(Value::Bool(false)),
-           "messages": messages, "tools": tools})
+    chat_request(raw, messages, raw.get("tools"))
 }
 
 /// Anthropic messages as chat messages: `tool_use` blocks become
@@ -160,7 +154,7 @@ fn responses_to_chat(raw: &Value) -> Value {
 fn messages_to_chat(raw: &Value) -> Value {
     let mut messages: Vec<Value> = Vec::new();
     if let Some(system) = raw.get("system") {
-        messages.push(json!({"role": "system", "content": text_of(system)}));
+        messages.push(json!({"role": "system", "content": content_text(system)}));
     }
     for m in raw
         .get("messages")
@@ -185,7 +179,7 @@ fn messages_to_chat(raw: &Value) -> Value {
                                  "arguments": b.get("input").map(Value::to_string).unwrap_or_default()}})),
                 Some("tool_result") => messages.push(json!({"role": "tool",
                     "tool_call_id": b.get("tool_use_id").cloned().unwrap_or(Value::Null),
-                    "content": b.get("content").map(text_of).unwrap_or_default()})),
+                    "content": b.get("content").map(content_text).unwrap_or_default()})),
                 _ => {}
             }
         }
@@ -199,19 +193,7 @@ fn messages_to_chat(raw: &Value) -> Value {
             messages.push(json!({"role": role, "content": text}));
         }
     }
-    let tools: Vec<Value> = raw
-        .get("tools")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|t| {
-            let name = t.get("name")?.clone();
-            Some(json!({"type": "function", "function": {"name": name}}))
-        })
-        .collect();
-    json!({"model": raw.get("model").cloned().unwrap_or(Value::Null),
-           "stream": raw.get("stream").cloned().unwrap_or(Value::Bool(false)),
-           "messages": messages, "tools": tools})
+    chat_request(raw, messages, raw.get("tools"))
 }
 
 fn sse_events(events: &[(&str, Value)]) -> Response {
@@ -427,7 +409,7 @@ fn messages_reply(
 fn gemini_to_chat(raw: &Value, stream: bool) -> Value {
     let mut messages: Vec<Value> = Vec::new();
     if let Some(system) = raw.get("systemInstruction") {
-        let text = system.get("parts").map(text_of).unwrap_or_default();
+        let text = system.get("parts").map(content_text).unwrap_or_default();
         messages.push(json!({"role": "system", "content": text}));
     }
     for c in raw
@@ -476,20 +458,21 @@ fn gemini_to_chat(raw: &Value, stream: bool) -> Value {
             messages.push(json!({"role": "user", "content": text}));
         }
     }
-    let tools: Vec<Value> = raw
+    let declarations: Vec<Value> = raw
         .get("tools")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
         .filter_map(|t| t.get("functionDeclarations").and_then(Value::as_array))
         .flatten()
-        .filter_map(|d| {
-            let name = d.get("name")?.clone();
-            Some(json!({"type": "function", "function": {"name": name}}))
-        })
+        .cloned()
         .collect();
-    // The model is named in the path, not the body.
-    json!({"stream": stream, "messages": messages, "tools": tools})
+    // The model is named in the path, the stream in the method.
+    chat_request(
+        &json!({"stream": stream}),
+        messages,
+        Some(&Value::Array(declarations)),
+    )
 }
 
 fn gemini_reply(

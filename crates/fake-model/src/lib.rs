@@ -432,7 +432,7 @@ fn check(request: &Value, expect: &Expect, last_call_ids: &[String]) -> Vec<Stri
     problems
 }
 
-fn content_text(v: &Value) -> String {
+pub(crate) fn content_text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Array(parts) => parts
