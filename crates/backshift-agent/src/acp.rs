@@ -135,30 +135,51 @@ pub async fn run_acp_agent(
     journal: &dyn Journal,
     resume: AcpResume,
 ) -> AgentOutcome {
-    let generation = resume.generation.max(1);
-    let id = process_id(generation);
+    let mut generation = resume.generation.max(1);
     if generation > 1 {
         // The previous generation's exchange is lost with the connection
         // that held it; its process must not go on editing files.
         let _ = shim.kill(&process_id(generation - 1)).await;
     }
-    let spawned = shim
-        .spawn(SpawnRequest {
-            id: id.clone(),
-            argv: launch.argv.clone(),
-            cwd: Some(launch.cwd.clone()),
-            env: launch.env.clone(),
-            path_prepend: launch.path_prepend.clone(),
-            stdin_b64: None,
-            stdin_open: true,
-            timeout_ms: None,
-        })
-        .await;
-    if let Err(e) = spawned {
-        return AgentOutcome::Interrupted {
-            detail: format!("cannot start {} in the sandbox: {e}", launch.agent),
-        };
-    }
+    // A generation started before without reaching its session (the
+    // control plane died in between) is stopped and skipped: its stdin
+    // already had an exchange of its own.
+    let id = loop {
+        let id = process_id(generation);
+        let spawned = shim
+            .spawn(SpawnRequest {
+                id: id.clone(),
+                argv: launch.argv.clone(),
+                cwd: Some(launch.cwd.clone()),
+                env: launch.env.clone(),
+                path_prepend: launch.path_prepend.clone(),
+                stdin_b64: None,
+                stdin_open: true,
+                timeout_ms: None,
+            })
+            .await;
+        match spawned {
+            Ok(false) => break id,
+            Ok(true) if generation < resume.generation.max(1) + 16 => {
+                let _ = shim.kill(&id).await;
+                generation += 1;
+            }
+            Ok(true) => {
+                return AgentOutcome::Stopped {
+                    reason: FailureReason::Internal,
+                    detail: format!(
+                        "{} was started 16 times in this sandbox without opening a session",
+                        launch.agent
+                    ),
+                };
+            }
+            Err(e) => {
+                return AgentOutcome::Interrupted {
+                    detail: format!("cannot start {} in the sandbox: {e}", launch.agent),
+                };
+            }
+        }
+    };
 
     // stdout lines feed the connection; stderr is kept for a crash report.
     let (line_tx, line_rx) = mpsc::unbounded_channel::<std::io::Result<String>>();
