@@ -155,6 +155,10 @@ pub fn not_runnable(config: &crate::config::Config, name: &str) -> Option<(Strin
         ));
     }
     match recipe.name {
+        "opencode" | "codex" if config.model.base_url.is_none() => Some((
+            format!("{name} speaks the OpenAI API, and no model is configured for the model gateway"),
+            "set [model] base_url (and api_key_env) in the server's config".into(),
+        )),
         "opencode" | "codex" => None,
         "claude-code" if config.model.anthropic_base_url.is_none() => Some((
             "claude-code speaks the Anthropic messages API, and no Anthropic endpoint is configured for the model gateway".into(),

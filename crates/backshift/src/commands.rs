@@ -531,12 +531,16 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
 }
 
 /// The agents directory of the server a config (and data directory) name.
-fn agents_dir(place: &crate::AgentsPlace) -> anyhow::Result<std::path::PathBuf> {
+fn agents_config(place: &crate::AgentsPlace) -> anyhow::Result<backshift_server::Config> {
     let mut cfg = backshift_server::Config::load(place.config.as_deref())?;
     if let Some(d) = &place.data_dir {
         cfg.data_dir = Some(d.clone());
     }
-    Ok(cfg.agents_dir())
+    Ok(cfg)
+}
+
+fn agents_dir(place: &crate::AgentsPlace) -> anyhow::Result<std::path::PathBuf> {
+    Ok(agents_config(place)?.agents_dir())
 }
 
 async fn agents(command: crate::AgentsCommand) -> anyhow::Result<i32> {
@@ -560,7 +564,8 @@ async fn agents(command: crate::AgentsCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         crate::AgentsCommand::Ls { place } => {
-            let dir = agents_dir(&place)?;
+            let config = agents_config(&place)?;
+            let dir = config.agents_dir();
             let found = agents::installed(&dir);
             if found.is_empty() {
                 println!(
@@ -569,11 +574,19 @@ async fn agents(command: crate::AgentsCommand) -> anyhow::Result<i32> {
                 );
                 return Ok(0);
             }
-            println!("{:<12} {:<12} {:<34} NODE", "AGENT", "VERSION", "PACKAGE");
+            println!(
+                "{:<12} {:<12} {:<34} {:<10} TASKS",
+                "AGENT", "VERSION", "PACKAGE", "NODE"
+            );
             for a in found {
                 let m = a.manifest;
+                // Whether this server's config lets it take tasks.
+                let tasks = match agents::not_runnable(&config, &m.name) {
+                    None => format!("ready (--agent {})", m.name),
+                    Some((why, fix)) => format!("not ready: {why}; {fix}"),
+                };
                 println!(
-                    "{:<12} {:<12} {:<34} {}",
+                    "{:<12} {:<12} {:<34} {:<10} {tasks}",
                     m.name,
                     m.version,
                     m.package,

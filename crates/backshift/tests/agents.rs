@@ -28,6 +28,13 @@ async fn installed_agents_are_listed_and_run_in_the_sandbox_read_only() {
         listing.contains("opencode") && listing.contains(version),
         "{listing}"
     );
+    // Without a server config naming a model, no agent can take tasks,
+    // and the listing says what to set.
+    assert!(
+        listing.contains("not ready: opencode speaks the OpenAI API")
+            && listing.contains("set [model] base_url"),
+        "{listing}"
+    );
 
     let repo = w.repo.to_string_lossy().into_owned();
     let script = "echo \"version $(opencode --version)\"; touch /.backshift/agents/opencode/x 2>/dev/null && echo writable || echo read-only";
