@@ -243,6 +243,39 @@ async fn agents_that_cannot_run_are_refused_at_submission() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_model_api_has_no_endpoint_is_refused_at_submission() {
+    let agents = testkit::agents_dir(&["claude-code"]);
+    let w = World::start(
+        Some(common::script(json!({"steps": []}))),
+        &format!("agents_dir = \"{}\"\n", agents.display()),
+    )
+    .await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, body) = w
+        .api(
+            Method::POST,
+            "/api/v1/tasks",
+            Some(json!({"prompt": "x", "repo": repo, "agent": "claude-code"})),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["error"]["code"], "agent_unavailable", "{body}");
+    assert!(
+        body["error"]["hint"]
+            .as_str()
+            .unwrap()
+            .contains("anthropic_base_url"),
+        "{body}"
+    );
+    let (_, tasks) = w.api(Method::GET, "/api/v1/tasks", None).await;
+    assert_eq!(
+        tasks.as_array().map(Vec::len),
+        Some(0),
+        "nothing was created: {tasks}"
+    );
+}
+
 /// Submits a task for OpenCode without waiting: its task and attempt ids.
 async fn submit_to_opencode(w: &World, prompt: &str) -> (String, String) {
     let repo = w.repo.to_string_lossy().into_owned();
