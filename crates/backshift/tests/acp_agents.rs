@@ -745,3 +745,42 @@ async fn an_agent_over_its_tool_call_limit_is_cancelled_and_fails_max_turns() {
     let evs = w.events(&format!("{task}-1")).await;
     assert_eq!(of_type(&evs, "agent_finished").len(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_over_its_token_budget_is_stopped_budget_exhausted() {
+    let agents = testkit::agents_dir(&["opencode"]);
+    let script = common::script(json!({
+        "untooled": {"content": "Budget"},
+        "steps": [
+            {"reply": {"tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/a.txt", "content": "a\n"}}]}},
+            {"reply": {"content": "never reached"}}
+        ]
+    }));
+    let w = World::start(
+        Some(script),
+        &format!("agents_dir = \"{}\"\n", agents.display()),
+    )
+    .await;
+    // OpenCode's first real request alone is several thousand tokens.
+    let (task, view) = w
+        .run_task(
+            "Write a file",
+            &["--agent", "opencode", "--max-tokens", "3000"],
+        )
+        .await;
+    let attempt = &view["attempts"][0];
+    assert_eq!(attempt["state"], "failed", "{view}");
+    assert_eq!(attempt["reason"], "budget_exhausted", "{view}");
+    let evs = w.events(&format!("{task}-1")).await;
+    let refused: Vec<&Value> = of_type(&evs, "model_call")
+        .into_iter()
+        .filter(|c| c["status"] == 429)
+        .collect();
+    assert!(!refused.is_empty(), "the gateway refused a call");
+    assert_eq!(
+        w.fake.as_ref().unwrap().remaining(),
+        1,
+        "the call over budget never reached the model"
+    );
+    assert_eq!(of_type(&evs, "agent_finished").len(), 0);
+}
