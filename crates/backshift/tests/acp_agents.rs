@@ -199,6 +199,21 @@ async fn an_agent_that_dies_early_ends_agent_crashed_with_its_stderr() {
     );
 }
 
+/// Submits a task for `agent` through the API, which must refuse it
+/// with 400; the error.
+async fn refused(w: &World, agent: &str) -> Value {
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, body) = w
+        .api(
+            Method::POST,
+            "/api/v1/tasks",
+            Some(json!({"prompt": "x", "repo": repo, "agent": agent})),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    body["error"].clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_that_cannot_run_are_refused_at_submission() {
     let scratch = tempfile::tempdir().unwrap();
@@ -209,64 +224,35 @@ async fn agents_that_cannot_run_are_refused_at_submission() {
         &format!("agents_dir = \"{}\"\n", empty.display()),
     )
     .await;
-    let repo = w.repo.to_string_lossy().into_owned();
-    let (code, body) = w
-        .api(
-            Method::POST,
-            "/api/v1/tasks",
-            Some(json!({"prompt": "x", "repo": repo, "agent": "opencode"})),
-        )
-        .await;
-    assert_eq!(code, 400, "{body}");
-    assert_eq!(body["error"]["code"], "agent_unavailable", "{body}");
+    let error = refused(&w, "opencode").await;
+    assert_eq!(error["code"], "agent_unavailable", "{error}");
+    let hint = error["hint"].as_str().unwrap();
     assert!(
-        body["error"]["hint"]
-            .as_str()
-            .unwrap()
-            .contains("backshift agents install opencode"),
-        "{body}"
+        hint.contains("backshift agents install opencode"),
+        "{error}"
     );
-    let (code, body) = w
-        .api(
-            Method::POST,
-            "/api/v1/tasks",
-            Some(json!({"prompt": "x", "repo": repo, "agent": "emacs"})),
-        )
-        .await;
-    assert_eq!(code, 400, "{body}");
+    let error = refused(&w, "emacs").await;
+    let message = error["message"].as_str().unwrap();
     assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("opencode, claude-code, codex, gemini"),
-        "{body}"
+        message.contains("opencode, claude-code, codex, gemini"),
+        "{error}"
     );
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_whose_model_api_has_no_endpoint_is_refused_at_submission() {
+    // Installed, but the model API it speaks has no endpoint.
     let agents = testkit::agents_dir(&["claude-code"]);
     let w = World::start(
         Some(common::script(json!({"steps": []}))),
         &format!("agents_dir = \"{}\"\n", agents.display()),
     )
     .await;
-    let repo = w.repo.to_string_lossy().into_owned();
-    let (code, body) = w
-        .api(
-            Method::POST,
-            "/api/v1/tasks",
-            Some(json!({"prompt": "x", "repo": repo, "agent": "claude-code"})),
-        )
-        .await;
-    assert_eq!(code, 400, "{body}");
-    assert_eq!(body["error"]["code"], "agent_unavailable", "{body}");
+    let error = refused(&w, "claude-code").await;
+    assert_eq!(error["code"], "agent_unavailable", "{error}");
     assert!(
-        body["error"]["hint"]
+        error["hint"]
             .as_str()
             .unwrap()
             .contains("anthropic_base_url"),
-        "{body}"
+        "{error}"
     );
     let (_, tasks) = w.api(Method::GET, "/api/v1/tasks", None).await;
     assert_eq!(

@@ -217,6 +217,16 @@ fn call_parts(call: &Value) -> (Value, Value, String) {
     )
 }
 
+/// A call's id, name and arguments as JSON (`{}` when they are not).
+fn call_input(call: &Value) -> (Value, Value, Value) {
+    let (id, name, args) = call_parts(call);
+    (
+        id,
+        name,
+        serde_json::from_str(&args).unwrap_or_else(|_| json!({})),
+    )
+}
+
 fn responses_reply(
     model: &str,
     content: Option<&str>,
@@ -346,8 +356,7 @@ fn messages_reply(
         blocks.push(json!({"type": "text", "text": text}));
     }
     for call in calls {
-        let (id, name, args) = call_parts(call);
-        let input: Value = serde_json::from_str(&args).unwrap_or_else(|_| json!({}));
+        let (id, name, input) = call_input(call);
         blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
     }
     let message = |content: Value, stop: Value, out: u64| {
@@ -503,8 +512,7 @@ fn gemini_reply(
     let call_parts: Vec<Value> = calls
         .iter()
         .map(|call| {
-            let (id, name, args) = call_parts(call);
-            let args: Value = serde_json::from_str(&args).unwrap_or_else(|_| json!({}));
+            let (id, name, args) = call_input(call);
             json!({"functionCall": {"id": id, "name": name, "args": args}})
         })
         .collect();
