@@ -1271,14 +1271,18 @@ async fn acp_setup(
             format!("{why}; {fix}"),
         ));
     }
-    let installed = crate::agents::find_installed(&dir, name).ok_or_else(|| {
-        Failure(
-            FailureReason::AgentCrashed,
-            format!("{name} is not installed"),
-        )
-    })?;
+    let all = crate::agents::installed(&dir);
+    let installed = all
+        .iter()
+        .find(|a| a.manifest.name == name)
+        .ok_or_else(|| {
+            Failure(
+                FailureReason::AgentCrashed,
+                format!("{name} is not installed"),
+            )
+        })?;
     let (argv, env) = crate::agents::launch(
-        &installed,
+        installed,
         shim_dir,
         &crate::agents::AgentSetup {
             model: &app.config.model.model,
@@ -1307,10 +1311,7 @@ async fn acp_setup(
         agent: name.to_owned(),
         argv,
         env,
-        path_prepend: crate::agents::installed(&dir)
-            .iter()
-            .map(|a| a.sandbox_bin_dir())
-            .collect(),
+        path_prepend: all.iter().map(|a| a.sandbox_bin_dir()).collect(),
         cwd: WORKDIR.into(),
         permissions: match app.config.agents.permission_policy {
             PermissionPolicySetting::Allow => PermissionPolicy::Allow,

@@ -154,6 +154,19 @@ pub struct ModelSection {
 }
 
 impl ModelSection {
+    /// The key in the server's environment variable `var` (named by
+    /// config key `key`), when one is named.
+    pub fn key_from_env(var: Option<&str>, key: &str) -> Result<Option<String>, String> {
+        var.map(|var| {
+            std::env::var(var).map_err(|_| {
+                format!(
+                    "the key variable {var} ([model] {key}) is not set in the server's environment"
+                )
+            })
+        })
+        .transpose()
+    }
+
     /// The prices, when both are configured.
     pub fn prices(&self) -> Option<backshift_protocol::Prices> {
         Some(backshift_protocol::Prices {

@@ -260,39 +260,48 @@ fn upstream(app: &App, api: Api) -> Result<Upstream, String> {
         }
         Api::Messages => {
             let m = &app.config.model;
-            let base_url = m.anthropic_base_url.clone().ok_or_else(|| {
-                "no Anthropic endpoint is configured: set [model] anthropic_base_url (and anthropic_model, anthropic_api_key_env) in the server's config".to_owned()
-            })?;
-            let key = match &m.anthropic_api_key_env {
-                Some(var) => Some(std::env::var(var).map_err(|_| {
-                    format!("the Anthropic key variable {var} ([model] anthropic_api_key_env) is not set in the server's environment")
-                })?),
-                None => None,
-            };
-            Ok(Upstream {
-                base_url,
-                model: m.anthropic_model.clone().unwrap_or_else(|| m.model.clone()),
-                key,
-            })
+            other_upstream(
+                m,
+                "Anthropic",
+                "anthropic",
+                m.anthropic_base_url.as_deref(),
+                m.anthropic_model.as_deref(),
+                m.anthropic_api_key_env.as_deref(),
+            )
         }
         Api::Gemini { .. } => {
             let m = &app.config.model;
-            let base_url = m.gemini_base_url.clone().ok_or_else(|| {
-                "no Gemini endpoint is configured: set [model] gemini_base_url (and gemini_model, gemini_api_key_env) in the server's config".to_owned()
-            })?;
-            let key = match &m.gemini_api_key_env {
-                Some(var) => Some(std::env::var(var).map_err(|_| {
-                    format!("the Gemini key variable {var} ([model] gemini_api_key_env) is not set in the server's environment")
-                })?),
-                None => None,
-            };
-            Ok(Upstream {
-                base_url,
-                model: m.gemini_model.clone().unwrap_or_else(|| m.model.clone()),
-                key,
-            })
+            other_upstream(
+                m,
+                "Gemini",
+                "gemini",
+                m.gemini_base_url.as_deref(),
+                m.gemini_model.as_deref(),
+                m.gemini_api_key_env.as_deref(),
+            )
         }
     }
+}
+
+/// The upstream of an API configured by `[model] <prefix>_base_url`,
+/// `<prefix>_model` (the main model when absent) and
+/// `<prefix>_api_key_env`.
+fn other_upstream(
+    m: &crate::config::ModelSection,
+    what: &str,
+    prefix: &str,
+    base_url: Option<&str>,
+    model: Option<&str>,
+    key_env: Option<&str>,
+) -> Result<Upstream, String> {
+    let base_url = base_url.ok_or_else(|| {
+        format!("no {what} endpoint is configured: set [model] {prefix}_base_url (and {prefix}_model, {prefix}_api_key_env) in the server's config")
+    })?;
+    Ok(Upstream {
+        base_url: base_url.to_owned(),
+        model: model.unwrap_or(&m.model).to_owned(),
+        key: crate::config::ModelSection::key_from_env(key_env, &format!("{prefix}_api_key_env"))?,
+    })
 }
 
 /// Adds what one JSON body or stream event says about tokens to `u`:

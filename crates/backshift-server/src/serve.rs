@@ -64,12 +64,8 @@ impl App {
         let base_url = m.base_url.clone().ok_or_else(|| {
             "no model is configured: set [model] base_url in the config file (or BACKSHIFT_MODEL__BASE_URL)".to_owned()
         })?;
-        let api_key = match &m.api_key_env {
-            Some(var) => Some(std::env::var(var).map_err(|_| {
-                format!("the model API key variable {var} ([model] api_key_env) is not set in the server's environment")
-            })?),
-            None => None,
-        };
+        let api_key =
+            crate::config::ModelSection::key_from_env(m.api_key_env.as_deref(), "api_key_env")?;
         Ok(ModelConfig {
             base_url,
             model: m.model.clone(),

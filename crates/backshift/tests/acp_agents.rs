@@ -262,6 +262,17 @@ async fn agents_that_cannot_run_are_refused_at_submission() {
     );
 }
 
+/// A server whose agents are the tests' (OpenCode among them), its
+/// model scripted by `script`.
+async fn with_opencode(script: Value) -> World {
+    let agents = testkit::agents_dir(&["opencode"]);
+    World::start(
+        Some(common::script(script)),
+        &format!("agents_dir = \"{}\"\n", agents.display()),
+    )
+    .await
+}
+
 /// Submits a task for OpenCode without waiting: its task and attempt ids.
 async fn submit_to_opencode(w: &World, prompt: &str) -> (String, String) {
     let repo = w.repo.to_string_lossy().into_owned();
@@ -329,19 +340,13 @@ async fn a_denying_policy_rejects_what_the_agent_asks_and_it_carries_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_asks_the_agent_to_stop_its_turn() {
-    let agents = testkit::agents_dir(&["opencode"]);
-    let script = common::script(json!({
+    let w = with_opencode(json!({
         "untooled": {"content": "Slow work"},
         "steps": [
             {"reply": {"tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/a.txt", "content": "a\n"}}]}},
             {"reply": {"delay_ms": 60000, "content": "too late"}}
         ]
-    }));
-    let w = World::start(
-        Some(script),
-        &format!("agents_dir = \"{}\"\n", agents.display()),
-    )
-    .await;
+    })).await;
     let (task, attempt) = submit_to_opencode(&w, "Slow work").await;
     wait_for(&w, &attempt, |evs| {
         evs.iter().any(|e| e["type"] == "checkpoint")
@@ -364,10 +369,9 @@ async fn cancelling_asks_the_agent_to_stop_its_turn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_server_reopens_the_agents_session_and_it_finishes() {
-    let agents = testkit::agents_dir(&["opencode"]);
     // By conversation state: the reopened session asks again from where
     // its history stands.
-    let script = common::script(json!({
+    let mut w = with_opencode(json!({
         "mode": "turn",
         "untooled": {"content": "Two files"},
         "steps": [
@@ -376,11 +380,7 @@ async fn a_restarted_server_reopens_the_agents_session_and_it_finishes() {
             {"reply": {"content": "Both files are written."}},
             {"reply": {"content": "Both files are written."}}
         ]
-    }));
-    let mut w = World::start(
-        Some(script),
-        &format!("agents_dir = \"{}\"\n", agents.display()),
-    )
+    }))
     .await;
     let (task, attempt) = submit_to_opencode(&w, "Write two files").await;
     // The first file is written and checkpointed; the model is slow with
@@ -701,20 +701,14 @@ async fn a_lost_sandbox_is_rebuilt_and_the_agent_goes_on_from_the_checkpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_over_its_tool_call_limit_is_cancelled_and_fails_max_turns() {
-    let agents = testkit::agents_dir(&["opencode"]);
-    let script = common::script(json!({
+    let w = with_opencode(json!({
         "untooled": {"content": "Many files"},
         "steps": [
             {"reply": {"tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/a.txt", "content": "a\n"}}]}},
             {"reply": {"tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/b.txt", "content": "b\n"}}]}},
             {"reply": {"delay_ms": 5000, "content": "Done."}}
         ]
-    }));
-    let w = World::start(
-        Some(script),
-        &format!("agents_dir = \"{}\"\n", agents.display()),
-    )
-    .await;
+    })).await;
     let (task, view) = w
         .run_task("Write files", &["--agent", "opencode", "--max-turns", "1"])
         .await;
@@ -734,19 +728,13 @@ async fn an_agent_over_its_tool_call_limit_is_cancelled_and_fails_max_turns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_over_its_token_budget_is_stopped_budget_exhausted() {
-    let agents = testkit::agents_dir(&["opencode"]);
-    let script = common::script(json!({
+    let w = with_opencode(json!({
         "untooled": {"content": "Budget"},
         "steps": [
             {"reply": {"tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/a.txt", "content": "a\n"}}]}},
             {"reply": {"content": "never reached"}}
         ]
-    }));
-    let w = World::start(
-        Some(script),
-        &format!("agents_dir = \"{}\"\n", agents.display()),
-    )
-    .await;
+    })).await;
     // OpenCode's first real request alone is several thousand tokens.
     let (task, view) = w
         .run_task(
