@@ -8,6 +8,7 @@
 pub mod deadlines;
 pub mod ids;
 pub mod limits;
+pub mod policy;
 pub mod slug;
 pub mod state;
 

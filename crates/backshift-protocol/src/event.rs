@@ -314,6 +314,32 @@ pub enum EventKind {
         /// Why.
         reason: String,
     },
+    /// The sandbox asked the egress proxy for a connection, and what
+    /// became of it.
+    Egress {
+        /// The host as the sandbox named it.
+        host: String,
+        /// The port.
+        port: u16,
+        /// The method of a plain HTTP request; absent for a tunnel
+        /// (`CONNECT`, how HTTPS goes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        method: Option<String>,
+        /// The path of a plain HTTP request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+        /// `allowed` (connected), `denied` (by policy or a person), or
+        /// `failed` (allowed, but refused by address or unreachable).
+        decision: String,
+        /// The rule or approval that decided; absent when the default did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rule: Option<String>,
+        /// Why, in words.
+        reason: String,
+        /// The address connected to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<String>,
+    },
     /// The sandbox's filesystem was saved as an image (after a
     /// checkpoint): a rebuilt sandbox starts from it.
     Snapshot {
@@ -350,6 +376,7 @@ impl EventKind {
             EventKind::Plan { .. } => "plan",
             EventKind::FileDiff { .. } => "file_diff",
             EventKind::PermissionDecision { .. } => "permission_decision",
+            EventKind::Egress { .. } => "egress",
         }
     }
 }

@@ -67,8 +67,9 @@ struct Run {
     sandbox: Option<(Arc<dyn SandboxDriver>, SandboxId)>,
     /// The sandbox's shim directory on the host.
     shim_dir: Option<PathBuf>,
-    /// The sandbox's model gateway, served while the runner runs.
-    gateway: Option<crate::gateway::Gateway>,
+    /// The sandbox's model gateway and egress proxy, served while the
+    /// runner runs.
+    endpoints: Option<Endpoints>,
 }
 
 impl Run {
@@ -111,7 +112,7 @@ impl Run {
 
     /// Removes the sandbox (if any) and its shim directory.
     async fn discard_sandbox(&mut self) {
-        self.gateway = None;
+        self.endpoints = None;
         if let Some((driver, id)) = self.sandbox.take()
             && let Err(e) = driver.destroy(&id).await
         {
@@ -182,7 +183,7 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         task,
         sandbox: None,
         shim_dir: None,
-        gateway: None,
+        endpoints: None,
     };
     let begun = if run.state == AttemptState::Queued {
         run.step(Transition::Start, None).await
@@ -795,16 +796,35 @@ async fn adopt(run: &mut Run) -> Result<bool, Halt> {
             return Ok(false);
         }
     }
-    let gateway = crate::gateway::start(app.clone(), &run.attempt.id, &dir).map_err(|e| {
-        Failure(
-            FailureReason::SandboxFailed,
-            format!("cannot serve the model gateway in {}: {e}", dir.display()),
-        )
-    })?;
-    run.gateway = Some(gateway);
+    run.endpoints = Some(Endpoints::start(&app, &run.attempt.id, &dir)?);
     run.sandbox = Some((driver, id));
     run.shim_dir = Some(dir);
     Ok(true)
+}
+
+/// What the control plane serves a sandbox on sockets in its shim
+/// directory: the model gateway and the egress proxy. Both stop when this
+/// is dropped.
+struct Endpoints {
+    _gateway: crate::gateway::Gateway,
+    _egress: crate::egress::Egress,
+}
+
+impl Endpoints {
+    fn start(app: &Arc<App>, attempt: &str, dir: &std::path::Path) -> Result<Self, Failure> {
+        let failed = |what: &str, e: std::io::Error| {
+            Failure(
+                FailureReason::SandboxFailed,
+                format!("cannot serve the {what} in {}: {e}", dir.display()),
+            )
+        };
+        Ok(Endpoints {
+            _gateway: crate::gateway::start(app.clone(), attempt, dir)
+                .map_err(|e| failed("model gateway", e))?,
+            _egress: crate::egress::start(app.clone(), attempt, dir)
+                .map_err(|e| failed("egress proxy", e))?,
+        })
+    }
 }
 
 /// Creates the sandbox, from `snapshot` when given (a rebuild that keeps
@@ -879,7 +899,11 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
             ("BACKSHIFT_MODEL_URL".into(), gateway),
             ("BACKSHIFT_MODEL_TOKEN".into(), token),
             ("BACKSHIFT_MODEL".into(), app.config.model.model.clone()),
-        ],
+        ]
+        .into_iter()
+        // The network, through the egress proxy.
+        .chain(crate::egress::sandbox_env())
+        .collect(),
         mounts: [
             Mount {
                 host: app.shim_binary.clone(),
@@ -933,17 +957,7 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
         .await;
     run.sandbox = Some((driver, id.clone()));
     run.shim_dir = Some(shim_dir.clone());
-    run.gateway = Some(
-        crate::gateway::start(app.clone(), &run.attempt.id, &shim_dir).map_err(|e| {
-            Failure(
-                FailureReason::SandboxFailed,
-                format!(
-                    "cannot serve the model gateway in {}: {e}",
-                    shim_dir.display()
-                ),
-            )
-        })?,
-    );
+    run.endpoints = Some(Endpoints::start(&app, &run.attempt.id, &shim_dir)?);
     if let Err(e) = ShimClient::new(&shim_dir)
         .wait_ready(Duration::from_secs(15))
         .await

@@ -50,6 +50,59 @@ pub struct Config {
     pub deadlines: Deadlines,
     /// Identity of the commits backshift makes.
     pub git: GitSection,
+    /// What sandboxes may reach through the egress proxy.
+    pub egress: EgressSection,
+}
+
+/// `[egress]`: the server's egress policy. Sandboxes have no network;
+/// their only way out is backshift's proxy, which decides each request by
+/// these rules (deny wins over ask, ask over allow; `default` when none
+/// matches).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressSection {
+    /// What happens to a request no rule matches: `deny` (the default),
+    /// `ask` or `allow`.
+    pub default: backshift_core::policy::Action,
+    /// The rules (`[[egress.rules]]`: `host`, `action`, and optionally
+    /// `ports`, `methods`, `path_prefix`).
+    pub rules: Vec<backshift_core::policy::Rule>,
+    /// Names the proxy resolves to fixed addresses (for it only, like
+    /// `/etc/hosts`).
+    pub hosts: std::collections::BTreeMap<String, std::net::IpAddr>,
+    /// Private networks the proxy may connect to, as CIDRs (loopback,
+    /// RFC 1918 and unique-local addresses are refused otherwise, even for
+    /// an allowed name; link-local addresses always are).
+    pub allow_networks: Vec<ipnet::IpNet>,
+    /// How long a request that asks waits for a person's answer before it
+    /// is denied.
+    pub ask_timeout_secs: u64,
+}
+
+impl Default for EgressSection {
+    fn default() -> Self {
+        EgressSection {
+            default: backshift_core::policy::Action::Deny,
+            rules: Vec::new(),
+            hosts: Default::default(),
+            allow_networks: Vec::new(),
+            ask_timeout_secs: 300,
+        }
+    }
+}
+
+impl EgressSection {
+    /// The proxy's view of the network.
+    pub fn network(&self) -> backshift_egress::Network {
+        backshift_egress::Network {
+            hosts: self
+                .hosts
+                .iter()
+                .map(|(k, v)| (k.trim_end_matches('.').to_ascii_lowercase(), *v))
+                .collect(),
+            allow_networks: self.allow_networks.clone(),
+        }
+    }
 }
 
 /// `[agents]`.
@@ -203,6 +256,7 @@ impl Default for Config {
             limits: Limits::default(),
             deadlines: Deadlines::default(),
             git: GitSection::default(),
+            egress: EgressSection::default(),
         }
     }
 }
@@ -270,9 +324,15 @@ impl Config {
             "CONFIG",
             "LOG",
         ]));
-        figment
+        let config: Config = figment
             .extract()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        for (i, rule) in config.egress.rules.iter().enumerate() {
+            rule.check().map_err(|e| {
+                anyhow::anyhow!("invalid configuration: [egress] rule {}: {e}", i + 1)
+            })?;
+        }
+        Ok(config)
     }
 
     /// The data directory in effect.
@@ -353,6 +413,34 @@ mod tests {
         c.sandbox.pull = PullPolicy::Never;
         assert!(!c.pulls_image());
         assert!(c.missing_image_fix().contains("docker load"));
+    }
+
+    #[test]
+    fn egress_rules_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[egress]\ndefault = \"ask\"\nallow_networks = [\"10.0.0.0/8\"]\nhosts = { \"pkg.invalid\" = \"10.1.2.3\" }\n[[egress.rules]]\nhost = \"*.pkg.invalid\"\nports = [443]\naction = \"allow\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file)).unwrap();
+        assert_eq!(c.egress.default, backshift_core::policy::Action::Ask);
+        assert_eq!(c.egress.rules[0].ports, vec![443]);
+        assert_eq!(
+            c.egress.network().hosts["pkg.invalid"].to_string(),
+            "10.1.2.3"
+        );
+        std::fs::write(
+            &file,
+            "[[egress.rules]]\nhost = \"a*.invalid\"\naction = \"allow\"\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(
+            e.contains("[egress] rule 1") && e.contains("a*.invalid"),
+            "{e}"
+        );
     }
 
     #[test]

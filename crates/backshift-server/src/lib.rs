@@ -12,6 +12,7 @@ pub mod attempt;
 pub mod auth;
 pub mod checkpoint;
 pub mod config;
+pub mod egress;
 pub mod events;
 pub mod gateway;
 pub mod serve;

@@ -24,6 +24,12 @@ pub const GATEWAY_SOCKET: &str = "gateway.sock";
 /// The loopback port inside the sandbox where the shim forwards to the
 /// model gateway: the sandbox has no network, only this.
 pub const GATEWAY_PORT: u16 = 47011;
+/// The egress proxy's socket in the shim's directory (the control plane
+/// listens on it).
+pub const EGRESS_SOCKET: &str = "egress.sock";
+/// The loopback port inside the sandbox where the shim forwards to the
+/// egress proxy: the sandbox's only way to the network.
+pub const EGRESS_PORT: u16 = 47012;
 
 /// What a connection asks for.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

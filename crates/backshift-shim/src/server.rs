@@ -115,17 +115,32 @@ pub async fn forward(listener: tokio::net::TcpListener, to: PathBuf) -> std::io:
 }
 
 /// Runs the shim in `dir`: creates the journal and the socket there and
-/// serves until the process is killed, forwarding loopback port
-/// [`crate::proto::GATEWAY_PORT`] to the gateway's socket in `dir`.
+/// serves until the process is killed, forwarding loopback ports
+/// [`crate::proto::GATEWAY_PORT`] and [`crate::proto::EGRESS_PORT`] to the
+/// model gateway's and the egress proxy's sockets in `dir`.
 pub async fn serve(dir: &Path) -> std::io::Result<()> {
-    let gateway = std::net::SocketAddr::from(([127, 0, 0, 1], crate::proto::GATEWAY_PORT));
-    let to = dir.join(crate::proto::GATEWAY_SOCKET);
-    let listener = tokio::net::TcpListener::bind(gateway).await?;
-    tokio::spawn(async move {
-        if let Err(e) = forward(listener, to).await {
-            tracing::error!("the gateway forward stopped: {e}");
-        }
-    });
+    for (port, socket, what) in [
+        (
+            crate::proto::GATEWAY_PORT,
+            crate::proto::GATEWAY_SOCKET,
+            "model gateway",
+        ),
+        (
+            crate::proto::EGRESS_PORT,
+            crate::proto::EGRESS_SOCKET,
+            "egress proxy",
+        ),
+    ] {
+        let listener =
+            tokio::net::TcpListener::bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                .await?;
+        let to = dir.join(socket);
+        tokio::spawn(async move {
+            if let Err(e) = forward(listener, to).await {
+                tracing::error!("the {what} forward stopped: {e}");
+            }
+        });
+    }
     serve_commands(dir).await
 }
 

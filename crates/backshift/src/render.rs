@@ -214,6 +214,26 @@ pub fn event_lines(e: &Event) -> String {
         } => line(format!(
             "? permission for {title}: {decision} by {by} ({reason})"
         )),
+        EventKind::Egress {
+            host,
+            port,
+            method,
+            path,
+            decision,
+            rule,
+            reason,
+            ..
+        } => {
+            let what = match (method, path) {
+                (Some(m), Some(p)) => format!("{m} http://{host}:{port}{p}"),
+                _ => format!("CONNECT {host}:{port}"),
+            };
+            let by = rule
+                .as_deref()
+                .map(|r| format!(" by {r}"))
+                .unwrap_or_default();
+            line(format!("⇄ egress {what}: {decision}{by} ({reason})"))
+        }
     }
 }
 

@@ -1,0 +1,134 @@
+//! Each sandbox's egress proxy (`backshift-egress`), decided by the
+//! server's `[egress]` policy, every decision an `egress` event on the
+//! attempt.
+//!
+//! The proxy listens on `egress.sock` in the sandbox's shim directory; the
+//! shim carries loopback port [`PROXY_PORT`] inside the sandbox to it, and
+//! the sandbox's proxy variables point there. The sandbox has no network
+//! of its own, so there is no other way out.
+
+use crate::serve::App;
+use backshift_core::policy::{self, Action, Origin};
+use backshift_egress::{Attempted, Decider, Outcome, Verdict};
+use backshift_protocol::EventKind;
+use backshift_shim::proto::{EGRESS_PORT as PROXY_PORT, EGRESS_SOCKET as PROXY_SOCKET};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The proxy's URL as tools inside the sandbox see it.
+pub fn proxy_url_in_sandbox() -> String {
+    format!("http://127.0.0.1:{PROXY_PORT}")
+}
+
+/// The environment that points a sandbox's tools at the proxy: the
+/// standard variables in both cases (curl, git, pip, cargo, npm read
+/// them), Node's opt-in, and the loopback exceptions (the model gateway).
+pub fn sandbox_env() -> Vec<(String, String)> {
+    let url = proxy_url_in_sandbox();
+    let no_proxy = "127.0.0.1,localhost,::1".to_owned();
+    [
+        ("HTTP_PROXY", url.clone()),
+        ("HTTPS_PROXY", url.clone()),
+        ("http_proxy", url.clone()),
+        ("https_proxy", url),
+        ("NO_PROXY", no_proxy.clone()),
+        ("no_proxy", no_proxy),
+        ("NODE_USE_ENV_PROXY", "1".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// A sandbox's proxy; it stops when this is dropped.
+pub struct Egress {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Egress {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves `attempt`'s proxy on the socket in its shim directory `dir`.
+pub fn start(app: Arc<App>, attempt: &str, dir: &Path) -> std::io::Result<Egress> {
+    let path = dir.join(PROXY_SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    // The shim (the sandbox's user) connects to it.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+    let network = Arc::new(app.config.egress.network());
+    let decider = Arc::new(AttemptPolicy {
+        app,
+        attempt: attempt.to_owned(),
+    });
+    let task = tokio::spawn(backshift_egress::serve(listener, decider, network));
+    Ok(Egress { task })
+}
+
+/// The policy of one attempt's sandbox.
+struct AttemptPolicy {
+    app: Arc<App>,
+    attempt: String,
+}
+
+#[async_trait::async_trait]
+impl Decider for AttemptPolicy {
+    async fn decide(&self, req: &Attempted) -> Verdict {
+        let egress = &self.app.config.egress;
+        let decision = policy::evaluate(
+            &[(Origin::Server, &egress.rules[..])],
+            egress.default,
+            &req.as_policy(),
+        );
+        let by = decision
+            .rule
+            .clone()
+            .unwrap_or_else(|| format!("the default ({})", egress.default));
+        match decision.action {
+            Action::Allow => Verdict {
+                allow: true,
+                rule: decision.rule,
+                reason: format!("allowed by {by}"),
+            },
+            Action::Deny | Action::Ask => Verdict {
+                allow: false,
+                reason: match &decision.rule {
+                    Some(rule) => format!("denied by {rule}"),
+                    None => format!(
+                        "no egress rule allows {}:{}, and the default is {}",
+                        req.host, req.port, egress.default
+                    ),
+                },
+                rule: decision.rule,
+            },
+        }
+    }
+
+    async fn record(&self, req: &Attempted, verdict: &Verdict, outcome: &Outcome) {
+        let (decision, reason, address) = match outcome {
+            Outcome::Denied => ("denied", verdict.reason.clone(), None),
+            Outcome::Connected(addr) => ("allowed", verdict.reason.clone(), Some(addr.to_string())),
+            Outcome::Failed(why) => ("failed", format!("{}; but {why}", verdict.reason), None),
+        };
+        let (method, path) = match &req.http {
+            Some((m, p)) => (Some(m.clone()), Some(p.clone())),
+            None => (None, None),
+        };
+        let event = EventKind::Egress {
+            host: req.host.clone(),
+            port: req.port,
+            method,
+            path,
+            decision: decision.into(),
+            rule: verdict.rule.clone(),
+            reason,
+            address,
+        };
+        if let Err(e) = self.app.hub.emit(&self.attempt, event).await {
+            tracing::warn!(attempt = %self.attempt, "cannot record an egress decision: {e}");
+        }
+    }
+}
