@@ -125,6 +125,93 @@ pub struct TaskCreated {
     pub attempts: Vec<String>,
 }
 
+/// A decision a person is asked for: an egress request an `ask` rule
+/// holds, or an agent's permission request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ApprovalView {
+    /// Its id (`backshift approve ID`).
+    pub id: String,
+    /// The task.
+    pub task_id: String,
+    /// The attempt that asked.
+    pub attempt_id: String,
+    /// `egress` or `permission`.
+    pub kind: String,
+    /// What is asked, in one line (`CONNECT pypi.example:443`).
+    pub summary: String,
+    /// Details, kind-specific (egress: host, port, method, path).
+    #[schema(value_type = Object)]
+    pub subject: serde_json::Value,
+    /// `pending`, `approved`, `denied` or `expired`.
+    pub state: String,
+    /// For an approval: `once`, `task` or `project`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// Who answered (an API token's name; `timeout` when nobody did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_by: Option<String>,
+    /// Why, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When it was asked (RFC 3339).
+    pub created_at: String,
+    /// When it is denied unless answered.
+    pub expires_at: String,
+    /// When it was answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_at: Option<String>,
+}
+
+/// `POST /api/v1/approvals/{id}`: the answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerApproval {
+    /// `approve` or `deny`.
+    pub decision: Decision,
+    /// How far an approval reaches: `once` (this request; the default),
+    /// `task` (the same request from any attempt of this task) or
+    /// `project` (from any task of the project, from now on).
+    #[serde(default)]
+    pub scope: Scope,
+    /// Why (kept on the record, and told to the agent on a denial).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// See [`AnswerApproval`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Let it go.
+    Approve,
+    /// Refuse it.
+    Deny,
+}
+
+/// See [`AnswerApproval`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// This request only.
+    #[default]
+    Once,
+    /// The same request from this task's attempts.
+    Task,
+    /// The same request from any task of the project.
+    Project,
+}
+
+impl Scope {
+    /// Its name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Once => "once",
+            Scope::Task => "task",
+            Scope::Project => "project",
+        }
+    }
+}
+
 /// Every error body: what went wrong, and what to do about it.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {

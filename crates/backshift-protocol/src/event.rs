@@ -340,6 +340,33 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         address: Option<String>,
     },
+    /// A person is asked to decide (`backshift approve ID`); what asked
+    /// waits meanwhile.
+    ApprovalRequested {
+        /// The approval's id.
+        approval: String,
+        /// `egress` or `permission`.
+        kind: String,
+        /// What is asked, in one line.
+        summary: String,
+        /// When it is denied unless answered (RFC 3339).
+        expires_at: String,
+    },
+    /// The answer.
+    ApprovalAnswered {
+        /// The approval's id.
+        approval: String,
+        /// `approved`, `denied` or `expired`.
+        decision: String,
+        /// For an approval: `once`, `task` or `project`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scope: Option<String>,
+        /// Who answered (`timeout` when nobody did).
+        by: String,
+        /// Why, when given.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// The sandbox's filesystem was saved as an image (after a
     /// checkpoint): a rebuilt sandbox starts from it.
     Snapshot {
@@ -377,6 +404,8 @@ impl EventKind {
             EventKind::FileDiff { .. } => "file_diff",
             EventKind::PermissionDecision { .. } => "permission_decision",
             EventKind::Egress { .. } => "egress",
+            EventKind::ApprovalRequested { .. } => "approval_requested",
+            EventKind::ApprovalAnswered { .. } => "approval_answered",
         }
     }
 }

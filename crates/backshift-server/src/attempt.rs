@@ -74,10 +74,7 @@ struct Run {
 
 impl Run {
     async fn step(&mut self, t: Transition, detail: Option<String>) -> Result<(), Failure> {
-        match self
-            .app
-            .hub
-            .transition(&self.attempt.id, self.state, t, detail)
+        match transition_following_approvals(&self.app, &self.attempt.id, self.state, t, detail)
             .await
         {
             Ok(s) => {
@@ -199,6 +196,14 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         tracing::info!(attempt = %run.attempt.id, "not started: {}", e.1);
         return;
     }
+    // A request held for a person before a restart died with the old
+    // process; its approval is settled so nobody answers into the void.
+    crate::approvals::expire_pending(
+        &app,
+        &run.attempt.id,
+        "the control plane restarted and the held request was dropped; the agent may ask again",
+    )
+    .await;
     // The wall-time budget counts from the first start, across restarts.
     let now = backshift_protocol::now_ms();
     let started_at = run.attempt.started_at.unwrap_or(now);
@@ -259,15 +264,58 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
     }
     run.discard_sandbox().await;
     remove_snapshot(&app, &run.attempt.id).await;
+    crate::approvals::expire_pending(&app, &run.attempt.id, "the attempt ended").await;
     if let Some(t) = transition
         && !run.state.is_terminal()
-        && let Err(e) = app
-            .hub
-            .transition(&run.attempt.id, run.state, t, detail)
-            .await
+        && let Err(e) =
+            transition_following_approvals(&app, &run.attempt.id, run.state, t, detail).await
     {
         tracing::error!(attempt = %run.attempt.id, "cannot record the end of the attempt: {e}");
     }
+}
+
+/// `hub.transition`, except that the runner's idea of the state may lag
+/// behind approvals: while the agent works, a held request moves the
+/// attempt between `running` and `waiting_approval` without the runner.
+/// A transition refused because of that is taken from the actual state.
+async fn transition_following_approvals(
+    app: &App,
+    attempt: &str,
+    from: AttemptState,
+    t: Transition,
+    detail: Option<String>,
+) -> Result<AttemptState, crate::events::TransitionFailed> {
+    use crate::events::TransitionFailed;
+    let swings =
+        |s: AttemptState| matches!(s, AttemptState::Running | AttemptState::WaitingApproval);
+    let mut from = from;
+    for _ in 0..3 {
+        match app.hub.transition(attempt, from, t, detail.clone()).await {
+            Err(TransitionFailed::Moved { expected, actual })
+                if swings(expected) && swings(actual) =>
+            {
+                if actual == AttemptState::WaitingApproval && t == Transition::ApprovalNeeded {
+                    return Ok(actual);
+                }
+                if actual.apply(t).is_err() && actual == AttemptState::WaitingApproval {
+                    // Only `running` can take it (the agent finished while
+                    // a request of its own was held, which cannot outlive
+                    // it): settle what is pending first.
+                    crate::approvals::expire_pending(app, attempt, "the agent went on without it")
+                        .await;
+                    let _ = app
+                        .hub
+                        .transition(attempt, actual, Transition::ApprovalAnswered, None)
+                        .await;
+                    from = AttemptState::Running;
+                } else {
+                    from = actual;
+                }
+            }
+            other => return other,
+        }
+    }
+    app.hub.transition(attempt, from, t, detail).await
 }
 
 /// How long an ACP agent asked to cancel gets to stop before its sandbox

@@ -7,6 +7,7 @@
 //! the sandbox's proxy variables point there. The sandbox has no network
 //! of its own, so there is no other way out.
 
+use crate::approvals::{self, Question};
 use crate::serve::App;
 use backshift_core::policy::{self, Action, Origin};
 use backshift_egress::{Attempted, Decider, Outcome, Verdict};
@@ -15,6 +16,7 @@ use backshift_shim::proto::{EGRESS_PORT as PROXY_PORT, EGRESS_SOCKET as PROXY_SO
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The proxy's URL as tools inside the sandbox see it.
 pub fn proxy_url_in_sandbox() -> String {
@@ -74,6 +76,64 @@ struct AttemptPolicy {
     attempt: String,
 }
 
+impl AttemptPolicy {
+    /// Holds `req` for a person's answer (or an earlier approval's grant).
+    async fn ask(&self, req: &Attempted, rule: Option<String>) -> Verdict {
+        let target = format!("{}:{}", req.host, req.port);
+        let (method, path) = match &req.http {
+            Some((m, p)) => (Some(m.as_str()), Some(p.as_str())),
+            None => (None, None),
+        };
+        let question = Question {
+            kind: "egress",
+            summary: req.describe(),
+            subject: serde_json::json!({
+                "host": req.host,
+                "port": req.port,
+                "method": method,
+                "path": path,
+                "rule": rule,
+                "target": target,
+            }),
+            target,
+        };
+        let timeout = Duration::from_secs(self.app.config.egress.ask_timeout_secs);
+        match approvals::ask(&self.app, &self.attempt, question, timeout).await {
+            approvals::Outcome::Granted { approval } => Verdict {
+                allow: true,
+                reason: format!("allowed by approval {approval}, given earlier for this host"),
+                rule: Some(format!("approval {approval}")),
+            },
+            approvals::Outcome::Approved {
+                approval,
+                scope,
+                by,
+            } => Verdict {
+                allow: true,
+                reason: format!("approved by {by} ({scope})"),
+                rule: Some(format!("approval {approval}")),
+            },
+            approvals::Outcome::Denied {
+                approval,
+                by,
+                reason,
+            } => Verdict {
+                allow: false,
+                reason: match reason {
+                    Some(r) => format!("denied by {by}: {r}"),
+                    None => format!("denied by {by}"),
+                },
+                rule: Some(format!("approval {approval}")),
+            },
+            approvals::Outcome::Expired { approval, why } => Verdict {
+                allow: false,
+                reason: why,
+                rule: (!approval.is_empty()).then(|| format!("approval {approval}")),
+            },
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Decider for AttemptPolicy {
     async fn decide(&self, req: &Attempted) -> Verdict {
@@ -93,7 +153,8 @@ impl Decider for AttemptPolicy {
                 rule: decision.rule,
                 reason: format!("allowed by {by}"),
             },
-            Action::Deny | Action::Ask => Verdict {
+            Action::Ask => self.ask(req, decision.rule).await,
+            Action::Deny => Verdict {
                 allow: false,
                 reason: match &decision.rule {
                     Some(rule) => format!("denied by {rule}"),

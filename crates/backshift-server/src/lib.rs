@@ -8,6 +8,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod approvals;
 pub mod attempt;
 pub mod auth;
 pub mod checkpoint;

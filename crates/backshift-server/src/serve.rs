@@ -41,6 +41,8 @@ pub struct App {
     pub supervisor: Supervisor,
     /// This binary: mounted read-only into every sandbox as its shim.
     pub shim_binary: PathBuf,
+    /// Woken whenever an approval is answered (its waiters re-read it).
+    pub approvals_changed: tokio::sync::Notify,
     docker: Mutex<Option<Arc<DockerDriver>>>,
 }
 
@@ -256,6 +258,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             anyhow::anyhow!("cannot find this program's own binary (the sandboxes' shim): {e}")
         })?,
         docker: Mutex::new(None),
+        approvals_changed: tokio::sync::Notify::new(),
         data_dir: data_dir.clone(),
         config,
     });

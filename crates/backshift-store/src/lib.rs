@@ -7,9 +7,11 @@
 //! without the other. Queries are checked at run time (no build-time
 //! database), so PostgreSQL can join behind the same interface.
 
+mod approvals;
 mod rows;
 mod writer;
 
+pub use approvals::{Answer, ApprovalRow, NewGrant};
 pub use rows::{AttemptRow, CheckpointRow, NewAttempt, NewTask, TaskRow};
 
 use backshift_core::{AttemptState, FailureReason};

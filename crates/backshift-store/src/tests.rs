@@ -360,7 +360,129 @@ async fn time_held_by_a_person_is_added_up_by_the_transitions_that_end_it(store:
     );
 }
 
+async fn approvals_are_answered_once_and_grants_apply_to_their_task_or_project(store: Store) {
+    let attempt = one_task(&store).await;
+    let task = attempt.trim_end_matches("-1").to_owned();
+    let pending = |id: &str, at: i64| ApprovalRow {
+        id: id.into(),
+        attempt_id: attempt.clone(),
+        kind: "egress".into(),
+        subject: r#"{"host":"pkg.invalid","port":443}"#.into(),
+        summary: "CONNECT pkg.invalid:443".into(),
+        state: "pending".into(),
+        scope: None,
+        answered_by: None,
+        reason: None,
+        created_at: at,
+        expires_at: at + 300_000,
+        answered_at: None,
+    };
+    store.insert_approval(&pending("ap1", 10)).await.unwrap();
+    store.insert_approval(&pending("ap2", 20)).await.unwrap();
+    let listed: Vec<String> = store
+        .approvals(true, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(listed, ["ap2", "ap1"], "newest first");
+    let approve = Answer {
+        state: "approved",
+        scope: Some("project"),
+        by: "admin",
+        reason: Some("needed"),
+        at: 30,
+    };
+    let project = store.task(&task).await.unwrap().unwrap().project_id;
+    let grant = NewGrant {
+        id: "g1",
+        project_id: &project,
+        task_id: None,
+        kind: "egress",
+        target: "pkg.invalid:443",
+    };
+    assert!(
+        store
+            .answer_approval("ap1", &approve, Some(&grant))
+            .await
+            .unwrap()
+    );
+    // Answered once: a second answer changes nothing and leaves no grant.
+    let deny = Answer {
+        state: "denied",
+        scope: None,
+        by: "other",
+        reason: None,
+        at: 40,
+    };
+    assert!(!store.answer_approval("ap1", &deny, None).await.unwrap());
+    let a = store.approval("ap1").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            a.state.as_str(),
+            a.scope.as_deref(),
+            a.answered_by.as_deref(),
+            a.answered_at
+        ),
+        ("approved", Some("project"), Some("admin"), Some(30))
+    );
+    assert_eq!(store.approvals(true, 10).await.unwrap().len(), 1);
+    assert_eq!(store.approvals(false, 10).await.unwrap().len(), 2);
+    assert_eq!(store.approvals_of(&attempt).await.unwrap()[0].id, "ap1");
+    assert_eq!(
+        store
+            .grant_for(&project, "another-task", "egress", "pkg.invalid:443")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("ap1"),
+        "a project grant covers every task"
+    );
+    assert_eq!(
+        store
+            .grant_for(&project, &task, "egress", "pkg.invalid:80")
+            .await
+            .unwrap(),
+        None
+    );
+    let task_grant = NewGrant {
+        id: "g2",
+        project_id: &project,
+        task_id: Some(&task),
+        kind: "egress",
+        target: "other.invalid:443",
+    };
+    let approve_task = Answer {
+        scope: Some("task"),
+        ..approve
+    };
+    assert!(
+        store
+            .answer_approval("ap2", &approve_task, Some(&task_grant))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .grant_for(&project, &task, "egress", "other.invalid:443")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("ap2")
+    );
+    assert_eq!(
+        store
+            .grant_for(&project, "another-task", "egress", "other.invalid:443")
+            .await
+            .unwrap(),
+        None,
+        "a task grant covers its task only"
+    );
+}
+
 on_both!(
+    approvals_are_answered_once_and_grants_apply_to_their_task_or_project,
     time_held_by_a_person_is_added_up_by_the_transitions_that_end_it,
     the_live_conversation_runs_ahead_of_checkpoints,
     a_created_task_reads_back_with_a_queued_attempt,

@@ -6,7 +6,10 @@ use crate::{Cli, Command, ImageCommand};
 use anyhow::{Context, bail};
 use backshift_core::AttemptId;
 use backshift_core::limits::LimitsRequest;
-use backshift_protocol::{AttemptView, CreateTaskRequest, Event, TaskCreated, TaskView};
+use backshift_protocol::{
+    AnswerApproval, ApprovalView, AttemptView, CreateTaskRequest, Decision, Event, Scope,
+    TaskCreated, TaskView,
+};
 use futures::StreamExt;
 use reqwest::Method;
 use std::io::Write;
@@ -224,6 +227,34 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             println!("task {} is {}", task.id, task.state);
             Ok(0)
         }
+        Command::Approvals { all } => {
+            let path = if all {
+                "/api/v1/approvals?state=all"
+            } else {
+                "/api/v1/approvals"
+            };
+            let list: Vec<ApprovalView> = client.send(client.request(Method::GET, path)).await?;
+            if list.is_empty() {
+                println!(
+                    "{}",
+                    if all {
+                        "no approvals yet"
+                    } else {
+                        "nothing is waiting for approval"
+                    }
+                );
+            }
+            for a in &list {
+                println!("{}", approval_line(a));
+            }
+            Ok(0)
+        }
+        Command::Approve { id, scope, reason } => {
+            answer(&client, &id, Decision::Approve, scope.into(), reason).await
+        }
+        Command::Deny { id, reason } => {
+            answer(&client, &id, Decision::Deny, Scope::Once, reason).await
+        }
         Command::Serve { .. }
         | Command::Image { .. }
         | Command::Agents { .. }
@@ -231,6 +262,49 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             bail!("not a client command")
         }
     }
+}
+
+/// One approval in one line.
+fn approval_line(a: &ApprovalView) -> String {
+    let state = match (a.state.as_str(), &a.answered_by) {
+        ("pending", _) => format!("pending until {}", a.expires_at),
+        (s, Some(by)) => {
+            let scope = a
+                .scope
+                .as_deref()
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default();
+            format!("{s}{scope} by {by}")
+        }
+        (s, None) => s.to_owned(),
+    };
+    format!(
+        "{}  {}  {}  {}  {state}",
+        a.id, a.attempt_id, a.kind, a.summary
+    )
+}
+
+async fn answer(
+    client: &Client,
+    id: &str,
+    decision: Decision,
+    scope: Scope,
+    reason: Option<String>,
+) -> anyhow::Result<i32> {
+    let body = AnswerApproval {
+        decision,
+        scope,
+        reason,
+    };
+    let a: ApprovalView = client
+        .send(
+            client
+                .request(Method::POST, &format!("/api/v1/approvals/{id}"))
+                .json(&body),
+        )
+        .await?;
+    println!("{}", approval_line(&a));
+    Ok(0)
 }
 
 /// A task id means its latest attempt.

@@ -115,6 +115,33 @@ enum Command {
         /// Task id.
         id: String,
     },
+    /// List approvals: what agents are waiting for a person to decide.
+    Approvals {
+        /// Also the answered and expired ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Approve a pending request; what waits for it goes on at once.
+    Approve {
+        /// Approval id (from `backshift approvals` or `backshift logs`).
+        id: String,
+        /// How far it reaches: this request (once), the same request from
+        /// this task's attempts (task), or from any task of the project
+        /// from now on (project).
+        #[arg(long = "for", value_enum, default_value = "once")]
+        scope: ScopeArg,
+        /// Why (kept on the record).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Deny a pending request; the agent is told why.
+    Deny {
+        /// Approval id.
+        id: String,
+        /// Why (kept on the record and told to the agent).
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Manage sandbox images.
     Image {
         #[command(subcommand)]
@@ -133,6 +160,27 @@ enum Command {
         #[arg(long, default_value = backshift_shim::proto::SANDBOX_DIR)]
         dir: PathBuf,
     },
+}
+
+/// `approve --for`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ScopeArg {
+    /// This request only.
+    Once,
+    /// The same request from this task's attempts.
+    Task,
+    /// The same request from any task of the project.
+    Project,
+}
+
+impl From<ScopeArg> for backshift_protocol::Scope {
+    fn from(s: ScopeArg) -> Self {
+        match s {
+            ScopeArg::Once => backshift_protocol::Scope::Once,
+            ScopeArg::Task => backshift_protocol::Scope::Task,
+            ScopeArg::Project => backshift_protocol::Scope::Project,
+        }
+    }
 }
 
 #[derive(Subcommand)]

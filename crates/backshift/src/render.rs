@@ -234,6 +234,33 @@ pub fn event_lines(e: &Event) -> String {
                 .unwrap_or_default();
             line(format!("⇄ egress {what}: {decision}{by} ({reason})"))
         }
+        EventKind::ApprovalRequested {
+            approval,
+            summary,
+            expires_at,
+            ..
+        } => line(format!(
+            "? waiting for approval {approval}: {summary} (backshift approve {approval} | backshift deny {approval}; denied at {expires_at} unless answered)"
+        )),
+        EventKind::ApprovalAnswered {
+            approval,
+            decision,
+            scope,
+            by,
+            reason,
+        } => {
+            let scope = scope
+                .as_deref()
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default();
+            let reason = reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default();
+            line(format!(
+                "? approval {approval} {decision}{scope} by {by}{reason}"
+            ))
+        }
     }
 }
 

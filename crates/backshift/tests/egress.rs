@@ -448,3 +448,268 @@ action = "deny"
         "{logs}"
     );
 }
+
+/// One HTTP target on a network of the test's own.
+struct Target {
+    label: String,
+    ip: String,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        sweep(&self.label);
+    }
+}
+
+impl Target {
+    fn start(label: &str, body: &str) -> Target {
+        let label = label.to_owned();
+        sweep(&label);
+        let tag = format!("{:x}", std::process::id() & 0xffff);
+        let net = format!("bs-ask-{tag}");
+        docker(&["network", "create", "--label", &label, &net]);
+        let name = format!("bs-ask-target-{tag}");
+        let image = backshift_sandbox::image::default_image_tag();
+        let body = format!("BODY={body}");
+        docker(&[
+            "run",
+            "-d",
+            "--label",
+            &label,
+            "--name",
+            &name,
+            "--network",
+            &net,
+            "-e",
+            &body,
+            &image,
+            "sh",
+            "-c",
+            HTTP_SERVER,
+        ]);
+        let ip = docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &name,
+        ]);
+        Target { label, ip }
+    }
+}
+
+/// The first pending approval whose summary mentions `host`, once the
+/// attempt shows `waiting_approval`.
+async fn pending_for(w: &World, attempt: &str, host: &str) -> Value {
+    for _ in 0..300 {
+        let (_, list) = w.api(reqwest::Method::GET, "/api/v1/approvals", None).await;
+        if let Some(a) = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["summary"].as_str().unwrap().contains(host))
+        {
+            let (_, view) = w
+                .api(
+                    reqwest::Method::GET,
+                    &format!("/api/v1/attempts/{attempt}"),
+                    None,
+                )
+                .await;
+            if view["state"] == "waiting_approval" {
+                return a.clone();
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no pending approval for {host}");
+}
+
+const ASKER: &str = r#"
+for host in asked asked asked unanswered refused; do
+  printf '%s %s\n' "$host" "$(curl -s -m 60 -w ' %{http_code}' http://$host.backshift-test.invalid/ | tr '\n' ' ')"
+done
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ask_rule_holds_the_request_until_a_person_answers_or_time_runs_out() {
+    let t = Target::start("dev.backshift.test=egress-ask", "asked-target");
+    assert_eq!(
+        from_host(&format!("http://{}/", t.ip)).await,
+        "asked-target"
+    );
+    let config = format!(
+        r#"
+[egress]
+ask_timeout_secs = 4
+allow_networks = ["{ip}/32"]
+hosts = {{ "asked.backshift-test.invalid" = "{ip}", "unanswered.backshift-test.invalid" = "{ip}", "refused.backshift-test.invalid" = "{ip}" }}
+
+[[egress.rules]]
+host = "*.backshift-test.invalid"
+action = "ask"
+"#,
+        ip = t.ip
+    );
+    let w = World::start(None, &config).await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, out, err) = w
+        .cli(&[
+            "run",
+            "Ask for the network",
+            "--repo",
+            &repo,
+            "--command",
+            ASKER,
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let task = out.split_whitespace().nth(1).unwrap().to_owned();
+    let attempt = format!("{task}-1");
+
+    // Held: the attempt waits for a person; the CLI lists it.
+    let first = pending_for(&w, &attempt, "asked.").await;
+    let id = first["id"].as_str().unwrap().to_owned();
+    assert_eq!(first["kind"], "egress");
+    assert_eq!(
+        first["summary"],
+        "GET http://asked.backshift-test.invalid:80/"
+    );
+    assert_eq!(first["subject"]["host"], "asked.backshift-test.invalid");
+    let (code, listed, _) = w.cli(&["approvals"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        listed.contains(&id) && listed.contains("pending until"),
+        "{listed}"
+    );
+    // Approved once: the held request completes.
+    let (code, out, err) = w.cli(&["approve", &id, "--reason", "docs fetch"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("approved (once) by"), "{out}");
+    // Answered once only.
+    let (code, _, err) = w.cli(&["deny", &id]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("is approved already"), "{err}");
+
+    // Asked again (once was once); approved for the task this time.
+    let second = pending_for(&w, &attempt, "asked.").await;
+    assert_ne!(second["id"], first["id"]);
+    let (code, out, err) = w
+        .cli(&["approve", second["id"].as_str().unwrap(), "--for", "task"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    // The third request is covered by that grant: no approval is asked.
+    // The fourth is never answered and is denied at the timeout.
+    let unanswered = pending_for(&w, &attempt, "unanswered.").await;
+    // The fifth is denied by a person, with a reason.
+    let refused = pending_for(&w, &attempt, "refused.").await;
+    let (code, out, err) = w
+        .cli(&[
+            "deny",
+            refused["id"].as_str().unwrap(),
+            "--reason",
+            "not for this task",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+
+    let view = w.wait(&task).await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let evs = w.events(&attempt).await;
+    let output = common::command_output(&evs);
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines[0], "asked asked-target 200", "{output}");
+    assert_eq!(lines[1], "asked asked-target 200", "{output}");
+    assert_eq!(lines[2], "asked asked-target 200", "{output}");
+    assert!(
+        lines[3].starts_with("unanswered ") && lines[3].ends_with(" 403"),
+        "{output}"
+    );
+    assert!(lines[3].contains("nobody answered within 4 s"), "{output}");
+    assert!(
+        lines[4].ends_with(" 403") && lines[4].contains("denied by "),
+        "{output}"
+    );
+    assert!(lines[4].contains("not for this task"), "{output}");
+
+    // Four approvals were asked (the grant spared the third request).
+    let (_, all) = w
+        .api(reqwest::Method::GET, "/api/v1/approvals?state=all", None)
+        .await;
+    let mine: Vec<&Value> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["attempt_id"] == attempt)
+        .collect();
+    assert_eq!(mine.len(), 4, "{all}");
+    let states: Vec<(&str, Option<&str>)> = mine
+        .iter()
+        .rev()
+        .map(|a| (a["state"].as_str().unwrap(), a["scope"].as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("approved", Some("once")),
+            ("approved", Some("task")),
+            ("expired", None),
+            ("denied", None)
+        ]
+    );
+    let expired = mine.iter().find(|a| a["id"] == unanswered["id"]).unwrap();
+    assert_eq!(expired["answered_by"], "timeout");
+    // The record: held, answered, and the state went to waiting_approval
+    // and back each time.
+    let requested = evs
+        .iter()
+        .filter(|e| e["type"] == "approval_requested")
+        .count();
+    let answered: Vec<&str> = evs
+        .iter()
+        .filter(|e| e["type"] == "approval_answered")
+        .map(|e| e["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(requested, 4);
+    assert_eq!(answered, ["approved", "approved", "expired", "denied"]);
+    let waits = evs
+        .iter()
+        .filter(|e| e["type"] == "state_changed" && e["to"] == "waiting_approval")
+        .count();
+    assert_eq!(waits, 4);
+    let egress: Vec<(&str, &str)> = evs
+        .iter()
+        .filter(|e| e["type"] == "egress")
+        .map(|e| {
+            (
+                e["decision"].as_str().unwrap(),
+                e["rule"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(egress.len(), 5, "{egress:?}");
+    assert_eq!(
+        egress[2],
+        (
+            "allowed",
+            format!("approval {}", second["id"].as_str().unwrap()).as_str()
+        )
+    );
+    assert_eq!(egress[3].0, "denied");
+    // Unknown or malformed answers are clear 4xx.
+    let (status, body) = w
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/approvals/ap-nothing",
+            Some(serde_json::json!({"decision": "approve"})),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = w
+        .api(
+            reqwest::Method::POST,
+            &format!("/api/v1/approvals/{}", refused["id"].as_str().unwrap()),
+            Some(serde_json::json!({"decision": "maybe"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+}

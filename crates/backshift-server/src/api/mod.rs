@@ -1,6 +1,7 @@
 //! The REST API under `/api/v1`, the git endpoint under `/git`, and the
 //! unauthenticated `/healthz`, `/readyz` and `/openapi.json`.
 
+mod approvals;
 mod attempts;
 mod error;
 mod git;
@@ -25,6 +26,7 @@ use utoipa::OpenApi;
     info(title = "backshift", description = "A self-hosted runtime for background coding agents."),
     paths(
         tasks::create_task, tasks::list_tasks, tasks::get_task, tasks::cancel_task,
+        approvals::list_approvals, approvals::get_approval, approvals::answer_approval,
         attempts::get_attempt, attempts::list_events, attempts::stream_events, attempts::get_diff,
         health::healthz, health::readyz,
     ),
@@ -32,6 +34,8 @@ use utoipa::OpenApi;
         backshift_protocol::CreateTaskRequest, backshift_protocol::TaskView, backshift_protocol::AttemptView,
         backshift_protocol::TaskCreated, backshift_protocol::ErrorBody, backshift_protocol::ReadyView,
         backshift_protocol::Event, backshift_protocol::EventKind,
+        backshift_protocol::ApprovalView, backshift_protocol::AnswerApproval,
+        backshift_protocol::Decision, backshift_protocol::Scope,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -60,6 +64,11 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/api/v1/tasks/{id}", get(tasks::get_task))
         .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel_task))
+        .route("/api/v1/approvals", get(approvals::list_approvals))
+        .route(
+            "/api/v1/approvals/{id}",
+            get(approvals::get_approval).post(approvals::answer_approval),
+        )
         .route("/api/v1/attempts/{id}", get(attempts::get_attempt))
         .route("/api/v1/attempts/{id}/events", get(attempts::list_events))
         .route(
@@ -83,9 +92,13 @@ async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(ApiDoc::openapi())
 }
 
+/// Who is calling: the name of the API token the request carried.
+#[derive(Debug, Clone)]
+pub struct Caller(pub String);
+
 async fn require_token(
     State(app): State<Arc<App>>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let git = req.uri().path().starts_with("/git/");
@@ -98,7 +111,10 @@ async fn require_token(
         return Err(ApiError::unauthorized(git, "no API token was sent"));
     };
     match app.store.token_by_hash(&hash_token(&token)).await {
-        Ok(Some(_)) => Ok(next.run(req).await),
+        Ok(Some(name)) => {
+            req.extensions_mut().insert(Caller(name));
+            Ok(next.run(req).await)
+        }
         Ok(None) => Err(ApiError::unauthorized(
             git,
             "the API token is not valid for this server",
