@@ -32,35 +32,94 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// How an agent's permission requests are answered (until approvals by
-/// people exist, the configured policy answers alone).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How an agent's permission requests are answered.
+#[derive(Clone)]
 pub enum PermissionPolicy {
     /// Allow, once: the sandbox is the fence.
     Allow,
     /// Reject, once: the agent is told no and carries on without.
     Deny,
+    /// A person decides (the agent waits meanwhile).
+    Ask(Arc<dyn Approver>),
 }
 
-impl PermissionPolicy {
-    fn answer(self) -> (&'static [PermissionOptionKind], &'static str) {
-        match self {
-            PermissionPolicy::Allow => (
-                &[
-                    PermissionOptionKind::AllowOnce,
-                    PermissionOptionKind::AllowAlways,
-                ],
-                "the permission policy allows tool calls inside the sandbox (agents.permission_policy = \"allow\")",
-            ),
-            PermissionPolicy::Deny => (
-                &[
-                    PermissionOptionKind::RejectOnce,
-                    PermissionOptionKind::RejectAlways,
-                ],
-                "the permission policy rejects what agents ask about (agents.permission_policy = \"deny\")",
-            ),
-        }
+impl std::fmt::Debug for PermissionPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PermissionPolicy::Allow => "Allow",
+            PermissionPolicy::Deny => "Deny",
+            PermissionPolicy::Ask(_) => "Ask",
+        })
     }
+}
+
+/// Decides an agent's permission requests: backshift's approvals, which
+/// ask a person.
+#[async_trait::async_trait]
+pub trait Approver: Send + Sync {
+    /// Whether tool call `call` (ACP's `toolCall`, as JSON) may go; may
+    /// wait long (for a person).
+    async fn decide(&self, call: &Value) -> PermissionAnswer;
+}
+
+/// An [`Approver`]'s answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PermissionAnswer {
+    /// Allowed or not.
+    pub allow: bool,
+    /// Who decided.
+    pub by: String,
+    /// Why.
+    pub reason: String,
+}
+
+const ALLOW: &[PermissionOptionKind] = &[
+    PermissionOptionKind::AllowOnce,
+    PermissionOptionKind::AllowAlways,
+];
+const REJECT: &[PermissionOptionKind] = &[
+    PermissionOptionKind::RejectOnce,
+    PermissionOptionKind::RejectAlways,
+];
+
+/// The option of `request` that carries out a decision (the first of
+/// `kinds` the agent offers), its `permission_decision` event, and the
+/// response.
+fn permission_answer(
+    request: &RequestPermissionRequest,
+    call: &Value,
+    kinds: &[PermissionOptionKind],
+    by: &str,
+    reason: &str,
+) -> (EventKind, RequestPermissionResponse) {
+    let chosen = kinds.iter().find_map(|kind| {
+        request
+            .options
+            .iter()
+            .find(|o| o.kind == *kind)
+            .map(|o| (o.option_id.clone(), *kind))
+    });
+    let event = EventKind::PermissionDecision {
+        call_id: str_at(call, "toolCallId").unwrap_or_default(),
+        title: str_at(call, "title").unwrap_or_default(),
+        kind: str_at(call, "kind"),
+        decision: match &chosen {
+            Some((_, kind)) => json_name(kind),
+            None => "cancelled".to_owned(),
+        },
+        by: by.to_owned(),
+        reason: match chosen {
+            Some(_) => reason.to_owned(),
+            None => format!("{reason}, but the agent offered no such option"),
+        },
+    };
+    let response = RequestPermissionResponse::new(match chosen {
+        Some((option, _)) => {
+            RequestPermissionOutcome::Selected(SelectedPermissionOutcome::new(option))
+        }
+        None => RequestPermissionOutcome::Cancelled,
+    });
+    (event, response)
 }
 
 /// How to start an ACP agent in the sandbox.
@@ -108,6 +167,11 @@ pub fn process_id(generation: u32) -> String {
 enum Report {
     /// A `session/update` (as JSON: mapped by [`Mapper`]).
     Update(Value),
+    /// A permission request waits for a person.
+    Asking {
+        /// The tool call asked about (ACP's `toolCall`, as JSON).
+        call: Value,
+    },
     /// A permission request was answered.
     Permission {
         /// The tool call asked about (ACP's `toolCall`, as JSON).
@@ -257,7 +321,7 @@ pub async fn run_acp_agent(
     );
     let connection = {
         let cwd = launch.cwd.clone();
-        let policy = launch.permissions;
+        let policy = launch.permissions.clone();
         let session_to_load = resume.session_id.clone();
         let updates = report_tx.clone();
         let permissions = report_tx.clone();
@@ -277,43 +341,43 @@ pub async fn run_acp_agent(
                     agent_client_protocol::on_receive_notification!(),
                 )
                 .on_receive_request(
-                    async move |request: RequestPermissionRequest, responder, _cx| {
-                        let (kinds, reason) = policy.answer();
-                        let chosen = kinds.iter().find_map(|kind| {
-                            request
-                                .options
-                                .iter()
-                                .find(|o| o.kind == *kind)
-                                .map(|o| (o.option_id.clone(), *kind))
-                        });
+                    async move |request: RequestPermissionRequest, responder, cx| {
                         let call = serde_json::to_value(&request.tool_call).unwrap_or(Value::Null);
-                        let decision = match &chosen {
-                            Some((_, kind)) => json_name(kind),
-                            None => "cancelled".to_owned(),
+                        let (kinds, by, reason) = match &policy {
+                            PermissionPolicy::Allow => (ALLOW, "policy", "the permission policy allows tool calls inside the sandbox (agents.permission_policy = \"allow\")"),
+                            PermissionPolicy::Deny => (REJECT, "policy", "the permission policy rejects what agents ask about (agents.permission_policy = \"deny\")"),
+                            PermissionPolicy::Ask(approver) => {
+                                // Announced now; answered when a person
+                                // decides, without holding up the
+                                // connection meanwhile.
+                                let _ = permissions.send(Report::Asking { call: call.clone() });
+                                let approver = approver.clone();
+                                let permissions = permissions.clone();
+                                return cx.spawn(async move {
+                                    let answer = approver.decide(&call).await;
+                                    let kinds = if answer.allow { ALLOW } else { REJECT };
+                                    let (event, response) = permission_answer(
+                                        &request,
+                                        &call,
+                                        kinds,
+                                        &answer.by,
+                                        &answer.reason,
+                                    );
+                                    let _ = permissions.send(Report::Permission {
+                                        call,
+                                        decision: event,
+                                    });
+                                    responder.respond(response)
+                                });
+                            }
                         };
-                        let event = EventKind::PermissionDecision {
-                            call_id: str_at(&call, "toolCallId").unwrap_or_default(),
-                            title: str_at(&call, "title").unwrap_or_default(),
-                            kind: str_at(&call, "kind"),
-                            decision,
-                            by: "policy".into(),
-                            reason: match chosen {
-                                Some(_) => reason.to_owned(),
-                                None => {
-                                    format!("{reason}, but the agent offered no such option")
-                                }
-                            },
-                        };
+                        let (event, response) =
+                            permission_answer(&request, &call, kinds, by, reason);
                         let _ = permissions.send(Report::Permission {
                             call,
                             decision: event,
                         });
-                        responder.respond(RequestPermissionResponse::new(match chosen {
-                            Some((option, _)) => RequestPermissionOutcome::Selected(
-                                SelectedPermissionOutcome::new(option),
-                            ),
-                            None => RequestPermissionOutcome::Cancelled,
-                        }))
+                        responder.respond(response)
                     },
                     agent_client_protocol::on_receive_request!(),
                 )
@@ -406,6 +470,7 @@ pub async fn run_acp_agent(
             // A loaded session replays its history first.
             Report::Update(_) if replaying => continue,
             Report::Update(v) => mapper.update(&v),
+            Report::Asking { call } => mapper.asking(&call),
             Report::Permission { call, decision } => {
                 let mut actions = mapper.asking(&call);
                 actions.push(Action::Emit(decision));

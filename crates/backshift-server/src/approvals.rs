@@ -195,7 +195,7 @@ async fn wait(
                 "the attempt ended before anyone answered".to_owned()
             } else {
                 format!(
-                    "nobody answered within {} s (egress.ask_timeout_secs), so it is denied",
+                    "nobody answered within {} s (approvals.timeout_secs), so it is denied",
                     (expires_at - row.created_at) / 1000
                 )
             };
@@ -285,6 +285,73 @@ async fn release(app: &App, attempt: &str) {
             .hub
             .transition(attempt, a.state, Transition::ApprovalAnswered, None)
             .await;
+    }
+}
+
+/// Puts an ACP agent's permission requests to people. A task- or
+/// project-wide approval covers the same kind of tool call (ACP's
+/// normalized `kind`: `execute`, `edit`, `fetch`...) from then on.
+pub struct PermissionApprover {
+    /// The server.
+    pub app: std::sync::Arc<App>,
+    /// The attempt whose agent asks.
+    pub attempt: String,
+}
+
+#[async_trait::async_trait]
+impl backshift_agent::acp::Approver for PermissionApprover {
+    async fn decide(&self, call: &serde_json::Value) -> backshift_agent::acp::PermissionAnswer {
+        let text = |k: &str| {
+            call.get(k)
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("")
+        };
+        let kind = match text("kind") {
+            "" => "other",
+            k => k,
+        };
+        let title = text("title");
+        let question = Question {
+            kind: "permission",
+            summary: format!("{kind}: {title}"),
+            subject: serde_json::json!({
+                "tool_call": text("toolCallId"),
+                "title": title,
+                "tool_kind": kind,
+                "input": call.get("rawInput"),
+                "target": kind,
+            }),
+            target: kind.to_owned(),
+        };
+        let timeout = Duration::from_secs(self.app.config.approvals.timeout_secs);
+        let (allow, by, reason) = match ask(&self.app, &self.attempt, question, timeout).await {
+            Outcome::Granted { approval } => (
+                true,
+                "approval".to_owned(),
+                format!("{kind} calls were approved for this task or project by {approval}"),
+            ),
+            Outcome::Approved {
+                approval,
+                scope,
+                by,
+            } => (true, by, format!("approved ({scope}) in {approval}")),
+            Outcome::Denied {
+                approval,
+                by,
+                reason,
+            } => (
+                false,
+                by,
+                match reason {
+                    Some(r) => format!("denied in {approval}: {r}"),
+                    None => format!("denied in {approval}"),
+                },
+            ),
+            Outcome::Expired { approval, why } => {
+                (false, "timeout".to_owned(), format!("{approval}: {why}"))
+            }
+        };
+        backshift_agent::acp::PermissionAnswer { allow, by, reason }
     }
 }
 

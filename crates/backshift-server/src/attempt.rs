@@ -1378,6 +1378,12 @@ async fn acp_setup(
         permissions: match app.config.agents.permission_policy {
             PermissionPolicySetting::Allow => PermissionPolicy::Allow,
             PermissionPolicySetting::Deny => PermissionPolicy::Deny,
+            PermissionPolicySetting::Ask => {
+                PermissionPolicy::Ask(Arc::new(crate::approvals::PermissionApprover {
+                    app: app.clone(),
+                    attempt: run.attempt.id.clone(),
+                }))
+            }
         },
         max_tool_calls: run.task.limits.max_turns,
     };

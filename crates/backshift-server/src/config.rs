@@ -52,6 +52,8 @@ pub struct Config {
     pub git: GitSection,
     /// What sandboxes may reach through the egress proxy.
     pub egress: EgressSection,
+    /// Decisions people are asked for.
+    pub approvals: ApprovalsSection,
 }
 
 /// `[egress]`: the server's egress policy. Sandboxes have no network;
@@ -74,9 +76,21 @@ pub struct EgressSection {
     /// RFC 1918 and unique-local addresses are refused otherwise, even for
     /// an allowed name; link-local addresses always are).
     pub allow_networks: Vec<ipnet::IpNet>,
-    /// How long a request that asks waits for a person's answer before it
-    /// is denied.
-    pub ask_timeout_secs: u64,
+}
+
+/// `[approvals]`: decisions people are asked for (egress `ask` rules,
+/// agents' permission requests under `agents.permission_policy = "ask"`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsSection {
+    /// How long a held request waits for an answer before it is denied.
+    pub timeout_secs: u64,
+}
+
+impl Default for ApprovalsSection {
+    fn default() -> Self {
+        ApprovalsSection { timeout_secs: 300 }
+    }
 }
 
 impl Default for EgressSection {
@@ -86,7 +100,6 @@ impl Default for EgressSection {
             rules: Vec::new(),
             hosts: Default::default(),
             allow_networks: Vec::new(),
-            ask_timeout_secs: 300,
         }
     }
 }
@@ -109,8 +122,8 @@ impl EgressSection {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentsSection {
-    /// How an agent's permission requests are answered until approvals
-    /// by people exist: `allow` (the sandbox is the fence) or `deny`.
+    /// How an agent's permission requests are answered: `allow` (the
+    /// sandbox is the fence), `deny`, or `ask` (a person decides).
     pub permission_policy: PermissionPolicySetting,
     /// Tools the agent must ask permission for before each use, in the
     /// agent's own names (opencode: `bash`, `edit`, `webfetch`...). Empty:
@@ -127,6 +140,9 @@ pub enum PermissionPolicySetting {
     Allow,
     /// Reject once.
     Deny,
+    /// A person decides through backshift's approvals (`backshift
+    /// approve`); denied when nobody does within `approvals.timeout_secs`.
+    Ask,
 }
 
 /// `[sandbox]`.
@@ -257,6 +273,7 @@ impl Default for Config {
             deadlines: Deadlines::default(),
             git: GitSection::default(),
             egress: EgressSection::default(),
+            approvals: ApprovalsSection::default(),
         }
     }
 }

@@ -97,7 +97,7 @@ impl AttemptPolicy {
             }),
             target,
         };
-        let timeout = Duration::from_secs(self.app.config.egress.ask_timeout_secs);
+        let timeout = Duration::from_secs(self.app.config.approvals.timeout_secs);
         match approvals::ask(&self.app, &self.attempt, question, timeout).await {
             approvals::Outcome::Granted { approval } => Verdict {
                 allow: true,

@@ -338,6 +338,104 @@ async fn a_denying_policy_rejects_what_the_agent_asks_and_it_carries_on() {
     );
 }
 
+/// The attempt's pending approval, once the attempt waits for it.
+async fn pending_approval(w: &World, attempt: &str) -> Value {
+    for _ in 0..600 {
+        let (_, list) = w.api(Method::GET, "/api/v1/approvals", None).await;
+        let (_, view) = w
+            .api(Method::GET, &format!("/api/v1/attempts/{attempt}"), None)
+            .await;
+        if let Some(a) = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["attempt_id"] == attempt)
+            && view["state"] == "waiting_approval"
+        {
+            return a.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{attempt}: no pending approval in 60 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asking_policy_puts_the_agents_permission_requests_to_a_person() {
+    let agents = testkit::agents_dir(&["opencode"]);
+    let script = common::script(json!({
+        "untooled": {"content": "Two commands"},
+        "steps": [
+            {"reply": {"tool_calls": [{"name": "bash", "arguments": {"command": "echo one > first.txt", "description": "First"}}]}},
+            {"reply": {"tool_calls": [{"name": "bash", "arguments": {"command": "echo two > second.txt", "description": "Second"}}]}},
+            {"reply": {"content": "The first command ran; the second was refused."}}
+        ]
+    }));
+    let w = World::start(
+        Some(script),
+        &format!(
+            "agents_dir = \"{}\"\n[agents]\npermission_policy = \"ask\"\nask = [\"bash\"]\n",
+            agents.display()
+        ),
+    )
+    .await;
+    let (task, attempt) = submit_to_opencode(&w, "Run two commands").await;
+    // The agent waits for a person; the request is in the approvals.
+    let first = pending_approval(&w, &attempt).await;
+    assert_eq!(first["kind"], "permission", "{first}");
+    assert_eq!(first["summary"], "execute: echo one > first.txt", "{first}");
+    assert_eq!(first["subject"]["tool_kind"], "execute");
+    let id = first["id"].as_str().unwrap();
+    let (code, out, err) = w.cli(&["approve", id]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    // The second is denied, with a reason the agent hears.
+    let second = loop {
+        let a = pending_approval(&w, &attempt).await;
+        if a["id"] != first["id"] {
+            break a;
+        }
+    };
+    assert_eq!(second["summary"], "execute: echo two > second.txt");
+    let (code, out, err) = w
+        .cli(&[
+            "deny",
+            second["id"].as_str().unwrap(),
+            "--reason",
+            "one is enough",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let view = w.wait(&task).await;
+    let evs = w.events(&attempt).await;
+    assert_eq!(view["state"], "succeeded", "{view}\n{evs:#?}");
+    let decisions = of_type(&evs, "permission_decision");
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    assert_eq!(decisions[0]["decision"], "allow_once");
+    assert_ne!(decisions[0]["by"], "policy");
+    assert_eq!(decisions[1]["decision"], "reject_once");
+    assert!(
+        decisions[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("one is enough"),
+        "{}",
+        decisions[1]
+    );
+    // The approval events sit before the decisions, and the attempt went
+    // to waiting_approval and back for each.
+    assert_eq!(of_type(&evs, "approval_requested").len(), 2);
+    let waits = evs
+        .iter()
+        .filter(|e| e["type"] == "state_changed" && e["to"] == "waiting_approval")
+        .count();
+    assert_eq!(waits, 2);
+    let (_, diff, _) = w.cli(&["diff", &task]).await;
+    assert!(diff.contains("first.txt"), "{diff}");
+    assert!(
+        !diff.contains("second.txt"),
+        "the denied command ran: {diff}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_asks_the_agent_to_stop_its_turn() {
     let w = with_opencode(json!({

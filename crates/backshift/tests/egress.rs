@@ -539,8 +539,10 @@ async fn an_ask_rule_holds_the_request_until_a_person_answers_or_time_runs_out()
     );
     let config = format!(
         r#"
+[approvals]
+timeout_secs = 4
+
 [egress]
-ask_timeout_secs = 4
 allow_networks = ["{ip}/32"]
 hosts = {{ "asked.backshift-test.invalid" = "{ip}", "unanswered.backshift-test.invalid" = "{ip}", "refused.backshift-test.invalid" = "{ip}" }}
 
