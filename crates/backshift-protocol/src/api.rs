@@ -212,6 +212,41 @@ impl Scope {
     }
 }
 
+/// One row of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntry {
+    /// Position, from 1, without gaps.
+    pub seq: i64,
+    /// When (RFC 3339).
+    pub ts: String,
+    /// Who: `token:NAME` (an API caller), `policy`, `sandbox:ATTEMPT`,
+    /// `timeout`, `backshift`.
+    pub actor: String,
+    /// What: `task.create`, `task.cancel`, `approval.approve`,
+    /// `egress.denied`, `permission.allow_once`...
+    pub action: String,
+    /// On what: a task, attempt or approval id, or `host:port`.
+    pub target: String,
+    /// Details and reasons.
+    #[schema(value_type = Object)]
+    pub detail: serde_json::Value,
+    /// This row's hash (SHA-256 over its content and the previous hash).
+    pub hash: String,
+}
+
+/// `GET /api/v1/audit/verify`: whether the chain is intact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AuditVerification {
+    /// No problem found.
+    pub ok: bool,
+    /// Rows checked.
+    pub rows: u64,
+    /// The last row written, as the head file outside the database says.
+    pub head_seq: Option<i64>,
+    /// What is wrong, one sentence each.
+    pub problems: Vec<String>,
+}
+
 /// Every error body: what went wrong, and what to do about it.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {

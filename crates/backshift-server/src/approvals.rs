@@ -124,6 +124,13 @@ async fn ask_inner(
             answered_at: None,
         })
         .await?;
+    app.audit(
+        &format!("sandbox:{attempt}"),
+        &format!("approval.request.{}", question.kind),
+        &id,
+        serde_json::json!({"attempt": attempt, "summary": question.summary, "subject": question.subject}),
+    )
+    .await;
     let _ = app
         .hub
         .emit(
@@ -221,6 +228,13 @@ async fn expire(
         at: now_ms(),
     };
     if app.store.answer_approval(&row.id, &answer, None).await? {
+        app.audit(
+            "timeout",
+            "approval.expire",
+            &row.id,
+            serde_json::json!({"attempt": row.attempt_id, "summary": row.summary, "reason": why}),
+        )
+        .await;
         let _ = app
             .hub
             .emit(
@@ -430,6 +444,22 @@ pub async fn answer(
     if !recorded {
         return Err(AnswerError::Settled(Box::new(view(&now))));
     }
+    app.audit(
+        &format!("token:{by}"),
+        match answer.decision {
+            Decision::Approve => "approval.approve",
+            Decision::Deny => "approval.deny",
+        },
+        id,
+        serde_json::json!({
+            "attempt": row.attempt_id,
+            "summary": row.summary,
+            "scope": scope.map(Scope::as_str),
+            "reason": reason,
+            "grant": grant.as_ref().map(|g| g.target),
+        }),
+    )
+    .await;
     let _ = app
         .hub
         .emit(

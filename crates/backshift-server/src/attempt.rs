@@ -52,6 +52,30 @@ struct AttemptSink {
 #[async_trait]
 impl EventSink for AttemptSink {
     async fn emit(&self, kind: EventKind) {
+        // An agent's permission request answered is a policy decision.
+        if let EventKind::PermissionDecision {
+            call_id,
+            title,
+            kind: tool_kind,
+            decision,
+            by,
+            reason,
+        } = &kind
+        {
+            let actor = if ["policy", "timeout", "approval"].contains(&by.as_str()) {
+                by.clone()
+            } else {
+                format!("token:{by}")
+            };
+            self.app
+                .audit(
+                    &actor,
+                    &format!("permission.{decision}"),
+                    &self.attempt,
+                    serde_json::json!({"tool_call": call_id, "title": title, "kind": tool_kind, "reason": reason}),
+                )
+                .await;
+        }
         if let Err(e) = self.app.hub.emit(&self.attempt, kind).await {
             tracing::error!(attempt = %self.attempt, "cannot record event: {e}");
         }

@@ -178,6 +178,30 @@ impl Decider for AttemptPolicy {
             Some((m, p)) => (Some(m.clone()), Some(p.clone())),
             None => (None, None),
         };
+        let actor = if verdict
+            .rule
+            .as_deref()
+            .is_some_and(|r| r.starts_with("approval "))
+        {
+            "approval"
+        } else {
+            "policy"
+        };
+        self.app
+            .audit(
+                actor,
+                &format!("egress.{decision}"),
+                &format!("{}:{}", req.host, req.port),
+                serde_json::json!({
+                    "attempt": self.attempt,
+                    "method": method,
+                    "path": path,
+                    "rule": verdict.rule,
+                    "reason": reason,
+                    "address": address,
+                }),
+            )
+            .await;
         let event = EventKind::Egress {
             host: req.host.clone(),
             port: req.port,

@@ -10,6 +10,7 @@ pub mod agents;
 pub mod api;
 pub mod approvals;
 pub mod attempt;
+pub mod audit;
 pub mod auth;
 pub mod checkpoint;
 pub mod config;

@@ -43,6 +43,8 @@ pub struct App {
     pub shim_binary: PathBuf,
     /// Woken whenever an approval is answered (its waiters re-read it).
     pub approvals_changed: tokio::sync::Notify,
+    /// The audit log.
+    pub audit: crate::audit::Audit,
     docker: Mutex<Option<Arc<DockerDriver>>>,
 }
 
@@ -249,6 +251,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let app = Arc::new(App {
         git: GitStore::new(data_dir.join("git")),
         hub: EventHub::new(store.clone(), &replica),
+        audit: crate::audit::Audit::new(store.clone(), &data_dir),
         replica,
         _replica_lock: replica_lock,
         store,
@@ -259,9 +262,19 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         })?,
         docker: Mutex::new(None),
         approvals_changed: tokio::sync::Notify::new(),
+
         data_dir: data_dir.clone(),
         config,
     });
+    if new_token.is_some() {
+        app.audit(
+            "backshift",
+            "token.create",
+            "admin",
+            serde_json::json!({"why": "first start: the admin token, shown once and saved for the local CLI"}),
+        )
+        .await;
+    }
     supervisor::recover(&app).await?;
     if app.config.pulls_image() {
         tokio::spawn(prepull(app.clone()));

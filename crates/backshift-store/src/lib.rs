@@ -8,10 +8,12 @@
 //! database), so PostgreSQL can join behind the same interface.
 
 mod approvals;
+mod audit;
 mod rows;
 mod writer;
 
 pub use approvals::{Answer, ApprovalRow, NewGrant};
+pub use audit::{AuditRow, GENESIS, NewAudit, chain_hash};
 pub use rows::{AttemptRow, CheckpointRow, NewAttempt, NewTask, TaskRow};
 
 use backshift_core::{AttemptState, FailureReason};

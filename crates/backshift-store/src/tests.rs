@@ -481,7 +481,45 @@ async fn approvals_are_answered_once_and_grants_apply_to_their_task_or_project(s
     );
 }
 
+async fn the_audit_log_is_a_gapless_hash_chain_even_with_concurrent_writers(store: Store) {
+    let mut writers = Vec::new();
+    for i in 0..12 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let target = format!("t{i}");
+            store
+                .append_audit(&NewAudit {
+                    ts: i,
+                    actor: "token:admin",
+                    action: "task.create",
+                    target: &target,
+                    detail: "{}",
+                })
+                .await
+                .unwrap()
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let rows = store.audit_rows(0, 100).await.unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    assert_eq!(rows[0].prev_hash, GENESIS);
+    for pair in rows.windows(2) {
+        assert_eq!(pair[1].prev_hash, pair[0].hash);
+    }
+    assert!(rows.iter().all(|r| r.hash == r.expected_hash()));
+    let mut edited = rows[3].clone();
+    edited.actor = "token:someone-else".into();
+    assert_ne!(edited.expected_hash(), edited.hash, "an edit shows");
+    assert_eq!(store.audit_rows(10, 100).await.unwrap().len(), 2);
+}
+
 on_both!(
+    the_audit_log_is_a_gapless_hash_chain_even_with_concurrent_writers,
     approvals_are_answered_once_and_grants_apply_to_their_task_or_project,
     time_held_by_a_person_is_added_up_by_the_transitions_that_end_it,
     the_live_conversation_runs_ahead_of_checkpoints,

@@ -2,13 +2,13 @@
 
 use crate::client::Client;
 use crate::render::event_lines;
-use crate::{Cli, Command, ImageCommand};
+use crate::{AuditCommand, Cli, Command, ImageCommand};
 use anyhow::{Context, bail};
 use backshift_core::AttemptId;
 use backshift_core::limits::LimitsRequest;
 use backshift_protocol::{
-    AnswerApproval, ApprovalView, AttemptView, CreateTaskRequest, Decision, Event, Scope,
-    TaskCreated, TaskView,
+    AnswerApproval, ApprovalView, AttemptView, AuditEntry, AuditVerification, CreateTaskRequest,
+    Decision, Event, Scope, TaskCreated, TaskView,
 };
 use futures::StreamExt;
 use reqwest::Method;
@@ -254,6 +254,59 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
         }
         Command::Deny { id, reason } => {
             answer(&client, &id, Decision::Deny, Scope::Once, reason).await
+        }
+        Command::Audit {
+            command: Some(AuditCommand::Verify),
+            ..
+        } => {
+            let v: AuditVerification = client
+                .send(client.request(Method::GET, "/api/v1/audit/verify"))
+                .await?;
+            if v.ok {
+                println!(
+                    "the audit log is intact: {} rows, chained{}",
+                    v.rows,
+                    match v.head_seq {
+                        Some(s) => format!(", ending at row {s} as recorded outside the database"),
+                        None => String::new(),
+                    }
+                );
+                Ok(0)
+            } else {
+                println!("the audit log was tampered with ({} rows):", v.rows);
+                for p in &v.problems {
+                    println!("  {p}");
+                }
+                Ok(1)
+            }
+        }
+        Command::Audit {
+            command: None,
+            after,
+            jsonl,
+        } => {
+            let mut after = after;
+            loop {
+                let page: Vec<AuditEntry> = client
+                    .send(client.request(
+                        Method::GET,
+                        &format!("/api/v1/audit?after={after}&limit=1000"),
+                    ))
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                for e in &page {
+                    if jsonl {
+                        println!("{}", serde_json::to_string(e)?);
+                    } else {
+                        println!(
+                            "{:>6}  {}  {}  {}  {}  {}",
+                            e.seq, e.ts, e.actor, e.action, e.target, e.detail
+                        );
+                    }
+                }
+            }
+            Ok(0)
         }
         Command::Serve { .. }
         | Command::Image { .. }

@@ -142,6 +142,17 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// The audit log: every API mutation and policy decision, in order.
+    Audit {
+        #[command(subcommand)]
+        command: Option<AuditCommand>,
+        /// Entries after this seq.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// One JSON object per line (an export).
+        #[arg(long)]
+        jsonl: bool,
+    },
     /// Manage sandbox images.
     Image {
         #[command(subcommand)]
@@ -160,6 +171,12 @@ enum Command {
         #[arg(long, default_value = backshift_shim::proto::SANDBOX_DIR)]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain: exits 1 if a row was edited, inserted or deleted.
+    Verify,
 }
 
 /// `approve --for`.

@@ -3,6 +3,7 @@
 
 mod approvals;
 mod attempts;
+mod audit;
 mod error;
 mod git;
 mod health;
@@ -27,6 +28,7 @@ use utoipa::OpenApi;
     paths(
         tasks::create_task, tasks::list_tasks, tasks::get_task, tasks::cancel_task,
         approvals::list_approvals, approvals::get_approval, approvals::answer_approval,
+        audit::list_audit, audit::verify_audit,
         attempts::get_attempt, attempts::list_events, attempts::stream_events, attempts::get_diff,
         health::healthz, health::readyz,
     ),
@@ -36,6 +38,7 @@ use utoipa::OpenApi;
         backshift_protocol::Event, backshift_protocol::EventKind,
         backshift_protocol::ApprovalView, backshift_protocol::AnswerApproval,
         backshift_protocol::Decision, backshift_protocol::Scope,
+        backshift_protocol::AuditEntry, backshift_protocol::AuditVerification,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -69,6 +72,8 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/approvals/{id}",
             get(approvals::get_approval).post(approvals::answer_approval),
         )
+        .route("/api/v1/audit", get(audit::list_audit))
+        .route("/api/v1/audit/verify", get(audit::verify_audit))
         .route("/api/v1/attempts/{id}", get(attempts::get_attempt))
         .route("/api/v1/attempts/{id}/events", get(attempts::list_events))
         .route(
@@ -95,6 +100,13 @@ async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
 /// Who is calling: the name of the API token the request carried.
 #[derive(Debug, Clone)]
 pub struct Caller(pub String);
+
+impl Caller {
+    /// As the audit log names it.
+    pub fn actor(&self) -> String {
+        format!("token:{}", self.0)
+    }
+}
 
 async fn require_token(
     State(app): State<Arc<App>>,

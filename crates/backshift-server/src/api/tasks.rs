@@ -1,10 +1,10 @@
 //! Tasks: create, list, show, cancel.
 
-use super::ApiError;
+use super::{ApiError, Caller};
 use crate::serve::App;
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use backshift_core::limits::LimitsRequest;
 use backshift_core::slug::branch_name;
@@ -23,6 +23,7 @@ const AGENTS: &[&str] = &["builtin", "command"];
     (status = 400, description = "Bad input: the error says which field and why", body = backshift_protocol::ErrorBody)))]
 pub async fn create_task(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<CreateTaskRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<TaskCreated>), ApiError> {
     let Json(req) = body.map_err(|e| {
@@ -108,6 +109,15 @@ pub async fn create_task(
         .await?;
     let id = TaskId::generate();
     let attempt = AttemptId::new(&id, 1);
+    let detail = serde_json::json!({
+        "project": project,
+        "repo": repo,
+        "base_ref": req.base_ref,
+        "agent": agent,
+        "prompt": prompt.chars().take(500).collect::<String>(),
+        "command": command,
+        "limits": limits,
+    });
     app.store
         .create_task(
             &NewTask {
@@ -128,6 +138,8 @@ pub async fn create_task(
             }],
         )
         .await?;
+    app.audit(&caller.actor(), "task.create", id.as_str(), detail)
+        .await;
     app.supervisor.wake();
     Ok((
         StatusCode::CREATED,
@@ -209,9 +221,25 @@ pub async fn get_task(
     responses((status = 200, body = TaskView), (status = 404, body = backshift_protocol::ErrorBody)))]
 pub async fn cancel_task(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
     let task = find_task(&app, &id).await?;
+    let active: Vec<String> = app
+        .store
+        .attempts_of(&id)
+        .await?
+        .into_iter()
+        .filter(|a| !a.state.is_terminal())
+        .map(|a| a.id)
+        .collect();
+    app.audit(
+        &caller.actor(),
+        "task.cancel",
+        &id,
+        serde_json::json!({"active_attempts": active}),
+    )
+    .await;
     for a in app.store.attempts_of(&id).await? {
         if a.state.is_terminal() {
             continue;

@@ -1,0 +1,142 @@
+//! The audit log through the real server and CLI: mutations and policy
+//! decisions are recorded with who did them; an edited, a deleted-inside
+//! and a deleted-at-the-end row are each found by `backshift audit verify`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::World;
+use serde_json::Value;
+
+async fn db(w: &World) -> sqlx::SqlitePool {
+    let path = w.dir.path().join("data").join("backshift.db");
+    sqlx::sqlite::SqlitePoolOptions::new()
+        .connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap()
+}
+
+async fn verify(w: &World) -> (i32, String) {
+    let (code, out, err) = w.cli(&["audit", "verify"]).await;
+    (code, format!("{out}{err}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutations_and_decisions_are_audited_and_tampering_is_found() {
+    // A default-deny egress policy, so the task's one request is a
+    // decision on the record.
+    let w = World::start(None, "").await;
+    let (task, view) = w
+        .run_task(
+            "Try the network",
+            &[
+                "--command",
+                "curl -s -m 5 http://somewhere.invalid/ || true",
+            ],
+        )
+        .await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let (code, _, _) = w.cli(&["cancel", &task]).await;
+    assert_eq!(code, 0);
+
+    let (code, out, err) = w.cli(&["audit", "--jsonl"]).await;
+    assert_eq!(code, 0, "{err}");
+    let entries: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let actions: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|e| (e["actor"].as_str().unwrap(), e["action"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("backshift", "token.create"),
+            ("token:admin", "task.create"),
+            ("policy", "egress.denied"),
+            ("token:admin", "task.cancel"),
+        ],
+        "{out}"
+    );
+    assert_eq!(entries[1]["target"], task);
+    assert_eq!(entries[1]["detail"]["prompt"], "Try the network");
+    assert_eq!(entries[2]["target"], "somewhere.invalid:80");
+    assert!(
+        entries[2]["detail"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the default is deny")
+    );
+    let seqs: Vec<i64> = entries.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    let (code, table, _) = w.cli(&["audit", "--after", "3"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("task.cancel") && !table.contains("task.create"),
+        "{table}"
+    );
+
+    let (code, out) = verify(&w).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("intact: 4 rows") && out.contains("ending at row 4"),
+        "{out}"
+    );
+
+    // Someone with the database edits who created the task.
+    let pool = db(&w).await;
+    sqlx::query("UPDATE audit_log SET actor = 'token:nobody' WHERE seq = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (code, out) = verify(&w).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("row 2 was edited"), "{out}");
+    sqlx::query("UPDATE audit_log SET actor = 'token:admin' WHERE seq = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(verify(&w).await.0, 0);
+
+    // ... deletes the denied request from the middle.
+    let saved: (i64, i64, String, String, String, String, String, String) = sqlx::query_as(
+        "SELECT seq, ts, actor, action, target, detail, prev_hash, hash FROM audit_log WHERE seq = 3",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM audit_log WHERE seq = 3")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (code, out) = verify(&w).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("row 3 is missing (deleted)"), "{out}");
+    sqlx::query("INSERT INTO audit_log VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+        .bind(saved.0)
+        .bind(saved.1)
+        .bind(saved.2)
+        .bind(saved.3)
+        .bind(saved.4)
+        .bind(saved.5)
+        .bind(saved.6)
+        .bind(saved.7)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(verify(&w).await.0, 0);
+
+    // ... or the last row, which leaves a shorter chain that is intact
+    // by itself: the head kept outside the database tells.
+    sqlx::query("DELETE FROM audit_log WHERE seq = 4")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (code, out) = verify(&w).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("the log ends at row 3, but row 4 was written"),
+        "{out}"
+    );
+}
