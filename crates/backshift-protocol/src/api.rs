@@ -35,6 +35,8 @@ pub struct CreateTaskRequest {
 pub struct TaskView {
     /// Task id.
     pub id: String,
+    /// Its project (the repository's policy: `backshift egress PROJECT`).
+    pub project_id: String,
     /// What was asked.
     pub prompt: String,
     /// The repository as given.
@@ -210,6 +212,28 @@ impl Scope {
             Scope::Project => "project",
         }
     }
+}
+
+/// A project: a repository and its own policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProjectView {
+    /// Its id.
+    pub id: String,
+    /// The repository (a path on the server's host, or a URL).
+    pub source: String,
+    /// Its egress rules, decided before the server's (deny still wins
+    /// over ask, and ask over allow, across both).
+    pub egress_rules: Vec<backshift_core::policy::Rule>,
+    /// When it was first used (RFC 3339).
+    pub created_at: String,
+}
+
+/// `PUT /api/v1/projects/{id}/egress`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetEgressRules {
+    /// The rules, replacing the project's.
+    pub rules: Vec<backshift_core::policy::Rule>,
 }
 
 /// One row of the audit log.

@@ -77,6 +77,25 @@ struct AttemptPolicy {
 }
 
 impl AttemptPolicy {
+    /// The project's own rules, as they are now (a change applies to the
+    /// next request). Unreadable ones are logged and left out: the
+    /// server's rules and default decide.
+    async fn project_rules(&self) -> Vec<policy::Rule> {
+        let task = backshift_core::AttemptId::parse(&self.attempt)
+            .map(|a| a.task_id().as_str().to_owned())
+            .unwrap_or_default();
+        let Ok(Some(task)) = self.app.store.task(&task).await else {
+            return Vec::new();
+        };
+        match self.app.store.project(&task.project_id).await {
+            Ok(Some(p)) => serde_json::from_str(&p.egress_rules).unwrap_or_else(|e| {
+                tracing::error!(project = %p.id, "unreadable egress rules: {e}");
+                Vec::new()
+            }),
+            _ => Vec::new(),
+        }
+    }
+
     /// Holds `req` for a person's answer (or an earlier approval's grant).
     async fn ask(&self, req: &Attempted, rule: Option<String>) -> Verdict {
         let target = format!("{}:{}", req.host, req.port);
@@ -138,8 +157,12 @@ impl AttemptPolicy {
 impl Decider for AttemptPolicy {
     async fn decide(&self, req: &Attempted) -> Verdict {
         let egress = &self.app.config.egress;
+        let project = self.project_rules().await;
         let decision = policy::evaluate(
-            &[(Origin::Server, &egress.rules[..])],
+            &[
+                (Origin::Project, &project[..]),
+                (Origin::Server, &egress.rules[..]),
+            ],
             egress.default,
             &req.as_policy(),
         );

@@ -1,5 +1,6 @@
-//! Approvals (decisions a person is asked for) and the grants that
-//! approvals "for the task" or "for the project" leave behind.
+//! Approvals (decisions a person is asked for), the grants that
+//! approvals "for the task" or "for the project" leave behind, and the
+//! projects' own policy.
 
 use crate::{Result, Store};
 use sqlx::Row;
@@ -206,5 +207,61 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| r.get(0)))
+    }
+}
+
+/// A stored project.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectRow {
+    /// Its id.
+    pub id: String,
+    /// The repository (a path on the server's host or a URL).
+    pub source: String,
+    /// Its egress rules, as JSON.
+    pub egress_rules: String,
+    /// Creation time, unix ms.
+    pub created_at: i64,
+}
+
+fn project(r: &AnyRow) -> ProjectRow {
+    ProjectRow {
+        id: r.get(0),
+        source: r.get(1),
+        egress_rules: r.get(2),
+        created_at: r.get(3),
+    }
+}
+
+impl Store {
+    /// Every project, oldest first.
+    pub async fn projects(&self) -> Result<Vec<ProjectRow>> {
+        let rows = sqlx::query(
+            "SELECT id, source, egress_rules, created_at FROM projects ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(project).collect())
+    }
+
+    /// One project.
+    pub async fn project(&self, id: &str) -> Result<Option<ProjectRow>> {
+        let row =
+            sqlx::query("SELECT id, source, egress_rules, created_at FROM projects WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.as_ref().map(project))
+    }
+
+    /// Replaces a project's egress rules (JSON); false when there is no
+    /// such project.
+    pub async fn set_project_egress(&self, id: &str, rules: &str) -> Result<bool> {
+        let updated = sqlx::query("UPDATE projects SET egress_rules = $1 WHERE id = $2")
+            .bind(rules)
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(updated == 1)
     }
 }

@@ -12,7 +12,7 @@ mod audit;
 mod rows;
 mod writer;
 
-pub use approvals::{Answer, ApprovalRow, NewGrant};
+pub use approvals::{Answer, ApprovalRow, NewGrant, ProjectRow};
 pub use audit::{AuditRow, GENESIS, NewAudit, chain_hash};
 pub use rows::{AttemptRow, CheckpointRow, NewAttempt, NewTask, TaskRow};
 

@@ -6,9 +6,10 @@ use crate::{AuditCommand, Cli, Command, ImageCommand};
 use anyhow::{Context, bail};
 use backshift_core::AttemptId;
 use backshift_core::limits::LimitsRequest;
+use backshift_core::policy::{Action, Rule};
 use backshift_protocol::{
     AnswerApproval, ApprovalView, AttemptView, AuditEntry, AuditVerification, CreateTaskRequest,
-    Decision, Event, Scope, TaskCreated, TaskView,
+    Decision, Event, ProjectView, Scope, SetEgressRules, TaskCreated, TaskView,
 };
 use futures::StreamExt;
 use reqwest::Method;
@@ -255,6 +256,31 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
         Command::Deny { id, reason } => {
             answer(&client, &id, Decision::Deny, Scope::Once, reason).await
         }
+        Command::Projects => {
+            let list: Vec<ProjectView> = client
+                .send(client.request(Method::GET, "/api/v1/projects"))
+                .await?;
+            if list.is_empty() {
+                println!(
+                    "no projects yet: a project appears with the first task on its repository"
+                );
+            }
+            for p in &list {
+                println!(
+                    "{}  {}  ({} egress rules)",
+                    p.id,
+                    p.source,
+                    p.egress_rules.len()
+                );
+            }
+            Ok(0)
+        }
+        Command::Egress {
+            project,
+            add,
+            remove,
+            clear,
+        } => egress(&client, &project, &add, &remove, clear).await,
         Command::Audit {
             command: Some(AuditCommand::Verify),
             ..
@@ -315,6 +341,115 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             bail!("not a client command")
         }
     }
+}
+
+/// The project named by id or by its repository.
+async fn find_project(client: &Client, name: &str) -> anyhow::Result<ProjectView> {
+    let list: Vec<ProjectView> = client
+        .send(client.request(Method::GET, "/api/v1/projects"))
+        .await?;
+    let path = std::fs::canonicalize(name)
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
+    list.into_iter()
+        .find(|p| p.id == name || p.source == name || Some(&p.source) == path.as_ref())
+        .with_context(|| {
+            format!("no project {name}: give a project id (`backshift projects`) or the repository a task ran on")
+        })
+}
+
+/// A rule written as "ACTION HOST[:PORT,...] [METHOD,...] [/PATH_PREFIX]".
+fn parse_rule(text: &str) -> anyhow::Result<Rule> {
+    let mut words = text.split_whitespace();
+    let action = match words.next() {
+        Some("allow") => Action::Allow,
+        Some("deny") => Action::Deny,
+        Some("ask") => Action::Ask,
+        other => bail!(
+            "rule `{text}` starts with {}, not allow, deny or ask",
+            other.unwrap_or("nothing")
+        ),
+    };
+    let target = words
+        .next()
+        .with_context(|| format!("rule `{text}` names no host"))?;
+    let (host, ports) = match target.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => {
+            let ports = p
+                .split(',')
+                .map(|x| {
+                    x.parse::<u16>()
+                        .with_context(|| format!("`{x}` in rule `{text}` is not a port"))
+                })
+                .collect::<anyhow::Result<Vec<u16>>>()?;
+            (h.to_owned(), ports)
+        }
+        _ => (target.to_owned(), Vec::new()),
+    };
+    let mut rule = Rule {
+        host,
+        ports,
+        methods: Vec::new(),
+        path_prefix: None,
+        action,
+    };
+    for w in words {
+        if w.starts_with('/') {
+            rule.path_prefix = Some(w.to_owned());
+        } else {
+            rule.methods = w.split(',').map(str::to_ascii_uppercase).collect();
+        }
+    }
+    rule.check()
+        .map_err(|e| anyhow::anyhow!("rule `{text}`: {e}"))?;
+    Ok(rule)
+}
+
+async fn egress(
+    client: &Client,
+    project: &str,
+    add: &[String],
+    remove: &[usize],
+    clear: bool,
+) -> anyhow::Result<i32> {
+    let mut p = find_project(client, project).await?;
+    if clear || !add.is_empty() || !remove.is_empty() {
+        let mut rules = if clear {
+            Vec::new()
+        } else {
+            p.egress_rules.clone()
+        };
+        let mut gone: Vec<usize> = remove.to_vec();
+        gone.sort_unstable();
+        gone.dedup();
+        for n in gone.into_iter().rev() {
+            if n == 0 || n > rules.len() {
+                bail!(
+                    "there is no rule {n}: the project has {} (see `backshift egress {project}`)",
+                    rules.len()
+                );
+            }
+            rules.remove(n - 1);
+        }
+        for text in add {
+            rules.push(parse_rule(text)?);
+        }
+        p = client
+            .send(
+                client
+                    .request(Method::PUT, &format!("/api/v1/projects/{}/egress", p.id))
+                    .json(&SetEgressRules { rules }),
+            )
+            .await?;
+    }
+    println!("project {} ({})", p.id, p.source);
+    if p.egress_rules.is_empty() {
+        println!("  no rules of its own: the server's [egress] rules and default decide");
+    }
+    for (i, r) in p.egress_rules.iter().enumerate() {
+        println!("  {}. {}", i + 1, r.describe());
+    }
+    Ok(0)
 }
 
 /// One approval in one line.

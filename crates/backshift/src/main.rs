@@ -142,6 +142,24 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// List projects (one per repository) with their egress rules.
+    Projects,
+    /// Show or change a project's own egress rules (decided before the
+    /// server's; deny wins over ask, ask over allow).
+    Egress {
+        /// Project id, or its repository (a path or URL as tasks name it).
+        project: String,
+        /// Add a rule: "ACTION HOST[:PORT,...] [METHOD,...] [/PATH_PREFIX]",
+        /// e.g. "allow *.pythonhosted.org:443" or "ask api.example.com GET /v1/".
+        #[arg(long)]
+        add: Vec<String>,
+        /// Remove rule N (as numbered in the listing).
+        #[arg(long)]
+        remove: Vec<usize>,
+        /// Remove every rule first.
+        #[arg(long)]
+        clear: bool,
+    },
     /// The audit log: every API mutation and policy decision, in order.
     Audit {
         #[command(subcommand)]

@@ -465,10 +465,15 @@ impl Target {
     fn start(label: &str, body: &str) -> Target {
         let label = label.to_owned();
         sweep(&label);
-        let tag = format!("{:x}", std::process::id() & 0xffff);
-        let net = format!("bs-ask-{tag}");
+        // Unique per test (tests may share a process) and per run.
+        let tag = format!(
+            "{}-{:x}",
+            label.rsplit('=').next().unwrap_or("t"),
+            std::process::id() & 0xffff
+        );
+        let net = format!("bs-{tag}");
         docker(&["network", "create", "--label", &label, &net]);
-        let name = format!("bs-ask-target-{tag}");
+        let name = format!("bs-{tag}-target");
         let image = backshift_sandbox::image::default_image_tag();
         let body = format!("BODY={body}");
         docker(&[
@@ -714,4 +719,127 @@ action = "ask"
         )
         .await;
     assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projects_own_rules_apply_to_its_next_request_and_server_denials_still_win() {
+    let t = Target::start("dev.backshift.test=egress-project", "project-target");
+    assert_eq!(
+        from_host(&format!("http://{}/", t.ip)).await,
+        "project-target"
+    );
+    let config = format!(
+        r#"
+[egress]
+allow_networks = ["{ip}/32"]
+hosts = {{ "project.backshift-test.invalid" = "{ip}", "blocked.backshift-test.invalid" = "{ip}" }}
+
+[[egress.rules]]
+host = "blocked.backshift-test.invalid"
+action = "deny"
+"#,
+        ip = t.ip
+    );
+    let w = World::start(None, &config).await;
+    let fetch = "for h in project blocked; do printf '%s %s\\n' $h \"$(curl -s -o /dev/null -m 10 -w '%{http_code}' http://$h.backshift-test.invalid/)\"; done";
+    let (task, view) = w.run_task("Fetch", &["--command", fetch]).await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let out = common::command_output(&w.events(&format!("{task}-1")).await);
+    assert_eq!(out, "project 403\nblocked 403\n", "the default denies both");
+
+    // The project allows its whole test domain.
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, listed, _) = w.cli(&["projects"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        listed.contains(&format!(
+            "{}  {}",
+            view["project_id"].as_str().unwrap(),
+            std::fs::canonicalize(&w.repo).unwrap().display()
+        )),
+        "{listed}"
+    );
+    let (code, out, err) = w
+        .cli(&[
+            "egress",
+            &repo,
+            "--add",
+            "allow *.backshift-test.invalid:80,8080",
+            "--add",
+            "ask other.invalid GET /x/",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("1. allow *.backshift-test.invalid:80,8080")
+            && out.contains("2. ask other.invalid GET /x/*"),
+        "{out}"
+    );
+    let (code, out, err) = w.cli(&["egress", &repo, "--remove", "2"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("other.invalid"), "{out}");
+    let (task, view) = w.run_task("Fetch again", &["--command", fetch]).await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let evs = w.events(&format!("{task}-1")).await;
+    assert_eq!(
+        common::command_output(&evs),
+        "project 200\nblocked 403\n",
+        "the server's deny still wins"
+    );
+    let allowed = evs
+        .iter()
+        .find(|e| e["type"] == "egress" && e["decision"] == "allowed")
+        .unwrap();
+    assert_eq!(
+        allowed["rule"],
+        "allow *.backshift-test.invalid:80,8080 (project rule 1)"
+    );
+    let denied = evs
+        .iter()
+        .find(|e| e["type"] == "egress" && e["decision"] == "denied")
+        .unwrap();
+    assert_eq!(
+        denied["rule"],
+        "deny blocked.backshift-test.invalid (server rule 1)"
+    );
+
+    // Bad rules are refused with the reason, and nothing changes.
+    let (code, _, err) = w.cli(&["egress", &repo, "--add", "permit x"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("not allow, deny or ask"), "{err}");
+    let project = view["project_id"].as_str().unwrap();
+    let (status, body) = w
+        .api(
+            reqwest::Method::PUT,
+            &format!("/api/v1/projects/{project}/egress"),
+            Some(serde_json::json!({"rules": [{"host": "a*b", "action": "allow"}]})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rule 1"),
+        "{body}"
+    );
+    let (status, _) = w
+        .api(
+            reqwest::Method::PUT,
+            "/api/v1/projects/nope/egress",
+            Some(serde_json::json!({"rules": []})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (_, p) = w
+        .api(
+            reqwest::Method::GET,
+            &format!("/api/v1/projects/{project}"),
+            None,
+        )
+        .await;
+    assert_eq!(p["egress_rules"].as_array().unwrap().len(), 1, "{p}");
+    // The change is on the audit record, with who made it.
+    let (_, audit, _) = w.cli(&["audit"]).await;
+    assert!(audit.contains("token:admin  project.egress.set"), "{audit}");
 }

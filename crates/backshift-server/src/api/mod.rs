@@ -7,6 +7,7 @@ mod audit;
 mod error;
 mod git;
 mod health;
+mod projects;
 mod tasks;
 
 pub use error::ApiError;
@@ -17,7 +18,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use std::sync::Arc;
 use utoipa::OpenApi;
 
@@ -29,6 +30,7 @@ use utoipa::OpenApi;
         tasks::create_task, tasks::list_tasks, tasks::get_task, tasks::cancel_task,
         approvals::list_approvals, approvals::get_approval, approvals::answer_approval,
         audit::list_audit, audit::verify_audit,
+        projects::list_projects, projects::get_project, projects::set_egress,
         attempts::get_attempt, attempts::list_events, attempts::stream_events, attempts::get_diff,
         health::healthz, health::readyz,
     ),
@@ -39,6 +41,8 @@ use utoipa::OpenApi;
         backshift_protocol::ApprovalView, backshift_protocol::AnswerApproval,
         backshift_protocol::Decision, backshift_protocol::Scope,
         backshift_protocol::AuditEntry, backshift_protocol::AuditVerification,
+        backshift_protocol::ProjectView, backshift_protocol::SetEgressRules,
+        backshift_core::policy::Rule, backshift_core::policy::Action,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -72,6 +76,9 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/approvals/{id}",
             get(approvals::get_approval).post(approvals::answer_approval),
         )
+        .route("/api/v1/projects", get(projects::list_projects))
+        .route("/api/v1/projects/{id}", get(projects::get_project))
+        .route("/api/v1/projects/{id}/egress", put(projects::set_egress))
         .route("/api/v1/audit", get(audit::list_audit))
         .route("/api/v1/audit/verify", get(audit::verify_audit))
         .route("/api/v1/attempts/{id}", get(attempts::get_attempt))

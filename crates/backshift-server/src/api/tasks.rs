@@ -291,6 +291,7 @@ pub(super) async fn task_view(app: &App, t: TaskRow) -> Result<TaskView, ApiErro
             .map(|a| a.state)
             .unwrap_or(AttemptState::Queued),
         id: t.id,
+        project_id: t.project_id,
         prompt: t.prompt,
         repo: t.repo,
         base_ref: t.base_ref,

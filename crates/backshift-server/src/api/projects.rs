@@ -1,0 +1,114 @@
+//! Projects and their own egress rules.
+
+use super::{ApiError, Caller};
+use crate::serve::App;
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Extension, Path, State};
+use axum::http::StatusCode;
+use backshift_protocol::{ProjectView, SetEgressRules, format_ts};
+use backshift_store::ProjectRow;
+use std::sync::Arc;
+
+fn view(row: &ProjectRow) -> ProjectView {
+    ProjectView {
+        id: row.id.clone(),
+        source: row.source.clone(),
+        egress_rules: serde_json::from_str(&row.egress_rules).unwrap_or_default(),
+        created_at: format_ts(row.created_at),
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no project {id}"),
+        Some(
+            "list them with `backshift projects` or GET /api/v1/projects; a project appears with its first task",
+        ),
+    )
+}
+
+/// Every project (one per repository), oldest first.
+#[utoipa::path(get, path = "/api/v1/projects", responses((status = 200, body = Vec<ProjectView>)))]
+pub async fn list_projects(
+    State(app): State<Arc<App>>,
+) -> Result<Json<Vec<ProjectView>>, ApiError> {
+    Ok(Json(app.store.projects().await?.iter().map(view).collect()))
+}
+
+/// One project.
+#[utoipa::path(get, path = "/api/v1/projects/{id}", params(("id" = String, Path, description = "Project id")),
+    responses((status = 200, body = ProjectView), (status = 404, body = backshift_protocol::ErrorBody)))]
+pub async fn get_project(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<ProjectView>, ApiError> {
+    let row = app
+        .store
+        .project(&id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(view(&row)))
+}
+
+/// Replaces a project's egress rules; they apply to its sandboxes' next
+/// requests at once.
+#[utoipa::path(put, path = "/api/v1/projects/{id}/egress", params(("id" = String, Path, description = "Project id")),
+    request_body = SetEgressRules,
+    responses((status = 200, body = ProjectView), (status = 400, body = backshift_protocol::ErrorBody),
+        (status = 404, body = backshift_protocol::ErrorBody)))]
+pub async fn set_egress(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<SetEgressRules>, JsonRejection>,
+) -> Result<Json<ProjectView>, ApiError> {
+    let Json(req) = body.map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!(
+                "the request body is not a list of egress rules: {}",
+                e.body_text()
+            ),
+            Some(
+                r#"send {"rules": [{"host": "*.example.com", "ports": [443], "action": "allow"}]}"#,
+            ),
+        )
+    })?;
+    for (i, rule) in req.rules.iter().enumerate() {
+        rule.check().map_err(|e| {
+            ApiError::bad_request(
+                "invalid_rule",
+                format!("rule {}: {e}", i + 1),
+                Some("a rule is a host pattern, optional ports, methods and path_prefix, and an action (allow, deny, ask)"),
+            )
+        })?;
+    }
+    let before = app
+        .store
+        .project(&id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    let json = serde_json::to_string(&req.rules).map_err(ApiError::internal)?;
+    if !app.store.set_project_egress(&id, &json).await? {
+        return Err(not_found(&id));
+    }
+    app.audit(
+        &caller.actor(),
+        "project.egress.set",
+        &id,
+        serde_json::json!({
+            "before": serde_json::from_str::<serde_json::Value>(&before.egress_rules).unwrap_or_default(),
+            "after": req.rules,
+        }),
+    )
+    .await;
+    let row = app
+        .store
+        .project(&id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(view(&row)))
+}
