@@ -236,6 +236,64 @@ pub struct SetEgressRules {
     pub rules: Vec<backshift_core::policy::Rule>,
 }
 
+/// A secret, without its value (no response ever carries one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SecretView {
+    /// Its name.
+    pub name: String,
+    /// The key that sealed it.
+    pub key_id: String,
+    /// Created (RFC 3339).
+    pub created_at: String,
+    /// Last set.
+    pub updated_at: String,
+    /// The projects whose sandboxes get it, and as which variable.
+    pub grants: Vec<SecretGrantView>,
+}
+
+/// See [`SecretView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SecretGrantView {
+    /// The project.
+    pub project_id: String,
+    /// The environment variable its sandboxes get.
+    #[serde(rename = "as")]
+    pub var: String,
+}
+
+/// `PUT /api/v1/secrets/{name}`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetSecret {
+    /// The value (at least 6 characters: shorter ones could not be
+    /// redacted).
+    pub value: String,
+}
+
+impl std::fmt::Debug for SetSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SetSecret { value: <hidden> }")
+    }
+}
+
+/// `PUT /api/v1/projects/{id}/secrets/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantSecret {
+    /// The environment variable the project's sandboxes get it as.
+    #[serde(rename = "as")]
+    pub var: String,
+}
+
+/// `POST /api/v1/secrets/rotate`: what was re-sealed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RotationView {
+    /// Secrets re-sealed with the current key.
+    pub resealed: u32,
+    /// The current key.
+    pub key_id: String,
+}
+
 /// One row of the audit log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct AuditEntry {

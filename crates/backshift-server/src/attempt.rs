@@ -918,6 +918,15 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
     if snapshot.is_none() && app.config.pulls_image() {
         ensure_pulled(run, &driver, &image).await?;
     }
+    // The project's granted secrets, as the variables its grants name.
+    let secrets = crate::secrets::sandbox_env(&app, &run.task.project_id)
+        .await
+        .map_err(|e| {
+            Failure(
+                FailureReason::SandboxFailed,
+                format!("{e}. Fix the key configuration ([secrets] key_file, previous_key_files) or set the secret again (`backshift secrets set`), then submit the task again."),
+            )
+        })?;
     run.progress(format!("creating sandbox from {image}")).await;
     let shim_dir = new_shim_dir(&app, &run.attempt.id).map_err(|e| {
         Failure(
@@ -975,6 +984,7 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
         .into_iter()
         // The network, through the egress proxy.
         .chain(crate::egress::sandbox_env())
+        .chain(secrets)
         .collect(),
         mounts: [
             Mount {

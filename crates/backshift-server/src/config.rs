@@ -54,6 +54,21 @@ pub struct Config {
     pub egress: EgressSection,
     /// Decisions people are asked for.
     pub approvals: ApprovalsSection,
+    /// How secrets are sealed.
+    pub secrets: SecretsSection,
+}
+
+/// `[secrets]`: the key secrets are sealed with. Without `key_file` or
+/// `key_env`, `<data_dir>/secrets.key` (made on first start, mode 0600).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsSection {
+    /// A file holding the key (64 hex digits: `openssl rand -hex 32`).
+    pub key_file: Option<PathBuf>,
+    /// An environment variable holding the key (wins over `key_file`).
+    pub key_env: Option<String>,
+    /// Earlier keys, still used to open what they sealed (rotation).
+    pub previous_key_files: Vec<PathBuf>,
 }
 
 /// `[egress]`: the server's egress policy. Sandboxes have no network;
@@ -274,6 +289,7 @@ impl Default for Config {
             git: GitSection::default(),
             egress: EgressSection::default(),
             approvals: ApprovalsSection::default(),
+            secrets: SecretsSection::default(),
         }
     }
 }

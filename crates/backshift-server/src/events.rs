@@ -123,6 +123,20 @@ impl EventHub {
             None => self.shared.store.last_seq(attempt).await? + 1,
         };
         let now = now_ms();
+        // Secret values are hidden before anyone sees the event: the
+        // store and the live streams get the same redacted one.
+        let redactor = self.shared.store.redactor();
+        let kind = if redactor.is_empty() {
+            kind
+        } else {
+            match serde_json::to_value(&kind) {
+                Ok(mut v) => {
+                    redactor.json(&mut v);
+                    serde_json::from_value(v).unwrap_or(kind)
+                }
+                Err(_) => kind,
+            }
+        };
         let event = Event {
             attempt_id: attempt.to_owned(),
             seq,

@@ -45,6 +45,8 @@ pub struct App {
     pub approvals_changed: tokio::sync::Notify,
     /// The audit log.
     pub audit: crate::audit::Audit,
+    /// The keys secrets are sealed with.
+    pub keyring: crate::secrets::Keyring,
     docker: Mutex<Option<Arc<DockerDriver>>>,
 }
 
@@ -252,6 +254,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         git: GitStore::new(data_dir.join("git")),
         hub: EventHub::new(store.clone(), &replica),
         audit: crate::audit::Audit::new(store.clone(), &data_dir),
+        keyring: crate::secrets::Keyring::load(&config.secrets, &data_dir)?,
         replica,
         _replica_lock: replica_lock,
         store,
@@ -266,6 +269,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         data_dir: data_dir.clone(),
         config,
     });
+    crate::secrets::refresh_redactor(&app).await?;
     if new_token.is_some() {
         app.audit(
             "backshift",

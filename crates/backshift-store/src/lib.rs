@@ -9,12 +9,15 @@
 
 mod approvals;
 mod audit;
+pub mod redact;
 mod rows;
+mod secrets;
 mod writer;
 
 pub use approvals::{Answer, ApprovalRow, NewGrant, ProjectRow};
 pub use audit::{AuditRow, GENESIS, NewAudit, chain_hash};
 pub use rows::{AttemptRow, CheckpointRow, NewAttempt, NewTask, TaskRow};
+pub use secrets::{SecretGrant, SecretRow};
 
 use backshift_core::{AttemptState, FailureReason};
 use backshift_protocol::{Event, EventKind};
@@ -51,6 +54,8 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Secret values kept out of everything written.
+    redactor: std::sync::Arc<redact::Redactor>,
 }
 
 /// Which database is behind a [`Store`].
@@ -78,6 +83,12 @@ pub struct StateChange<'a> {
 }
 
 impl Store {
+    /// The secret values this store keeps out of what it writes (shared by
+    /// every clone of it).
+    pub fn redactor(&self) -> &std::sync::Arc<redact::Redactor> {
+        &self.redactor
+    }
+
     /// Opens (creating if needed) the SQLite database at `path` and brings
     /// its schema up to date.
     pub async fn open_sqlite(path: &Path) -> Result<Store> {
@@ -124,7 +135,11 @@ impl Store {
             Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
         }
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            redactor: Default::default(),
+        })
     }
 
     /// Which database this is.
@@ -328,10 +343,14 @@ impl Store {
             "UPDATE attempts SET state = $1, reason = COALESCE($2, reason), detail = COALESCE($3, detail), \
              held_ms = held_ms + {held}, updated_at = $4 WHERE id = $5 AND state = $6"
         );
+        let detail = change
+            .detail
+            .as_deref()
+            .map(|d| self.redactor.text(d).into_owned());
         let updated = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(change.to.as_str())
             .bind(change.reason.map(|r| r.as_str()))
-            .bind(&change.detail)
+            .bind(detail)
             .bind(now)
             .bind(change.attempt_id)
             .bind(change.from.as_str())
@@ -342,7 +361,7 @@ impl Store {
             tx.rollback().await?;
             return Ok(false);
         }
-        insert_event(&mut *tx, event, now).await?;
+        insert_event(&mut *tx, event, now, &self.redactor).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -357,7 +376,7 @@ impl Store {
         )
         .bind(update.base_commit)
         .bind(update.head_commit)
-        .bind(update.summary)
+        .bind(update.summary.map(|t| self.redactor.text(t).into_owned()))
         .bind(update.sandbox_id)
         .bind(update.started_at)
         .bind(update.prepared_sandbox)
@@ -377,7 +396,7 @@ impl Store {
     /// idempotent like [`Store::append_event`]. Returns once committed.
     pub async fn append_events(&self, events: &[(Event, i64)]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        writer::insert_events(&mut tx, self.backend, events).await?;
+        writer::insert_events(&mut tx, self.backend, events, &self.redactor).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -415,7 +434,7 @@ impl Store {
         live: bool,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        upsert_messages(&mut tx, &cp.attempt_id, first, messages).await?;
+        upsert_messages(&mut tx, &cp.attempt_id, first, messages, &self.redactor).await?;
         if live {
             set_conversation_len(&mut *tx, &cp.attempt_id, cp.messages).await?;
         }
@@ -447,7 +466,7 @@ impl Store {
         len: u32,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        upsert_messages(&mut tx, attempt_id, first, messages).await?;
+        upsert_messages(&mut tx, attempt_id, first, messages, &self.redactor).await?;
         set_conversation_len(&mut *tx, attempt_id, len).await?;
         tx.commit().await?;
         Ok(())
@@ -745,15 +764,17 @@ async fn upsert_messages(
     attempt_id: &str,
     first: u32,
     messages: &[String],
+    redactor: &redact::Redactor,
 ) -> Result<()> {
     for (i, body) in messages.iter().enumerate() {
+        let body = redactor.text(body);
         sqlx::query(
             "INSERT INTO agent_messages (attempt_id, idx, body) VALUES ($1, $2, $3) \
              ON CONFLICT (attempt_id, idx) DO UPDATE SET body = excluded.body",
         )
         .bind(attempt_id)
         .bind(i64::from(first) + i as i64)
-        .bind(body)
+        .bind(body.as_ref())
         .execute(&mut **tx)
         .await?;
     }
@@ -772,12 +793,22 @@ where
     Ok(())
 }
 
-async fn insert_event<'e, E>(executor: E, event: &Event, now: i64) -> Result<()>
+async fn insert_event<'e, E>(
+    executor: E,
+    event: &Event,
+    now: i64,
+    redactor: &redact::Redactor,
+) -> Result<()>
 where
     E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
     let body =
         serde_json::to_string(&event.kind).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let body = if redactor.is_empty() {
+        body
+    } else {
+        redactor.text(&body).into_owned()
+    };
     sqlx::query(
         "INSERT INTO events (attempt_id, seq, ts, kind, body, driver) VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (attempt_id, seq) DO NOTHING",

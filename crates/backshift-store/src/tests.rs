@@ -518,7 +518,103 @@ async fn the_audit_log_is_a_gapless_hash_chain_even_with_concurrent_writers(stor
     assert_eq!(store.audit_rows(10, 100).await.unwrap().len(), 2);
 }
 
+async fn secrets_are_stored_sealed_and_granted_per_project(store: Store) {
+    let attempt = one_task(&store).await;
+    let task = attempt.trim_end_matches("-1");
+    let project = store.task(task).await.unwrap().unwrap().project_id;
+    assert!(store.put_secret("DB", "sealed-1", "k1", 10).await.unwrap());
+    assert!(
+        !store.put_secret("DB", "sealed-2", "k1", 20).await.unwrap(),
+        "replaced, not new"
+    );
+    let all = store.secrets().await.unwrap();
+    assert_eq!(
+        (all[0].sealed.as_str(), all[0].created_at, all[0].updated_at),
+        ("sealed-2", 10, 20)
+    );
+    store
+        .grant_secret("DB", &project, "DATABASE_PASSWORD", 30)
+        .await
+        .unwrap();
+    store
+        .grant_secret("DB", &project, "PGPASSWORD", 31)
+        .await
+        .unwrap();
+    let grants = store.secret_grants(Some(&project)).await.unwrap();
+    assert_eq!(grants.len(), 1, "one grant per secret and project");
+    assert_eq!(grants[0].var, "PGPASSWORD");
+    assert!(store.secret_grants(Some("other")).await.unwrap().is_empty());
+    store.reseal_secret("DB", "sealed-3", "k2").await.unwrap();
+    assert_eq!(store.secrets().await.unwrap()[0].key_id, "k2");
+    assert!(store.revoke_secret("DB", &project).await.unwrap());
+    assert!(!store.revoke_secret("DB", &project).await.unwrap());
+    store
+        .grant_secret("DB", &project, "PGPASSWORD", 32)
+        .await
+        .unwrap();
+    assert!(store.delete_secret("DB").await.unwrap());
+    assert!(
+        store.secret_grants(None).await.unwrap().is_empty(),
+        "grants go with it"
+    );
+    assert!(!store.delete_secret("DB").await.unwrap());
+}
+
+async fn secret_values_never_reach_the_tables(store: Store) {
+    let attempt = one_task(&store).await;
+    store
+        .redactor()
+        .set(vec![("TOKEN".into(), "s3cr3t-value".into())]);
+    store
+        .append_event(
+            &event(
+                &attempt,
+                1,
+                EventKind::Progress {
+                    message: "got s3cr3t-value".into(),
+                },
+            ),
+            1,
+        )
+        .await
+        .unwrap();
+    store
+        .update_attempt(
+            &attempt,
+            &AttemptUpdate {
+                summary: Some("printed s3cr3t-value"),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .save_messages(
+            &attempt,
+            0,
+            &[r#"{"content":"s3cr3t-value"}"#.to_owned()],
+            1,
+        )
+        .await
+        .unwrap();
+    let evs = store.events_after(&attempt, 0, 10).await.unwrap();
+    assert_eq!(
+        evs[0].kind,
+        EventKind::Progress {
+            message: "got [redacted:TOKEN]".into()
+        }
+    );
+    let a = store.attempt(&attempt).await.unwrap().unwrap();
+    assert_eq!(a.summary.as_deref(), Some("printed [redacted:TOKEN]"));
+    assert_eq!(
+        store.live_messages(&attempt).await.unwrap(),
+        [r#"{"content":"[redacted:TOKEN]"}"#]
+    );
+}
+
 on_both!(
+    secrets_are_stored_sealed_and_granted_per_project,
+    secret_values_never_reach_the_tables,
     the_audit_log_is_a_gapless_hash_chain_even_with_concurrent_writers,
     approvals_are_answered_once_and_grants_apply_to_their_task_or_project,
     time_held_by_a_person_is_added_up_by_the_transitions_that_end_it,

@@ -16,11 +16,17 @@ pub(crate) async fn insert_events(
     conn: &mut AnyConnection,
     backend: Backend,
     events: &[(Event, i64)],
+    redactor: &crate::redact::Redactor,
 ) -> Result<()> {
     let mut rows = Vec::with_capacity(events.len());
     for (e, now) in events {
         let body =
             serde_json::to_string(&e.kind).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        let body = if redactor.is_empty() {
+            body
+        } else {
+            redactor.text(&body).into_owned()
+        };
         rows.push((e, *now, body));
     }
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {

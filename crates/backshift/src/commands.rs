@@ -2,14 +2,15 @@
 
 use crate::client::Client;
 use crate::render::event_lines;
-use crate::{AuditCommand, Cli, Command, ImageCommand};
+use crate::{AuditCommand, Cli, Command, ImageCommand, SecretsCommand};
 use anyhow::{Context, bail};
 use backshift_core::AttemptId;
 use backshift_core::limits::LimitsRequest;
 use backshift_core::policy::{Action, Rule};
 use backshift_protocol::{
     AnswerApproval, ApprovalView, AttemptView, AuditEntry, AuditVerification, CreateTaskRequest,
-    Decision, Event, ProjectView, Scope, SetEgressRules, TaskCreated, TaskView,
+    Decision, Event, GrantSecret, ProjectView, RotationView, Scope, SecretView, SetEgressRules,
+    SetSecret, TaskCreated, TaskView,
 };
 use futures::StreamExt;
 use reqwest::Method;
@@ -281,6 +282,7 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             remove,
             clear,
         } => egress(&client, &project, &add, &remove, clear).await,
+        Command::Secrets { command } => secrets(&client, command).await,
         Command::Audit {
             command: Some(AuditCommand::Verify),
             ..
@@ -448,6 +450,96 @@ async fn egress(
     }
     for (i, r) in p.egress_rules.iter().enumerate() {
         println!("  {}. {}", i + 1, r.describe());
+    }
+    Ok(0)
+}
+
+async fn secrets(client: &Client, command: SecretsCommand) -> anyhow::Result<i32> {
+    match command {
+        SecretsCommand::Set { name, from_env } => {
+            let value = match from_env {
+                Some(var) => std::env::var(&var)
+                    .with_context(|| format!("{var} is not set in this environment"))?,
+                None => {
+                    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                        eprintln!("value of {name} (end with Enter):");
+                    }
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\n', '\r']).to_owned()
+                }
+            };
+            let s: SecretView = client
+                .send(
+                    client
+                        .request(Method::PUT, &format!("/api/v1/secrets/{name}"))
+                        .json(&SetSecret { value }),
+                )
+                .await?;
+            println!("secret {} is set (sealed with key {})", s.name, s.key_id);
+        }
+        SecretsCommand::Ls => {
+            let list: Vec<SecretView> = client
+                .send(client.request(Method::GET, "/api/v1/secrets"))
+                .await?;
+            if list.is_empty() {
+                println!("no secrets");
+            }
+            for s in &list {
+                let grants: Vec<String> = s
+                    .grants
+                    .iter()
+                    .map(|g| format!("{} as {}", g.project_id, g.var))
+                    .collect();
+                println!(
+                    "{}  set {}  key {}  {}",
+                    s.name,
+                    s.updated_at,
+                    s.key_id,
+                    if grants.is_empty() {
+                        "granted to no project".to_owned()
+                    } else {
+                        format!("granted to {}", grants.join(", "))
+                    }
+                );
+            }
+        }
+        SecretsCommand::Rm { name } => {
+            client
+                .send_raw(client.request(Method::DELETE, &format!("/api/v1/secrets/{name}")))
+                .await?;
+            println!("secret {name} is deleted");
+        }
+        SecretsCommand::Grant { name, project, var } => {
+            let p = find_project(client, &project).await?;
+            let _: SecretView = client
+                .send(
+                    client
+                        .request(
+                            Method::PUT,
+                            &format!("/api/v1/projects/{}/secrets/{name}", p.id),
+                        )
+                        .json(&GrantSecret { var: var.clone() }),
+                )
+                .await?;
+            println!("project {}'s sandboxes get secret {name} as ${var}", p.id);
+        }
+        SecretsCommand::Revoke { name, project } => {
+            let p = find_project(client, &project).await?;
+            client
+                .send_raw(client.request(
+                    Method::DELETE,
+                    &format!("/api/v1/projects/{}/secrets/{name}", p.id),
+                ))
+                .await?;
+            println!("project {} no longer gets secret {name}", p.id);
+        }
+        SecretsCommand::Rotate => {
+            let r: RotationView = client
+                .send(client.request(Method::POST, "/api/v1/secrets/rotate"))
+                .await?;
+            println!("{} secrets re-sealed with key {}", r.resealed, r.key_id);
+        }
     }
     Ok(0)
 }

@@ -160,6 +160,11 @@ enum Command {
         #[arg(long)]
         clear: bool,
     },
+    /// Secrets: sealed at rest, granted to projects, never shown again.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
     /// The audit log: every API mutation and policy decision, in order.
     Audit {
         #[command(subcommand)]
@@ -189,6 +194,45 @@ enum Command {
         #[arg(long, default_value = backshift_shim::proto::SANDBOX_DIR)]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Set a secret; the value is read from stdin (never from the command
+    /// line, where other users and shell history see it).
+    Set {
+        /// Its name.
+        name: String,
+        /// Read the value from this environment variable instead.
+        #[arg(long)]
+        from_env: Option<String>,
+    },
+    /// List secrets and their grants (never values).
+    Ls,
+    /// Delete a secret and its grants.
+    Rm {
+        /// Its name.
+        name: String,
+    },
+    /// Give a project's sandboxes a secret as an environment variable.
+    Grant {
+        /// The secret.
+        name: String,
+        /// Project id, or its repository.
+        project: String,
+        /// The variable.
+        #[arg(long = "as")]
+        var: String,
+    },
+    /// Take a grant back.
+    Revoke {
+        /// The secret.
+        name: String,
+        /// Project id, or its repository.
+        project: String,
+    },
+    /// Re-seal every secret with the current key (see README: rotation).
+    Rotate,
 }
 
 #[derive(Subcommand)]

@@ -178,15 +178,27 @@ impl World {
 
     /// Runs the CLI; returns (exit code, stdout, stderr).
     pub async fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_backshift"))
+        self.cli_with_stdin(args, "").await
+    }
+
+    /// Runs the CLI with `input` on its stdin.
+    pub async fn cli_with_stdin(&self, args: &[&str], input: &str) -> (i32, String, String) {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_backshift"))
             .args(args)
             .current_dir(&self.repo)
             .env("BACKSHIFT_URL", &self.url)
             .env("BACKSHIFT_CONFIG_DIR", self.dir.path().join("config"))
             .env_remove("BACKSHIFT_TOKEN")
-            .output()
-            .await
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(input.as_bytes()).await;
+        drop(stdin);
+        let out = child.wait_with_output().await.unwrap();
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),

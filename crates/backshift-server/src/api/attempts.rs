@@ -175,5 +175,8 @@ pub async fn get_diff(
         .diff(&t.project_id, &base, &head)
         .await
         .map_err(ApiError::internal)?;
+    // A secret the agent wrote into a file stays in its branch, but not
+    // in what the API shows.
+    let diff = app.store.redactor().text(&diff).into_owned();
     Ok(([("content-type", "text/plain; charset=utf-8")], diff))
 }

@@ -8,6 +8,7 @@ mod error;
 mod git;
 mod health;
 mod projects;
+mod secrets;
 mod tasks;
 
 pub use error::ApiError;
@@ -31,6 +32,8 @@ use utoipa::OpenApi;
         approvals::list_approvals, approvals::get_approval, approvals::answer_approval,
         audit::list_audit, audit::verify_audit,
         projects::list_projects, projects::get_project, projects::set_egress,
+        secrets::list_secrets, secrets::set_secret, secrets::delete_secret, secrets::grant_secret,
+        secrets::revoke_secret, secrets::rotate,
         attempts::get_attempt, attempts::list_events, attempts::stream_events, attempts::get_diff,
         health::healthz, health::readyz,
     ),
@@ -42,6 +45,8 @@ use utoipa::OpenApi;
         backshift_protocol::Decision, backshift_protocol::Scope,
         backshift_protocol::AuditEntry, backshift_protocol::AuditVerification,
         backshift_protocol::ProjectView, backshift_protocol::SetEgressRules,
+        backshift_protocol::SecretView, backshift_protocol::SecretGrantView, backshift_protocol::SetSecret,
+        backshift_protocol::GrantSecret, backshift_protocol::RotationView,
         backshift_core::policy::Rule, backshift_core::policy::Action,
     )),
     modifiers(&BearerAuth),
@@ -79,6 +84,16 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/projects", get(projects::list_projects))
         .route("/api/v1/projects/{id}", get(projects::get_project))
         .route("/api/v1/projects/{id}/egress", put(projects::set_egress))
+        .route(
+            "/api/v1/projects/{id}/secrets/{name}",
+            put(secrets::grant_secret).delete(secrets::revoke_secret),
+        )
+        .route("/api/v1/secrets", get(secrets::list_secrets))
+        .route("/api/v1/secrets/rotate", post(secrets::rotate))
+        .route(
+            "/api/v1/secrets/{name}",
+            put(secrets::set_secret).delete(secrets::delete_secret),
+        )
         .route("/api/v1/audit", get(audit::list_audit))
         .route("/api/v1/audit/verify", get(audit::verify_audit))
         .route("/api/v1/attempts/{id}", get(attempts::get_attempt))

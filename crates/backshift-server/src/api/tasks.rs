@@ -292,11 +292,13 @@ pub(super) async fn task_view(app: &App, t: TaskRow) -> Result<TaskView, ApiErro
             .unwrap_or(AttemptState::Queued),
         id: t.id,
         project_id: t.project_id,
-        prompt: t.prompt,
+        prompt: app.store.redactor().text(&t.prompt).into_owned(),
         repo: t.repo,
         base_ref: t.base_ref,
         agent: t.agent,
-        command: t.command,
+        command: t
+            .command
+            .map(|c| app.store.redactor().text(&c).into_owned()),
         limits: t.limits,
         created_at: format_ts(t.created_at),
         attempts,
