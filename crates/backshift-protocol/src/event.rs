@@ -340,6 +340,15 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         address: Option<String>,
     },
+    /// The sandbox pushed to its git endpoint.
+    GitPush {
+        /// The refs it asked to update.
+        refs: Vec<String>,
+        /// `accepted` or `refused`.
+        decision: String,
+        /// Why.
+        reason: String,
+    },
     /// A person is asked to decide (`backshift approve ID`); what asked
     /// waits meanwhile.
     ApprovalRequested {
@@ -404,6 +413,7 @@ impl EventKind {
             EventKind::FileDiff { .. } => "file_diff",
             EventKind::PermissionDecision { .. } => "permission_decision",
             EventKind::Egress { .. } => "egress",
+            EventKind::GitPush { .. } => "git_push",
             EventKind::ApprovalRequested { .. } => "approval_requested",
             EventKind::ApprovalAnswered { .. } => "approval_answered",
         }

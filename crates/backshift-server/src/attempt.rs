@@ -880,6 +880,7 @@ async fn adopt(run: &mut Run) -> Result<bool, Halt> {
 struct Endpoints {
     _gateway: crate::gateway::Gateway,
     _egress: crate::egress::Egress,
+    _git: crate::sandbox_git::SandboxGit,
 }
 
 impl Endpoints {
@@ -895,6 +896,8 @@ impl Endpoints {
                 .map_err(|e| failed("model gateway", e))?,
             _egress: crate::egress::start(app.clone(), attempt, dir)
                 .map_err(|e| failed("egress proxy", e))?,
+            _git: crate::sandbox_git::start(app.clone(), attempt, dir)
+                .map_err(|e| failed("git endpoint", e))?,
         })
     }
 }
@@ -941,6 +944,7 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
         .await
         .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
     let gateway = crate::gateway::base_url_in_sandbox();
+    let git_token = token.clone();
     let spec = SandboxSpec {
         image: image.clone(),
         name: format!("backshift-{}", run.attempt.id),
@@ -978,12 +982,18 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
             ),
             ("GEMINI_API_KEY".into(), token.clone()),
             ("BACKSHIFT_MODEL_URL".into(), gateway),
-            ("BACKSHIFT_MODEL_TOKEN".into(), token),
+            ("BACKSHIFT_MODEL_TOKEN".into(), token.clone()),
             ("BACKSHIFT_MODEL".into(), app.config.model.model.clone()),
         ]
         .into_iter()
         // The network, through the egress proxy.
         .chain(crate::egress::sandbox_env())
+        // Its own branch, through its git endpoint.
+        .chain(crate::sandbox_git::sandbox_env(
+            &run.task.project_id,
+            &run.attempt.branch,
+            &git_token,
+        ))
         .chain(secrets)
         .collect(),
         mounts: [

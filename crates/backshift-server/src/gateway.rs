@@ -65,6 +65,29 @@ pub async fn issue_token(app: &App, attempt: &str) -> Result<String, backshift_s
     Ok(token)
 }
 
+/// The attempt whose sandbox holds `token` (its own, while it is active),
+/// or why not.
+pub(crate) async fn sandbox_token(
+    app: &App,
+    attempt: &str,
+    token: Option<&str>,
+) -> Result<backshift_store::AttemptRow, &'static str> {
+    let Some(token) = token else {
+        return Err("no token was sent");
+    };
+    let attempt = match app.store.attempt(attempt).await {
+        Ok(Some(a)) => a,
+        _ => return Err("this sandbox's attempt is unknown"),
+    };
+    if attempt.gateway_token_sha256.as_deref() != Some(hash_token(token).as_str()) {
+        return Err("the token is not this sandbox's");
+    }
+    if attempt.state.is_terminal() {
+        return Err("the attempt has ended; its token is no longer valid");
+    }
+    Ok(attempt)
+}
+
 struct GatewayState {
     app: Arc<App>,
     attempt: String,
@@ -140,22 +163,9 @@ impl GatewayState {
                 ),
             )
         };
-        let Some(token) = token else {
-            return Err(refused("no bearer token"));
-        };
-        let attempt = match self.app.store.attempt(&self.attempt).await {
-            Ok(Some(a)) => a,
-            _ => return Err(refused("this sandbox's attempt is unknown")),
-        };
-        if attempt.gateway_token_sha256.as_deref() != Some(hash_token(token).as_str()) {
-            return Err(refused("the token is not this sandbox's"));
-        }
-        if attempt.state.is_terminal() {
-            return Err(refused(
-                "the attempt has ended; its token is no longer valid",
-            ));
-        }
-        Ok(attempt)
+        sandbox_token(&self.app, &self.attempt, token)
+            .await
+            .map_err(refused)
     }
 
     async fn record(&self, kind: EventKind) {

@@ -17,6 +17,7 @@ pub mod config;
 pub mod egress;
 pub mod events;
 pub mod gateway;
+pub mod sandbox_git;
 pub mod secrets;
 pub mod serve;
 pub mod supervisor;

@@ -30,6 +30,11 @@ pub const EGRESS_SOCKET: &str = "egress.sock";
 /// The loopback port inside the sandbox where the shim forwards to the
 /// egress proxy: the sandbox's only way to the network.
 pub const EGRESS_PORT: u16 = 47012;
+/// The sandbox's git endpoint's socket in the shim's directory.
+pub const GIT_SOCKET: &str = "git.sock";
+/// The loopback port inside the sandbox where the shim forwards to its
+/// git endpoint (its own project, its own branch).
+pub const GIT_PORT: u16 = 47013;
 
 /// What a connection asks for.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

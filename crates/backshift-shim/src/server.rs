@@ -116,8 +116,9 @@ pub async fn forward(listener: tokio::net::TcpListener, to: PathBuf) -> std::io:
 
 /// Runs the shim in `dir`: creates the journal and the socket there and
 /// serves until the process is killed, forwarding loopback ports
-/// [`crate::proto::GATEWAY_PORT`] and [`crate::proto::EGRESS_PORT`] to the
-/// model gateway's and the egress proxy's sockets in `dir`.
+/// [`crate::proto::GATEWAY_PORT`], [`crate::proto::EGRESS_PORT`] and
+/// [`crate::proto::GIT_PORT`] to the model gateway's, the egress proxy's
+/// and the git endpoint's sockets in `dir`.
 pub async fn serve(dir: &Path) -> std::io::Result<()> {
     for (port, socket, what) in [
         (
@@ -129,6 +130,11 @@ pub async fn serve(dir: &Path) -> std::io::Result<()> {
             crate::proto::EGRESS_PORT,
             crate::proto::EGRESS_SOCKET,
             "egress proxy",
+        ),
+        (
+            crate::proto::GIT_PORT,
+            crate::proto::GIT_SOCKET,
+            "git endpoint",
         ),
     ] {
         let listener =

@@ -234,6 +234,14 @@ pub fn event_lines(e: &Event) -> String {
                 .unwrap_or_default();
             line(format!("⇄ egress {what}: {decision}{by} ({reason})"))
         }
+        EventKind::GitPush {
+            refs,
+            decision,
+            reason,
+        } => line(format!(
+            "⇡ git push {}: {decision} ({reason})",
+            refs.join(", ")
+        )),
         EventKind::ApprovalRequested {
             approval,
             summary,
