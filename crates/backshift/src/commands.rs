@@ -759,11 +759,16 @@ async fn serve(
     listen: Option<String>,
     data_dir: Option<std::path::PathBuf>,
 ) -> anyhow::Result<i32> {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("BACKSHIFT_LOG")
+        .unwrap_or_else(|_| "info".into());
+    // Docker's client logs request bodies at debug level, and a sandbox's
+    // create request holds its environment (its token, granted secrets):
+    // never below info, whatever BACKSHIFT_LOG asks for.
+    if let Ok(cap) = "bollard=info".parse() {
+        filter = filter.add_directive(cap);
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BACKSHIFT_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let mut cfg = backshift_server::Config::load(config.as_deref())?;

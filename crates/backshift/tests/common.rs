@@ -55,17 +55,47 @@ pub const PROVIDER_KEY: &str = "sk-provider-SECRET-4242";
 pub const PROVIDER_KEY_ENV: &str = "TEST_PROVIDER_API_KEY";
 
 pub async fn spawn_server(config_path: &Path, dir: &Path) -> (tokio::process::Child, String) {
+    spawn_server_logging(config_path, dir, "warn").await
+}
+
+/// [`spawn_server`] with the server's log at `level` (`BACKSHIFT_LOG`).
+pub async fn spawn_server_logging(
+    config_path: &Path,
+    dir: &Path,
+    level: &str,
+) -> (tokio::process::Child, String) {
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_backshift"))
         .args(["serve", "--config"])
         .arg(config_path)
         .env("BACKSHIFT_CONFIG_DIR", dir.join("config"))
-        .env("BACKSHIFT_LOG", "warn")
+        .env("BACKSHIFT_LOG", level)
         .env(PROVIDER_KEY_ENV, PROVIDER_KEY)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // The server's log goes to the test's output and to `<dir>/server.log`
+    // (tests search it).
+    let stderr = server.stderr.take().unwrap();
+    let log_path = dir.join("server.log");
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut lines = BufReader::new(stderr).lines();
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .await
+            .ok();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            if let Some(f) = file.as_mut() {
+                let _ = f.write_all(format!("{line}\n").as_bytes()).await;
+                let _ = f.flush().await;
+            }
+        }
+    });
     let stdout = server.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let mut url = None;
@@ -87,6 +117,11 @@ pub async fn spawn_server(config_path: &Path, dir: &Path) -> (tokio::process::Ch
 impl World {
     /// Starts a server whose config is `extra` TOML appended to the basics.
     pub async fn start(script: Option<Script>, extra: &str) -> World {
+        Self::start_logging(script, extra, "warn").await
+    }
+
+    /// [`World::start`] with the server's log at `level`.
+    pub async fn start_logging(script: Option<Script>, extra: &str, level: &str) -> World {
         let dir = tempfile::tempdir().unwrap();
         let fake = match script {
             Some(s) => Some(FakeModel::start(s).await.unwrap()),
@@ -115,7 +150,7 @@ impl World {
         std::fs::create_dir_all(&repo).unwrap();
         sh(&repo, "git init -q -b main && printf '# Demo\\n' > README.md && mkdir src && printf 'x = 1\\n' > src/app.py && git add . && git commit -qm init").await;
 
-        let (server, url) = spawn_server(&config_path, dir.path()).await;
+        let (server, url) = spawn_server_logging(&config_path, dir.path(), level).await;
         // Restarts come back on the same address (the CLI's credentials
         // are keyed by it).
         let config = std::fs::read_to_string(&config_path).unwrap().replace(

@@ -1,7 +1,8 @@
 //! Secrets through the real server, CLI and a real sandbox: set from
 //! stdin, granted to a project, seen by the task as its variable, and
 //! then nowhere else: not in the database files (or anything else in the
-//! data directory), the events, the task's logs or any API response.
+//! data directory), the events, the task's logs, the server's log or any
+//! API response.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -39,7 +40,9 @@ fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_granted_secret_reaches_its_sandbox_and_nothing_else() {
-    let w = World::start(None, "").await;
+    // The server logs at debug (its own lines and its libraries': every
+    // SQL statement, every request).
+    let w = World::start_logging(None, "", "debug").await;
     // The project exists once a task ran on the repository.
     let (_, view) = w.run_task("First", &["--command", "true"]).await;
     let project = view["project_id"].as_str().unwrap().to_owned();
@@ -123,6 +126,16 @@ async fn a_granted_secret_reaches_its_sandbox_and_nothing_else() {
             "{args:?}: {out}{err}"
         );
     }
+    // Not in the server's log.
+    let log = std::fs::read_to_string(w.dir.path().join("server.log")).unwrap_or_default();
+    assert!(
+        !log.is_empty(),
+        "the server logged nothing: is its log captured?"
+    );
+    assert!(
+        !log.contains(VALUE),
+        "the server's log shows the secret: {log}"
+    );
     // Not in the database (its files, the WAL included), nor anywhere else
     // in the data directory (the sandbox's shim journal went with it).
     let data = w.dir.path().join("data");
