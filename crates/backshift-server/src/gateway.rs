@@ -187,6 +187,14 @@ impl GatewayState {
         let detail = format!(
             "the agent used {used} model tokens of the {budget} allowed (limits.max_tokens) without finishing; retry with a larger budget or a narrower task"
         );
+        self.app
+            .audit(
+                "policy",
+                "budget.exhausted",
+                &self.attempt,
+                serde_json::json!({"used": used, "budget": budget}),
+            )
+            .await;
         if let Some(stop) = self.app.supervisor.stop_handle(&self.attempt) {
             stop.stop(
                 Transition::Fail(FailureReason::BudgetExhausted),

@@ -188,7 +188,7 @@ async fn from_host(url: &str) -> String {
 /// JSON result.
 const PROBE: &str = r#"
 import json, os, socket, subprocess, sys
-allowed, forbidden, v6, resolver = sys.argv[1:5]
+allowed, forbidden, v6, resolver, server_port = sys.argv[1:6]
 def out(name, **kv):
     print(json.dumps(dict(probe=name, **kv)), flush=True)
 def curl(name, *args):
@@ -213,6 +213,9 @@ curl("metadata_by_allowed_name", "http://metadata.backshift-test.invalid/latest/
 curl("metadata_by_ip", "http://169.254.169.254/latest/meta-data/")
 curl("v6_by_proxy", "http://[%s]/" % v6)
 curl("no_proxy_bypass", "--noproxy", "*", "http://%s/" % allowed)
+curl("host_loopback_via_proxy", "--noproxy", "", "-x", "http://127.0.0.1:47012", "http://127.0.0.1:%s/healthz" % server_port)
+curl("loopback_by_allowed_name", "http://loopback.backshift-test.invalid:%s/healthz" % server_port)
+curl("host_loopback_direct", "http://127.0.0.1:%s/healthz" % server_port)
 connect("direct_allowed", socket.AF_INET, (allowed, 80))
 connect("direct_forbidden", socket.AF_INET, (forbidden, 80))
 connect("direct_metadata", socket.AF_INET, ("169.254.169.254", 80))
@@ -288,7 +291,7 @@ async fn the_sandbox_reaches_only_what_the_policy_allows_through_the_proxy() {
         r#"
 [egress]
 allow_networks = ["{allowed}/32"]
-hosts = {{ "allowed.backshift-test.invalid" = "{allowed}", "forbidden.backshift-test.invalid" = "{forbidden}", "metadata.backshift-test.invalid" = "169.254.169.254" }}
+hosts = {{ "allowed.backshift-test.invalid" = "{allowed}", "forbidden.backshift-test.invalid" = "{forbidden}", "metadata.backshift-test.invalid" = "169.254.169.254", "loopback.backshift-test.invalid" = "127.0.0.1" }}
 
 [[egress.rules]]
 host = "*.backshift-test.invalid"
@@ -304,8 +307,17 @@ action = "deny"
     let w = World::start(None, &config).await;
     std::fs::write(w.repo.join("probe.py"), PROBE).unwrap();
     common::sh(&w.repo, "git add probe.py && git commit -qm probe").await;
+    // The server's own port on the host's loopback: the API, which a
+    // sandbox must not reach by any way.
+    let server_port = w
+        .url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
     let command = format!(
-        "python3 probe.py {} {} {} {}",
+        "python3 probe.py {} {} {} {} {server_port}",
         t.allowed, t.forbidden, t.v6, t.resolver
     );
     let (task, view) = w
@@ -353,6 +365,17 @@ action = "deny"
     assert!(r["body"].as_str().unwrap().contains("link-local"), "{r}");
     assert_eq!(probe("metadata_by_ip")["code"], "403");
     assert_eq!(probe("v6_by_proxy")["code"], "403");
+    // The host's own services (backshift's API on loopback): refused by
+    // the proxy, by address or by name, and unreachable directly (the
+    // sandbox's loopback is its own).
+    assert_eq!(probe("host_loopback_via_proxy")["code"], "403");
+    let r = probe("loopback_by_allowed_name");
+    assert_eq!(r["code"], "403", "{r}");
+    assert!(
+        r["body"].as_str().unwrap().contains("the host's loopback"),
+        "{r}"
+    );
+    assert_eq!(probe("host_loopback_direct")["code"], "000");
     // Nothing but the proxy: no direct connection, by IPv4 or IPv6, to
     // any target, and no resolver.
     let r = probe("no_proxy_bypass");
