@@ -152,6 +152,18 @@ fn pkt_bytes(b: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A request body as sent, decompressed when the client gzipped it
+/// (`Content-Encoding: gzip`, which git uses for large requests).
+pub fn request_body(body: &[u8], gzip: bool) -> std::result::Result<Vec<u8>, String> {
+    if !gzip {
+        return Ok(body.to_vec());
+    }
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(body), &mut out)
+        .map_err(|e| format!("the request body is not valid gzip: {e}"))?;
+    Ok(out)
+}
+
 /// One ref update a push asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PushCommand {

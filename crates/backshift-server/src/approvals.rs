@@ -235,22 +235,28 @@ async fn expire(
             serde_json::json!({"attempt": row.attempt_id, "summary": row.summary, "reason": why}),
         )
         .await;
-        let _ = app
-            .hub
-            .emit(
-                &row.attempt_id,
-                EventKind::ApprovalAnswered {
-                    approval: row.id.clone(),
-                    decision: "expired".into(),
-                    scope: None,
-                    by: "timeout".into(),
-                    reason: Some(why.to_owned()),
-                },
-            )
-            .await;
-        app.approvals_changed.notify_waiters();
+        announce(app, row, &answer).await;
     }
     Ok(())
+}
+
+/// Records a settled approval's `approval_answered` event and wakes
+/// whoever waits for it.
+async fn announce(app: &App, row: &ApprovalRow, answer: &Answer<'_>) {
+    let _ = app
+        .hub
+        .emit(
+            &row.attempt_id,
+            EventKind::ApprovalAnswered {
+                approval: row.id.clone(),
+                decision: answer.state.to_owned(),
+                scope: answer.scope.map(str::to_owned),
+                by: answer.by.to_owned(),
+                reason: answer.reason.map(str::to_owned),
+            },
+        )
+        .await;
+    app.approvals_changed.notify_waiters();
 }
 
 /// Expires `attempt`'s pending approvals: what held them is gone (the
@@ -426,19 +432,16 @@ pub async fn answer(
         .as_deref()
         .map(str::trim)
         .filter(|r| !r.is_empty());
+    let settled = Answer {
+        state,
+        scope: scope.map(Scope::as_str),
+        by,
+        reason,
+        at: now_ms(),
+    };
     let recorded = app
         .store
-        .answer_approval(
-            id,
-            &Answer {
-                state,
-                scope: scope.map(Scope::as_str),
-                by,
-                reason,
-                at: now_ms(),
-            },
-            grant.as_ref(),
-        )
+        .answer_approval(id, &settled, grant.as_ref())
         .await?;
     let now = app.store.approval(id).await?.ok_or(AnswerError::NotFound)?;
     if !recorded {
@@ -460,20 +463,7 @@ pub async fn answer(
         }),
     )
     .await;
-    let _ = app
-        .hub
-        .emit(
-            &row.attempt_id,
-            EventKind::ApprovalAnswered {
-                approval: id.to_owned(),
-                decision: state.into(),
-                scope: scope.map(|s| s.as_str().to_owned()),
-                by: by.to_owned(),
-                reason: reason.map(str::to_owned),
-            },
-        )
-        .await;
-    app.approvals_changed.notify_waiters();
+    announce(app, &row, &settled).await;
     Ok(view(&now))
 }
 

@@ -16,7 +16,6 @@ use axum::routing::{get, post};
 use backshift_git::http::{PushCommand, Service, Visible, push_commands, refusal};
 use backshift_protocol::EventKind;
 use backshift_shim::proto::{GIT_PORT, GIT_SOCKET};
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
@@ -88,6 +87,14 @@ pub fn start(app: Arc<App>, attempt: &str, dir: &std::path::Path) -> std::io::Re
         }
     });
     Ok(SandboxGit { task })
+}
+
+/// Whether the client gzipped the request body.
+pub(crate) fn gzipped(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("gzip"))
 }
 
 fn plain(status: StatusCode, text: &str) -> Response {
@@ -226,21 +233,9 @@ async fn rpc(
             "only git-upload-pack and git-receive-pack are served",
         );
     };
-    let gzip = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
-    let request = if gzip {
-        let mut out = Vec::new();
-        if let Err(e) = flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out) {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                &format!("the request is not valid gzip: {e}"),
-            );
-        }
-        out
-    } else {
-        body.to_vec()
+    let request = match backshift_git::http::request_body(&body, gzipped(&headers)) {
+        Ok(r) => r,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, &e),
     };
     let result_type = service.result_type();
     if service == Service::ReceivePack {

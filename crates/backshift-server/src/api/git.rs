@@ -9,7 +9,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use backshift_git::http::{ADVERTISEMENT_TYPE, RESULT_TYPE, advertise_refs, serve_upload_pack};
-use std::io::Read;
 use std::sync::Arc;
 
 #[derive(serde::Deserialize)]
@@ -58,25 +57,8 @@ pub async fn upload_pack(
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let path = repo_path(&app, &repo)?;
-    let gzip = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
-    let request = if gzip {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&body[..])
-            .read_to_end(&mut out)
-            .map_err(|e| {
-                ApiError::bad_request(
-                    "bad_gzip",
-                    format!("request body is not valid gzip: {e}"),
-                    None,
-                )
-            })?;
-        out
-    } else {
-        body.to_vec()
-    };
+    let request = backshift_git::http::request_body(&body, crate::sandbox_git::gzipped(&headers))
+        .map_err(|e| ApiError::bad_request("bad_gzip", e, None))?;
     let out = serve_upload_pack(&path, &request)
         .await
         .map_err(ApiError::internal)?;
