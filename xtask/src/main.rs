@@ -269,6 +269,7 @@ fn bench(extra: &[String]) -> anyhow::Result<()> {
         ("backshift", "reattach"),
         ("backshift", "gateway"),
         ("backshift", "agent_start"),
+        ("backshift", "egress"),
     ] {
         step(&format!("{name} ({package}/benches/{name}.rs)"));
         run(Command::new("cargo")

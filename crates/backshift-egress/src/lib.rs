@@ -270,9 +270,14 @@ async fn handle(
         }
     };
     if let Ok(peer) = stream.peer_addr() {
-        decider
-            .record(&attempted, &verdict, &Outcome::Connected(peer))
-            .await;
+        // Recorded alongside the request, not before it: the record is a
+        // database write the request need not wait for.
+        let (decider, attempted, verdict) = (decider.clone(), attempted.clone(), verdict.clone());
+        tokio::spawn(async move {
+            decider
+                .record(&attempted, &verdict, &Outcome::Connected(peer))
+                .await;
+        });
     }
     if attempted.http.is_none() {
         tunnel(req, stream)

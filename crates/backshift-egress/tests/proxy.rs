@@ -111,6 +111,21 @@ async fn fixture(allow_loopback: bool) -> Fixture {
     }
 }
 
+impl Fixture {
+    /// The records, once there are `n` (a connection's record is written
+    /// alongside the request).
+    async fn records(&self, n: usize) -> Vec<(Attempted, bool, Outcome)> {
+        for _ in 0..100 {
+            let records = self.decider.records.lock().unwrap().clone();
+            if records.len() >= n {
+                return records;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("fewer than {n} records");
+    }
+}
+
 async fn exchange(socket: &std::path::Path, request: &str) -> String {
     let mut s = UnixStream::connect(socket).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
@@ -175,7 +190,7 @@ async fn an_allowed_tunnel_carries_bytes_both_ways() {
     let mut echo = vec![0u8; 64];
     let n = s.read(&mut echo).await.unwrap();
     assert_eq!(&echo[..n], b"PING through the tunnel");
-    let records = f.decider.records.lock().unwrap().clone();
+    let records = f.records(1).await;
     assert_eq!(records[0].0.http, None);
     assert_eq!(
         records[0].0.describe(),

@@ -65,6 +65,7 @@ pub fn start(app: Arc<App>, attempt: &str, dir: &Path) -> std::io::Result<Egress
     let decider = Arc::new(AttemptPolicy {
         app,
         attempt: attempt.to_owned(),
+        project: tokio::sync::OnceCell::new(),
     });
     let task = tokio::spawn(backshift_egress::serve(listener, decider, network));
     Ok(Egress { task })
@@ -74,6 +75,8 @@ pub fn start(app: Arc<App>, attempt: &str, dir: &Path) -> std::io::Result<Egress
 struct AttemptPolicy {
     app: Arc<App>,
     attempt: String,
+    /// The attempt's project, looked up once.
+    project: tokio::sync::OnceCell<String>,
 }
 
 impl AttemptPolicy {
@@ -81,13 +84,19 @@ impl AttemptPolicy {
     /// next request). Unreadable ones are logged and left out: the
     /// server's rules and default decide.
     async fn project_rules(&self) -> Vec<policy::Rule> {
-        let task = backshift_core::AttemptId::parse(&self.attempt)
-            .map(|a| a.task_id().as_str().to_owned())
-            .unwrap_or_default();
-        let Ok(Some(task)) = self.app.store.task(&task).await else {
-            return Vec::new();
-        };
-        match self.app.store.project(&task.project_id).await {
+        let project = self
+            .project
+            .get_or_init(|| async {
+                let task = backshift_core::AttemptId::parse(&self.attempt)
+                    .map(|a| a.task_id().as_str().to_owned())
+                    .unwrap_or_default();
+                match self.app.store.task(&task).await {
+                    Ok(Some(t)) => t.project_id,
+                    _ => String::new(),
+                }
+            })
+            .await;
+        match self.app.store.project(project).await {
             Ok(Some(p)) => serde_json::from_str(&p.egress_rules).unwrap_or_else(|e| {
                 tracing::error!(project = %p.id, "unreadable egress rules: {e}");
                 Vec::new()

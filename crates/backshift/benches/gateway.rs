@@ -13,27 +13,13 @@ mod support;
 use fake_model::FakeModel;
 use serde_json::{Value, json};
 use std::process::Command;
-use std::time::{Duration, Instant};
-use support::{BenchResult, get, start_server, token};
+use support::{BenchResult, p50, parse_times, start_server, token};
 
 fn main() {
     support::main("gateway", run());
 }
 
 const BODY: &str = r#"{"model":"any","messages":[{"role":"user","content":"hi"}]}"#;
-
-/// `curl` timing lines (seconds) into durations.
-fn parse_times(text: &str) -> Vec<Duration> {
-    text.lines()
-        .filter_map(|l| l.trim().parse::<f64>().ok())
-        .map(Duration::from_secs_f64)
-        .collect()
-}
-
-fn p50(samples: &mut [Duration]) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
 
 async fn run() -> BenchResult<()> {
     let n = support::count_arg("--calls", 3, 200)?;
@@ -58,34 +44,7 @@ async fn run() -> BenchResult<()> {
         json!({"prompt": "call the model", "repo": repo, "command": script}),
     )
     .await?;
-    let started = Instant::now();
-    let view = loop {
-        let v = get(&http, &format!("{url}/api/v1/tasks/{task}"), &token).await?;
-        let state = v["state"].as_str().unwrap_or("");
-        if ["succeeded", "failed", "cancelled", "timed_out"].contains(&state) {
-            break v;
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            return Err("the task did not end within 10 minutes".into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    if view["state"] != "succeeded" {
-        return Err(format!("the calling task did not succeed: {view}").into());
-    }
-    let events = get(
-        &http,
-        &format!("{url}/api/v1/attempts/{task}-1/events?limit=100000"),
-        &token,
-    )
-    .await?;
-    let output: String = events
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["type"] == "command_output" && e["stream"] == "stdout")
-        .filter_map(|e| e["text"].as_str())
-        .collect();
+    let output = support::stdout_of(&http, &url, &token, task).await?;
     let mut through = parse_times(&output);
     if through.len() != n {
         return Err(format!("{} timings from the sandbox, expected {n}", through.len()).into());
@@ -105,19 +64,11 @@ async fn run() -> BenchResult<()> {
         return Err(format!("{} timings from the host, expected {n}", direct.len()).into());
     }
     let (ours, base) = (p50(&mut through), p50(&mut direct));
-    println!(
-        "{:<44} {:>10}   {:<36} {:>7}",
-        "measure", "p50", "baseline p50", "ratio"
-    );
-    println!(
-        "{:<44} {:>10}   {:<36} {:>6.1}x",
+    support::print_row(
         "chat completion through the gateway",
-        format!("{:.2} ms", ours.as_secs_f64() * 1000.0),
-        format!(
-            "curl on the host, direct {:.2} ms",
-            base.as_secs_f64() * 1000.0
-        ),
-        ours.as_secs_f64() / base.as_secs_f64()
+        ours,
+        "curl on the host, direct",
+        base,
     );
     println!(
         "gateway overhead per call (p50): {:.2} ms",

@@ -1,5 +1,6 @@
 //! What the backshift benches share: the real server, started and killed
 //! as a process, and its API.
+#![allow(dead_code)] // each bench uses a part of it
 
 use serde_json::Value;
 use std::path::Path;
@@ -152,4 +153,75 @@ pub async fn submit(
         .as_str()
         .ok_or(format!("no task id: {created}"))?
         .to_owned())
+}
+
+/// `curl` timing lines (seconds) into durations.
+pub fn parse_times(text: &str) -> Vec<std::time::Duration> {
+    text.lines()
+        .filter_map(|l| l.trim().parse::<f64>().ok())
+        .map(std::time::Duration::from_secs_f64)
+        .collect()
+}
+
+/// The median.
+pub fn p50(samples: &mut [std::time::Duration]) -> std::time::Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// Waits for task `task` to succeed; returns its attempt's stdout.
+pub async fn stdout_of(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    task: &str,
+) -> BenchResult<String> {
+    let started = std::time::Instant::now();
+    let view = loop {
+        let v = get(http, &format!("{url}/api/v1/tasks/{task}"), token).await?;
+        let state = v["state"].as_str().unwrap_or("");
+        if ["succeeded", "failed", "cancelled", "timed_out"].contains(&state) {
+            break v;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(600) {
+            return Err("the task did not end within 10 minutes".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    if view["state"] != "succeeded" {
+        return Err(format!("the task did not succeed: {view}").into());
+    }
+    let events = get(
+        http,
+        &format!("{url}/api/v1/attempts/{task}-1/events?limit=100000"),
+        token,
+    )
+    .await?;
+    Ok(events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == "command_output" && e["stream"] == "stdout")
+        .filter_map(|e| e["text"].as_str())
+        .collect())
+}
+
+/// Prints one figure beside its baseline.
+pub fn print_row(
+    measure: &str,
+    ours: std::time::Duration,
+    baseline: &str,
+    base: std::time::Duration,
+) {
+    println!(
+        "{:<44} {:>10}   {:<36} {:>7}",
+        "measure", "p50", "baseline p50", "ratio"
+    );
+    println!(
+        "{:<44} {:>10}   {:<36} {:>6.1}x",
+        measure,
+        format!("{:.2} ms", ours.as_secs_f64() * 1000.0),
+        format!("{baseline} {:.2} ms", base.as_secs_f64() * 1000.0),
+        ours.as_secs_f64() / base.as_secs_f64()
+    );
 }
