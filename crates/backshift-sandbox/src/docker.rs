@@ -335,8 +335,41 @@ impl SandboxDriver for DockerDriver {
             pause: true,
             ..Default::default()
         };
+        // The sandbox's environment (its token, granted secrets) is not the
+        // image's: a commit would keep it in the snapshot's config, and a
+        // sandbox made from the snapshot would inherit what was revoked
+        // since. Every variable the sandbox got beyond its image's is
+        // blanked (a commit merges the container's variables back in, so
+        // they are overridden, not left out).
+        let container = self
+            .docker
+            .inspect_container(&id.0, None)
+            .await
+            .map_err(|e| backend("inspect container", e))?;
+        let env = container
+            .config
+            .as_ref()
+            .and_then(|c| c.env.clone())
+            .unwrap_or_default();
+        let base_env = match container.image.as_deref() {
+            Some(image) => self
+                .docker
+                .inspect_image(image)
+                .await
+                .ok()
+                .and_then(|i| i.config)
+                .and_then(|c| c.env)
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let blanked: Vec<String> = env
+            .iter()
+            .filter(|e| !base_env.contains(e))
+            .filter_map(|e| e.split_once('=').map(|(k, _)| format!("{k}=")))
+            .collect();
         let config = bollard::models::ContainerConfig {
             labels: Some(labels.clone().into_iter().collect()),
+            env: Some(blanked),
             ..Default::default()
         };
         self.docker

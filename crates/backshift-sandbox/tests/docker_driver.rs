@@ -282,14 +282,31 @@ async fn a_snapshot_starts_sandboxes_with_its_files_and_a_paused_sandbox_is_aliv
         found.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(),
         [image.as_str()]
     );
+    // The sandbox's own variables are not kept in the snapshot.
+    let config = sb
+        .driver
+        .client()
+        .inspect_image(&image)
+        .await
+        .unwrap()
+        .config
+        .unwrap();
+    let env = config.env.unwrap_or_default();
+    assert!(env.contains(&"BACKSHIFT_TEST=".to_owned()), "{env:?}");
+    assert!(!env.contains(&"BACKSHIFT_TEST=1".to_owned()), "{env:?}");
+    assert!(
+        env.iter().any(|e| e.starts_with("PATH=/")),
+        "the image's own stay: {env:?}"
+    );
     let mut s = spec("from-snapshot");
     s.image = image.clone();
+    s.env = vec![];
     let second = Sandbox {
         id: sb.driver.create(&s).await.unwrap(),
         driver: sb.driver.clone(),
     };
-    let (_, out, _) = sh(&second, "cat /home/agent/dep").await;
-    assert_eq!(out, "kept\n");
+    let (_, out, _) = sh(&second, "cat /home/agent/dep; echo \"[${BACKSHIFT_TEST}]\"").await;
+    assert_eq!(out, "kept\n[]\n", "files kept, variables not");
     drop(second);
     sb.driver.remove_snapshot(&image).await.unwrap();
     sb.driver.remove_snapshot(&image).await.unwrap(); // idempotent
