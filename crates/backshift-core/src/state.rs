@@ -225,6 +225,12 @@ impl std::error::Error for TransitionError {}
 pub enum FailureReason {
     /// The sandbox image does not exist on the Docker host.
     ImageMissing,
+    /// The repository's environment (devcontainer.json) is invalid, or
+    /// its image could not be built or pulled.
+    ImageBuildFailed,
+    /// The environment's setup (`postCreateCommand`, `postStartCommand`)
+    /// failed.
+    SetupFailed,
     /// The sandbox could not be created or stopped answering.
     SandboxFailed,
     /// The repository could not be fetched or put into the sandbox.
@@ -252,8 +258,10 @@ pub enum FailureReason {
 
 impl FailureReason {
     /// Every reason, for exhaustive tests and documentation.
-    pub const ALL: [FailureReason; 12] = [
+    pub const ALL: [FailureReason; 14] = [
         FailureReason::ImageMissing,
+        FailureReason::ImageBuildFailed,
+        FailureReason::SetupFailed,
         FailureReason::SandboxFailed,
         FailureReason::CloneFailed,
         FailureReason::ModelUnreachable,
@@ -271,6 +279,8 @@ impl FailureReason {
     pub fn as_str(self) -> &'static str {
         match self {
             FailureReason::ImageMissing => "image_missing",
+            FailureReason::ImageBuildFailed => "image_build_failed",
+            FailureReason::SetupFailed => "setup_failed",
             FailureReason::SandboxFailed => "sandbox_failed",
             FailureReason::CloneFailed => "clone_failed",
             FailureReason::ModelUnreachable => "model_unreachable",

@@ -261,6 +261,79 @@ impl GitStore {
         Ok(())
     }
 
+    /// The text of `path` at `commit`, or `None` when there is no such
+    /// file (or it is not text).
+    pub async fn read_file(
+        &self,
+        project: &str,
+        commit: &str,
+        path: &str,
+    ) -> Result<Option<String>> {
+        let repo = self.repo_path(project);
+        let spec = format!("{commit}:{path}");
+        let kind = git(Some(&repo), &["cat-file", "-t", &spec], None).await;
+        if !matches!(kind.as_deref().map(str::trim), Ok("blob")) {
+            return Ok(None);
+        }
+        let out = base_command(Some(&repo))
+            .args(["cat-file", "blob", &spec])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(GitError::Spawn)?;
+        Ok(String::from_utf8(out.stdout).ok())
+    }
+
+    /// The id of the tree (or blob) at `path` in `commit` (`""`: the root):
+    /// it changes exactly when its content does.
+    pub async fn object_id(&self, project: &str, commit: &str, path: &str) -> Result<String> {
+        let repo = self.repo_path(project);
+        rev_parse(&repo, &format!("{commit}:{path}")).await
+    }
+
+    /// A tar of the directory `path` (`""`: the root) at `commit`.
+    pub async fn archive(&self, project: &str, commit: &str, path: &str) -> Result<Vec<u8>> {
+        let repo = self.repo_path(project);
+        let out = base_command(Some(&repo))
+            .args(["archive", "--format=tar", &format!("{commit}:{path}")])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(GitError::Spawn)?;
+        if !out.status.success() {
+            return Err(GitError::Failed {
+                args: format!("archive {commit}:{path}"),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(out.stdout)
+    }
+
+    /// Every file at `commit` whose name is one of `names`, with its blob
+    /// id, in path order.
+    pub async fn files_named(
+        &self,
+        project: &str,
+        commit: &str,
+        names: &[&str],
+    ) -> Result<Vec<(String, String)>> {
+        let repo = self.repo_path(project);
+        let listing = git(Some(&repo), &["ls-tree", "-r", "--full-tree", commit], None).await?;
+        let mut found: Vec<(String, String)> = listing
+            .lines()
+            .filter_map(|l| {
+                let (meta, path) = l.split_once('\t')?;
+                let blob = meta.split_whitespace().nth(2)?;
+                let name = path.rsplit('/').next()?;
+                names
+                    .contains(&name)
+                    .then(|| (path.to_owned(), blob.to_owned()))
+            })
+            .collect();
+        found.sort();
+        Ok(found)
+    }
+
     /// The unified diff from `base` to `head`.
     pub async fn diff(&self, project: &str, base: &str, head: &str) -> Result<String> {
         let repo = self.repo_path(project);

@@ -340,6 +340,12 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         address: Option<String>,
     },
+    /// Something the user should know that did not stop the attempt (a
+    /// devcontainer.json field backshift does not support).
+    Warning {
+        /// What, why, and what happens instead.
+        message: String,
+    },
     /// The sandbox pushed to its git endpoint.
     GitPush {
         /// The refs it asked to update.
@@ -414,6 +420,7 @@ impl EventKind {
             EventKind::PermissionDecision { .. } => "permission_decision",
             EventKind::Egress { .. } => "egress",
             EventKind::GitPush { .. } => "git_push",
+            EventKind::Warning { .. } => "warning",
             EventKind::ApprovalRequested { .. } => "approval_requested",
             EventKind::ApprovalAnswered { .. } => "approval_answered",
         }

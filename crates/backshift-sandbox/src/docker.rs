@@ -25,6 +25,23 @@ use tokio::io::AsyncWriteExt;
 /// network at all (until the egress proxy gives them a fenced one). The
 /// only host paths mounted are the ones the spec names (backshift's binary
 /// read-only, the shim's directory); never the Docker socket.
+/// An image build (see [`DockerDriver::build_image`]).
+#[derive(Debug, Clone)]
+pub struct BuildSpec {
+    /// A tar of the build context.
+    pub context_tar: Vec<u8>,
+    /// The Dockerfile, relative to the context.
+    pub dockerfile: String,
+    /// The image to make.
+    pub tag: String,
+    /// Build arguments.
+    pub args: BTreeMap<String, String>,
+    /// The image's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Whether `RUN` steps get a network.
+    pub network: bool,
+}
+
 #[derive(Clone)]
 pub struct DockerDriver {
     docker: Docker,
@@ -60,6 +77,67 @@ impl DockerDriver {
             v.version.unwrap_or_default(),
             v.api_version.unwrap_or_default()
         ))
+    }
+
+    /// Builds `build.tag`, handing each line of the build's output to
+    /// `line`. Without `build.network` the build's `RUN` steps have no
+    /// network (the repository's Dockerfile runs on this host; it gets no
+    /// way out unless the server allows it).
+    pub async fn build_image(
+        &self,
+        build: BuildSpec,
+        line: &mut (dyn FnMut(String) + Send),
+    ) -> Result<()> {
+        let tag = build.tag.clone();
+        let options = bollard::query_parameters::BuildImageOptions {
+            dockerfile: build.dockerfile,
+            t: Some(build.tag),
+            rm: true,
+            forcerm: true,
+            buildargs: Some(build.args.into_iter().collect()),
+            labels: Some(build.labels.into_iter().collect()),
+            networkmode: Some(if build.network { "default" } else { "none" }.to_owned()),
+            ..Default::default()
+        };
+        let mut stream = self.docker.build_image(
+            options,
+            None,
+            Some(bollard::body_full(Bytes::from(build.context_tar))),
+        );
+        let mut last = String::new();
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| backend("build image", e))?;
+            if let Some(text) = info.stream.as_deref().or(info.status.as_deref()) {
+                for l in text.lines().map(str::trim_end).filter(|l| !l.is_empty()) {
+                    last = l.to_owned();
+                    line(l.to_owned());
+                }
+            }
+            if let Some(detail) = info.error_detail.and_then(|d| d.message) {
+                return Err(SandboxError::Backend {
+                    op: "build image",
+                    message: detail,
+                });
+            }
+        }
+        if !self.image_exists(&tag).await? {
+            return Err(SandboxError::Backend {
+                op: "build image",
+                message: format!("the build ended without an image ({last})"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The id of `image` when it exists locally.
+    pub async fn image_id(&self, image: &str) -> Result<Option<String>> {
+        match self.docker.inspect_image(image).await {
+            Ok(i) => Ok(i.id),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(backend("inspect image", e)),
+        }
     }
 
     /// Whether `image` exists locally.

@@ -94,6 +94,8 @@ struct Run {
     /// The sandbox's model gateway and egress proxy, served while the
     /// runner runs.
     endpoints: Option<Endpoints>,
+    /// The repository's environment (devcontainer.json), once resolved.
+    env: Option<crate::environment::Environment>,
 }
 
 impl Run {
@@ -205,6 +207,7 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         sandbox: None,
         shim_dir: None,
         endpoints: None,
+        env: None,
     };
     let begun = if run.state == AttemptState::Queued {
         run.step(Transition::Start, None).await
@@ -542,9 +545,13 @@ async fn drive(run: &mut Run) -> Result<(), Failure> {
 
 /// From the queue: a new sandbox, the checkout, the agent, the branch.
 async fn fresh(run: &mut Run) -> Result<(), Halt> {
+    fetch_base(run).await?;
+    resolve_environment(run).await?;
     provision(run, None).await?;
     run.step(Transition::SandboxReady, None).await?;
-    prepare(run, None, false).await?;
+    let from_setup = run.env.as_ref().is_some_and(|e| e.setup_cached);
+    prepare(run, None, from_setup).await?;
+    setup(run, false).await?;
     run.step(Transition::Prepared, None).await?;
     let conversation = Conversation::new(&run.task.prompt, WORKDIR);
     finish(run, None, 0, conversation).await
@@ -571,8 +578,12 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
     let mut snapshot = None;
     if !adopted {
         snapshot = usable_snapshot(run).await;
+        fetch_base(run).await?;
+        resolve_environment(run).await?;
         provision(run, snapshot.as_deref()).await?;
-        prepare(run, checkpoint.as_ref(), snapshot.is_some()).await?;
+        let from_setup = run.env.as_ref().is_some_and(|e| e.setup_cached);
+        prepare(run, checkpoint.as_ref(), snapshot.is_some() || from_setup).await?;
+        setup(run, snapshot.is_some()).await?;
         // The conversation goes back to the checkpoint too.
         app.store
             .set_conversation_len(
@@ -914,13 +925,24 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
             ),
         )
     })?;
-    let image = match snapshot {
-        Some(s) => s.to_owned(),
-        None => app.config.image(),
+    let image = match (snapshot, &run.env) {
+        (Some(s), _) => s.to_owned(),
+        (None, Some(env)) => env.image.clone(),
+        (None, None) => app.config.image(),
     };
-    if snapshot.is_none() && app.config.pulls_image() {
+    let pull = match (snapshot, &run.env) {
+        (Some(_), _) => false,
+        // A devcontainer's image (built ones exist already).
+        (None, Some(_)) => {
+            app.config.sandbox.pull == crate::config::PullPolicy::Missing
+                && !driver.image_exists(&image).await.unwrap_or(true)
+        }
+        (None, None) => app.config.pulls_image(),
+    };
+    if pull {
         ensure_pulled(run, &driver, &image).await?;
     }
+    let devcontainer_env = run.env.as_ref().map(|e| e.env.clone()).unwrap_or_default();
     // The project's granted secrets, as the variables its grants name.
     let secrets = crate::secrets::sandbox_env(&app, &run.task.project_id)
         .await
@@ -962,40 +984,43 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
         },
         user: format!("{SANDBOX_UID}:{SANDBOX_UID}"),
         workdir: WORKDIR.into(),
-        env: vec![
-            ("HOME".into(), "/home/agent".into()),
-            ("LANG".into(), "C.UTF-8".into()),
-            // The model, through the gateway: this token is the sandbox's
-            // own; the provider's key never enters it.
-            ("OPENAI_BASE_URL".into(), gateway.clone()),
-            ("OPENAI_API_KEY".into(), token.clone()),
-            // Anthropic's SDKs add `/v1/messages` themselves.
-            (
-                "ANTHROPIC_BASE_URL".into(),
-                gateway.trim_end_matches("/v1").to_owned(),
-            ),
-            ("ANTHROPIC_API_KEY".into(), token.clone()),
-            // Gemini's SDK adds `/v1beta/models/...` itself.
-            (
-                "GOOGLE_GEMINI_BASE_URL".into(),
-                gateway.trim_end_matches("/v1").to_owned(),
-            ),
-            ("GEMINI_API_KEY".into(), token.clone()),
-            ("BACKSHIFT_MODEL_URL".into(), gateway),
-            ("BACKSHIFT_MODEL_TOKEN".into(), token.clone()),
-            ("BACKSHIFT_MODEL".into(), app.config.model.model.clone()),
-        ]
-        .into_iter()
-        // The network, through the egress proxy.
-        .chain(crate::egress::sandbox_env())
-        // Its own branch, through its git endpoint.
-        .chain(crate::sandbox_git::sandbox_env(
-            &run.task.project_id,
-            &run.attempt.branch,
-            &git_token,
-        ))
-        .chain(secrets)
-        .collect(),
+        // The devcontainer's variables first: backshift's own, after
+        // them, are the ones in effect (they are refused there anyway).
+        env: devcontainer_env
+            .into_iter()
+            .chain([
+                ("HOME".into(), "/home/agent".into()),
+                ("LANG".into(), "C.UTF-8".into()),
+                // The model, through the gateway: this token is the sandbox's
+                // own; the provider's key never enters it.
+                ("OPENAI_BASE_URL".into(), gateway.clone()),
+                ("OPENAI_API_KEY".into(), token.clone()),
+                // Anthropic's SDKs add `/v1/messages` themselves.
+                (
+                    "ANTHROPIC_BASE_URL".into(),
+                    gateway.trim_end_matches("/v1").to_owned(),
+                ),
+                ("ANTHROPIC_API_KEY".into(), token.clone()),
+                // Gemini's SDK adds `/v1beta/models/...` itself.
+                (
+                    "GOOGLE_GEMINI_BASE_URL".into(),
+                    gateway.trim_end_matches("/v1").to_owned(),
+                ),
+                ("GEMINI_API_KEY".into(), token.clone()),
+                ("BACKSHIFT_MODEL_URL".into(), gateway),
+                ("BACKSHIFT_MODEL_TOKEN".into(), token.clone()),
+                ("BACKSHIFT_MODEL".into(), app.config.model.model.clone()),
+            ])
+            // The network, through the egress proxy.
+            .chain(crate::egress::sandbox_env())
+            // Its own branch, through its git endpoint.
+            .chain(crate::sandbox_git::sandbox_env(
+                &run.task.project_id,
+                &run.attempt.branch,
+                &git_token,
+            ))
+            .chain(secrets)
+            .collect(),
         mounts: [
             Mount {
                 host: app.shim_binary.clone(),
@@ -1121,6 +1146,187 @@ async fn ensure_pulled(run: &Run, driver: &DockerDriver, image: &str) -> Result<
 /// Puts the repository into the sandbox on the attempt's branch: fetched
 /// into the git store the first time (the base is pinned there), exported
 /// from the pin afterwards, with a checkpoint's tree when recovering.
+/// Where the attempt's base commit is pinned in the git store.
+fn base_pin(run: &Run) -> String {
+    format!("refs/backshift/base/{}", run.attempt.id)
+}
+
+/// The attempt's base commit: fetched from the repository into the git
+/// store the first time, pinned, and remembered.
+async fn fetch_base(run: &mut Run) -> Result<String, Failure> {
+    if let Some(base) = run.attempt.base_commit.clone() {
+        return Ok(base);
+    }
+    let app = run.app.clone();
+    run.progress(format!("fetching {} into the git store", run.task.repo))
+        .await;
+    let base = app
+        .git
+        .fetch_source(
+            &run.task.project_id,
+            &run.task.repo,
+            run.task.base_ref.as_deref(),
+            &base_pin(run),
+        )
+        .await
+        .map_err(|e| {
+            Failure(
+                FailureReason::CloneFailed,
+                format!("cannot fetch {}: {e}", run.task.repo),
+            )
+        })?;
+    app.store
+        .update_attempt(
+            &run.attempt.id,
+            &AttemptUpdate {
+                base_commit: Some(&base),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
+    run.attempt.base_commit = Some(base.clone());
+    Ok(base)
+}
+
+/// Reads the repository's devcontainer.json (unless turned off) into
+/// `run.env`: the image, built when it has to be, and the setup plan.
+async fn resolve_environment(run: &mut Run) -> Result<(), Failure> {
+    if !run.app.config.sandbox.devcontainer {
+        return Ok(());
+    }
+    let base = fetch_base(run).await?;
+    let env = crate::environment::resolve(&run.app, &run.attempt.id, &run.task.project_id, &base)
+        .await
+        .map_err(|(reason, detail)| Failure(reason, detail))?;
+    run.env = env;
+    Ok(())
+}
+
+/// The setup phase, after the checkout: `postCreateCommand` when this
+/// state has no setup snapshot yet (then the sandbox is committed as
+/// one), and `postStartCommand` in every new sandbox. `on_snapshot`: the
+/// sandbox was rebuilt from the attempt's own filesystem snapshot, which
+/// holds the setup already.
+async fn setup(run: &mut Run, on_snapshot: bool) -> Result<(), Halt> {
+    let Some(env) = run.env.clone() else {
+        return Ok(());
+    };
+    let app = run.app.clone();
+    let (driver, id) = run.sandbox()?;
+    if let (Some(post_create), Some(tag)) = (&env.post_create, &env.setup_image) {
+        if env.setup_cached || on_snapshot {
+            run.progress(format!(
+                "setup skipped: the sandbox starts from {}, the environment after postCreateCommand for the same lockfiles and environment definition",
+                if on_snapshot { "the attempt's own snapshot".to_owned() } else { tag.clone() }
+            ))
+            .await;
+        } else {
+            lifecycle(run, "postCreateCommand", post_create).await?;
+            let labels = BTreeMap::from([
+                (labels::MANAGED.to_owned(), "true".to_owned()),
+                ("dev.backshift.kind".to_owned(), "setup".to_owned()),
+                (
+                    "dev.backshift.project".to_owned(),
+                    run.task.project_id.clone(),
+                ),
+            ]);
+            let started = std::time::Instant::now();
+            match driver.snapshot(&id, tag, &labels).await {
+                Ok(_) => {
+                    run.progress(format!(
+                        "setup saved as {tag} in {} ms: the next attempt on the same lockfiles and environment definition starts from it",
+                        started.elapsed().as_millis()
+                    ))
+                    .await;
+                }
+                Err(e) => {
+                    let _ = app
+                        .hub
+                        .emit(
+                            &run.attempt.id,
+                            EventKind::Warning {
+                                message: format!("the setup could not be saved ({e}); the next attempt runs it again"),
+                            },
+                        )
+                        .await;
+                }
+            }
+        }
+    }
+    if let Some(post_start) = &env.post_start {
+        lifecycle(run, "postStartCommand", post_start).await?;
+    }
+    Ok(())
+}
+
+/// Runs a devcontainer lifecycle command in the checkout, its output
+/// streamed as the events of a `setup:NAME` call.
+async fn lifecycle(
+    run: &mut Run,
+    name: &str,
+    command: &crate::devcontainer::Lifecycle,
+) -> Result<(), Halt> {
+    let Some(dir) = run.shim_dir.clone() else {
+        return Err(Failure(FailureReason::Internal, "no shim directory at setup".into()).into());
+    };
+    let script = command.script();
+    let call_id = format!("setup:{name}");
+    let sink = AttemptSink {
+        app: run.app.clone(),
+        attempt: run.attempt.id.clone(),
+    };
+    sink.emit(EventKind::ToolCall {
+        call_id: call_id.clone(),
+        name: name.to_owned(),
+        arguments: serde_json::json!({ "command": script }),
+        kind: Some("execute".into()),
+        title: Some(format!("setup: {name}")),
+    })
+    .await;
+    let tools = SandboxTools::new(
+        ShimClient::new(&dir),
+        WORKDIR,
+        Duration::from_secs(run.task.limits.command_timeout_secs),
+    );
+    let key = backshift_agent::CallKey {
+        turn: 0,
+        call_id: call_id.clone(),
+        output_recorded: 0,
+    };
+    let started = std::time::Instant::now();
+    let out = tools
+        .run_script(&key, &script, Vec::new(), Vec::new(), &sink)
+        .await;
+    let exit = out
+        .exit
+        .map_err(|e| Halt::Lost(format!("while running {name}: {e}")))?;
+    let ok = exit.code == 0 && exit.error.is_none();
+    sink.emit(EventKind::ToolResult {
+        call_id,
+        name: name.to_owned(),
+        ok,
+        exit_code: Some(exit.code),
+        output: out.for_model.clone(),
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+    .await;
+    if !ok {
+        let tail = out.stderr_tail.trim();
+        return Err(Failure(
+            FailureReason::SetupFailed,
+            format!(
+                "the devcontainer's {name} exited {}{}; fix it in the repository and submit the task again.{}",
+                exit.code,
+                exit.error.map(|e| format!(" ({e})")).unwrap_or_default(),
+                if tail.is_empty() { String::new() } else { format!(" The end of its stderr:\n{tail}") }
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 async fn prepare(
     run: &mut Run,
     restore: Option<&CheckpointRow>,
@@ -1131,36 +1337,8 @@ async fn prepare(
     let clone_failed = |what: &str, e: &dyn std::fmt::Display| {
         Failure(FailureReason::CloneFailed, format!("{what}: {e}"))
     };
-    let pin = format!("refs/backshift/base/{}", run.attempt.id);
-    let base = match run.attempt.base_commit.clone() {
-        Some(base) => base,
-        None => {
-            run.progress(format!("fetching {} into the git store", run.task.repo))
-                .await;
-            let base = app
-                .git
-                .fetch_source(
-                    &run.task.project_id,
-                    &run.task.repo,
-                    run.task.base_ref.as_deref(),
-                    &pin,
-                )
-                .await
-                .map_err(|e| clone_failed(&format!("cannot fetch {}", run.task.repo), &e))?;
-            app.store
-                .update_attempt(
-                    &run.attempt.id,
-                    &AttemptUpdate {
-                        base_commit: Some(&base),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
-            run.attempt.base_commit = Some(base.clone());
-            base
-        }
-    };
+    let pin = base_pin(run);
+    let base = fetch_base(run).await?;
     run.progress(format!(
         "checking out {} on branch {}",
         &base[..12],

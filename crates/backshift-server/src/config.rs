@@ -183,6 +183,13 @@ pub struct SandboxConfig {
     /// At most one snapshot per this many seconds (0: at every
     /// checkpoint). The sandbox is paused while one is taken.
     pub snapshot_every_secs: u64,
+    /// Whether a repository's devcontainer.json decides its sandboxes'
+    /// image, variables and setup (when it has one).
+    pub devcontainer: bool,
+    /// Whether the `RUN` steps of a devcontainer's Dockerfile build get a
+    /// network. Off by default: the Dockerfile is the repository's, and
+    /// the build runs on this host, outside the egress proxy.
+    pub build_network: bool,
 }
 
 /// When a configured sandbox image is pulled.
@@ -304,6 +311,8 @@ impl Default for SandboxConfig {
             pids: 512,
             snapshots: true,
             snapshot_every_secs: 300,
+            devcontainer: true,
+            build_network: false,
         }
     }
 }

@@ -234,6 +234,7 @@ pub fn event_lines(e: &Event) -> String {
                 .unwrap_or_default();
             line(format!("⇄ egress {what}: {decision}{by} ({reason})"))
         }
+        EventKind::Warning { message } => line(format!("⚠ {message}")),
         EventKind::GitPush {
             refs,
             decision,
