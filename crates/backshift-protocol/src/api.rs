@@ -259,6 +259,9 @@ pub struct SecretGrantView {
     /// The environment variable its sandboxes get.
     #[serde(rename = "as")]
     pub var: String,
+    /// Only the setup phase gets it.
+    #[serde(default)]
+    pub setup_only: bool,
 }
 
 /// `PUT /api/v1/secrets/{name}`.
@@ -283,6 +286,10 @@ pub struct GrantSecret {
     /// The environment variable the project's sandboxes get it as.
     #[serde(rename = "as")]
     pub var: String,
+    /// Only for the setup phase: the devcontainer's `postCreateCommand`
+    /// gets it, the sandbox's environment (and so the agent) never does.
+    #[serde(default)]
+    pub setup_only: bool,
 }
 
 /// `POST /api/v1/secrets/rotate`: what was re-sealed.

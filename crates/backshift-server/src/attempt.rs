@@ -944,7 +944,7 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
     }
     let devcontainer_env = run.env.as_ref().map(|e| e.env.clone()).unwrap_or_default();
     // The project's granted secrets, as the variables its grants name.
-    let secrets = crate::secrets::sandbox_env(&app, &run.task.project_id)
+    let secrets = crate::secrets::sandbox_env(&app, &run.task.project_id, false)
         .await
         .map_err(|e| {
             Failure(
@@ -1222,7 +1222,16 @@ async fn setup(run: &mut Run, on_snapshot: bool) -> Result<(), Halt> {
             ))
             .await;
         } else {
-            lifecycle(run, "postCreateCommand", post_create).await?;
+            // Setup-only secrets: for this command alone.
+            let secrets = crate::secrets::sandbox_env(&app, &run.task.project_id, true)
+                .await
+                .map_err(|e| {
+                    Failure(
+                        FailureReason::SetupFailed,
+                        format!("{e}; the setup cannot run without it"),
+                    )
+                })?;
+            lifecycle(run, "postCreateCommand", post_create, secrets).await?;
             let labels = BTreeMap::from([
                 (labels::MANAGED.to_owned(), "true".to_owned()),
                 ("dev.backshift.kind".to_owned(), "setup".to_owned()),
@@ -1255,7 +1264,7 @@ async fn setup(run: &mut Run, on_snapshot: bool) -> Result<(), Halt> {
         }
     }
     if let Some(post_start) = &env.post_start {
-        lifecycle(run, "postStartCommand", post_start).await?;
+        lifecycle(run, "postStartCommand", post_start, Vec::new()).await?;
     }
     Ok(())
 }
@@ -1266,6 +1275,7 @@ async fn lifecycle(
     run: &mut Run,
     name: &str,
     command: &crate::devcontainer::Lifecycle,
+    env: Vec<(String, String)>,
 ) -> Result<(), Halt> {
     let Some(dir) = run.shim_dir.clone() else {
         return Err(Failure(FailureReason::Internal, "no shim directory at setup".into()).into());
@@ -1296,7 +1306,7 @@ async fn lifecycle(
     };
     let started = std::time::Instant::now();
     let out = tools
-        .run_script(&key, &script, Vec::new(), Vec::new(), &sink)
+        .run_script(&key, &script, env, Vec::new(), &sink)
         .await;
     let exit = out
         .exit

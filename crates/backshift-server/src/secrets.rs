@@ -185,13 +185,22 @@ pub async fn refresh_redactor(app: &App) -> Result<(), backshift_store::StoreErr
     Ok(())
 }
 
-/// The environment variables `project`'s sandboxes get from its grants.
-pub async fn sandbox_env(app: &App, project: &str) -> Result<Vec<(String, String)>, String> {
-    let grants = app
+/// The environment variables `project`'s grants give: its sandboxes'
+/// (`setup` false), or its setup phase's (`setup` true: the setup-only
+/// grants, given to `postCreateCommand` alone).
+pub async fn sandbox_env(
+    app: &App,
+    project: &str,
+    setup: bool,
+) -> Result<Vec<(String, String)>, String> {
+    let grants: Vec<_> = app
         .store
         .secret_grants(Some(project))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|g| g.setup_only == setup)
+        .collect();
     if grants.is_empty() {
         return Ok(Vec::new());
     }

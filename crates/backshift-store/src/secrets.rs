@@ -28,6 +28,9 @@ pub struct SecretGrant {
     pub project_id: String,
     /// The environment variable.
     pub var: String,
+    /// Given to the setup phase only (`postCreateCommand`), not to the
+    /// sandbox's environment.
+    pub setup_only: bool,
 }
 
 impl Store {
@@ -104,13 +107,14 @@ impl Store {
         Ok(deleted == 1)
     }
 
-    /// Grants `secret` to `project_id` as `var` (replacing an earlier
-    /// grant of it to that project).
+    /// Grants `secret` to `project_id` as `var`, for the setup phase only
+    /// or not (replacing an earlier grant of it to that project).
     pub async fn grant_secret(
         &self,
         secret: &str,
         project_id: &str,
         var: &str,
+        setup_only: bool,
         now: i64,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
@@ -120,12 +124,13 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "INSERT INTO secret_grants (secret, project_id, var, created_at) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO secret_grants (secret, project_id, var, created_at, setup_only) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(secret)
         .bind(project_id)
         .bind(var)
         .bind(now)
+        .bind(i64::from(setup_only))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -147,7 +152,7 @@ impl Store {
     /// Every grant (of one project, when given).
     pub async fn secret_grants(&self, project_id: Option<&str>) -> Result<Vec<SecretGrant>> {
         let rows = sqlx::query(
-            "SELECT secret, project_id, var FROM secret_grants \
+            "SELECT secret, project_id, var, setup_only FROM secret_grants \
              WHERE $1 IS NULL OR project_id = $1 ORDER BY project_id, var",
         )
         .bind(project_id)
@@ -159,6 +164,7 @@ impl Store {
                 secret: r.get(0),
                 project_id: r.get(1),
                 var: r.get(2),
+                setup_only: r.get::<i64, _>(3) != 0,
             })
             .collect())
     }

@@ -533,23 +533,24 @@ async fn secrets_are_stored_sealed_and_granted_per_project(store: Store) {
         ("sealed-2", 10, 20)
     );
     store
-        .grant_secret("DB", &project, "DATABASE_PASSWORD", 30)
+        .grant_secret("DB", &project, "DATABASE_PASSWORD", false, 30)
         .await
         .unwrap();
     store
-        .grant_secret("DB", &project, "PGPASSWORD", 31)
+        .grant_secret("DB", &project, "PGPASSWORD", true, 31)
         .await
         .unwrap();
     let grants = store.secret_grants(Some(&project)).await.unwrap();
     assert_eq!(grants.len(), 1, "one grant per secret and project");
     assert_eq!(grants[0].var, "PGPASSWORD");
+    assert!(grants[0].setup_only);
     assert!(store.secret_grants(Some("other")).await.unwrap().is_empty());
     store.reseal_secret("DB", "sealed-3", "k2").await.unwrap();
     assert_eq!(store.secrets().await.unwrap()[0].key_id, "k2");
     assert!(store.revoke_secret("DB", &project).await.unwrap());
     assert!(!store.revoke_secret("DB", &project).await.unwrap());
     store
-        .grant_secret("DB", &project, "PGPASSWORD", 32)
+        .grant_secret("DB", &project, "PGPASSWORD", false, 32)
         .await
         .unwrap();
     assert!(store.delete_secret("DB").await.unwrap());

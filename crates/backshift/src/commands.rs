@@ -489,7 +489,14 @@ async fn secrets(client: &Client, command: SecretsCommand) -> anyhow::Result<i32
                 let grants: Vec<String> = s
                     .grants
                     .iter()
-                    .map(|g| format!("{} as {}", g.project_id, g.var))
+                    .map(|g| {
+                        format!(
+                            "{} as {}{}",
+                            g.project_id,
+                            g.var,
+                            if g.setup_only { " (setup only)" } else { "" }
+                        )
+                    })
                     .collect();
                 println!(
                     "{}  set {}  key {}  {}",
@@ -510,7 +517,12 @@ async fn secrets(client: &Client, command: SecretsCommand) -> anyhow::Result<i32
                 .await?;
             println!("secret {name} is deleted");
         }
-        SecretsCommand::Grant { name, project, var } => {
+        SecretsCommand::Grant {
+            name,
+            project,
+            var,
+            setup_only,
+        } => {
             let p = find_project(client, &project).await?;
             let _: SecretView = client
                 .send(
@@ -519,10 +531,20 @@ async fn secrets(client: &Client, command: SecretsCommand) -> anyhow::Result<i32
                             Method::PUT,
                             &format!("/api/v1/projects/{}/secrets/{name}", p.id),
                         )
-                        .json(&GrantSecret { var: var.clone() }),
+                        .json(&GrantSecret {
+                            var: var.clone(),
+                            setup_only,
+                        }),
                 )
                 .await?;
-            println!("project {}'s sandboxes get secret {name} as ${var}", p.id);
+            if setup_only {
+                println!(
+                    "project {}'s setup (postCreateCommand) gets secret {name} as ${var}; its agents never do",
+                    p.id
+                );
+            } else {
+                println!("project {}'s sandboxes get secret {name} as ${var}", p.id);
+            }
         }
         SecretsCommand::Revoke { name, project } => {
             let p = find_project(client, &project).await?;

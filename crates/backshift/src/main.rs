@@ -223,6 +223,10 @@ enum SecretsCommand {
         /// The variable.
         #[arg(long = "as")]
         var: String,
+        /// For the setup phase only: the devcontainer's postCreateCommand
+        /// gets it, the agent never does.
+        #[arg(long)]
+        setup_only: bool,
     },
     /// Take a grant back.
     Revoke {

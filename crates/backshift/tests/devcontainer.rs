@@ -36,7 +36,12 @@ impl Drop for Images {
     }
 }
 
-const PROBE: &str = "cat /opt/greeting; echo \"$PROJECT_MODE $IMAGE_ENV\"; ~/.local/bin/greet; cat ~/setup-stamp; wc -l < ~/starts";
+const PROBE: &str = "cat /opt/greeting; echo \"$PROJECT_MODE $IMAGE_ENV\"; ~/.local/bin/greet; cat ~/setup-stamp; wc -l < ~/starts; cat ~/setup-secret; echo \"agent:${SETUP_TOKEN:-none}\"";
+
+fn short_hash(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))[..8].to_owned()
+}
 
 async fn run(w: &World, prompt: &str) -> (String, Vec<Value>) {
     let (task, view) = w.run_task(prompt, &["--command", PROBE]).await;
@@ -65,7 +70,7 @@ async fn a_devcontainer_builds_the_environment_and_setup_runs_once_per_lockfile_
   "name": "test",
   "build": { "dockerfile": "Dockerfile", "context": "..", "args": { "GREETING": "hello-from-the-build" } },
   "containerEnv": { "PROJECT_MODE": "devcontainer" },
-  "postCreateCommand": "install -D -m 755 tools/greet $HOME/.local/bin/greet && echo stamp-$(date +%s%N) > $HOME/setup-stamp",
+  "postCreateCommand": "install -D -m 755 tools/greet $HOME/.local/bin/greet && echo stamp-$(date +%s%N) > $HOME/setup-stamp && printf %s \"${SETUP_TOKEN:-absent}\" | sha256sum | cut -c1-8 > $HOME/setup-secret",
   "postStartCommand": ["sh", "-c", "echo started >> $HOME/starts"],
   "forwardPorts": [8080],
   "features": {},
@@ -159,6 +164,18 @@ async fn a_devcontainer_builds_the_environment_and_setup_runs_once_per_lockfile_
     );
     assert!(!said.contains("build: "), "{said}");
 
+    assert_eq!(lines[5], short_hash("absent"), "{out}");
+    // A setup-only secret: the setup gets it, the agent never does.
+    let (code, _, err) = w
+        .cli_with_stdin(&["secrets", "set", "SETUP_TOKEN"], "registry-token-123\n")
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, out, err) = w
+        .cli(&["secrets", "grant", "SETUP_TOKEN", &repo, "--as", "SETUP_TOKEN", "--setup-only"])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("its agents never do"), "{out}");
     // A lockfile changes: setup runs again.
     std::fs::write(
         w.repo.join("package-lock.json"),
@@ -169,6 +186,8 @@ async fn a_devcontainer_builds_the_environment_and_setup_runs_once_per_lockfile_
     let (out, evs) = run(&w, "Third").await;
     let lines: Vec<&str> = out.lines().collect();
     assert_ne!(lines[3], stamp, "{out}");
+    assert_eq!(lines[5], short_hash("registry-token-123"), "the setup had the secret: {out}");
+    assert_eq!(lines[6], "agent:none", "the agent has not: {out}");
     let said = progress(&evs).join("\n");
     assert!(said.contains("setup saved as"), "{said}");
 }

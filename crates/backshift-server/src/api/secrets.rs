@@ -55,6 +55,7 @@ async fn views(app: &App) -> Result<Vec<SecretView>, ApiError> {
                 .map(|g| SecretGrantView {
                     project_id: g.project_id.clone(),
                     var: g.var.clone(),
+                    setup_only: g.setup_only,
                 })
                 .collect(),
             name: s.name,
@@ -216,13 +217,13 @@ pub async fn grant_secret(
         ));
     }
     app.store
-        .grant_secret(&name, &project, &req.var, now_ms())
+        .grant_secret(&name, &project, &req.var, req.setup_only, now_ms())
         .await?;
     app.audit(
         &caller.actor(),
         "secret.grant",
         &name,
-        serde_json::json!({"project": project, "as": req.var}),
+        serde_json::json!({"project": project, "as": req.var, "setup_only": req.setup_only}),
     )
     .await;
     Ok(Json(view(&app, &name).await?))
