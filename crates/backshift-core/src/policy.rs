@@ -89,6 +89,8 @@ pub enum Origin {
     Project,
     /// The server's rules.
     Server,
+    /// The server's rules for the setup phase (`postCreateCommand`).
+    Setup,
     /// An approval a person gave earlier (for the task or the project).
     Approval,
 }
@@ -197,6 +199,7 @@ pub fn evaluate(sets: &[(Origin, &[Rule])], default: Action, req: &Request<'_>) 
                 let from = match origin {
                     Origin::Project => format!("project rule {}", i + 1),
                     Origin::Server => format!("server rule {}", i + 1),
+                    Origin::Setup => format!("setup rule {}", i + 1),
                     Origin::Approval => "an earlier approval".to_owned(),
                 };
                 best = Some((rule.action, format!("{} ({from})", rule.describe())));

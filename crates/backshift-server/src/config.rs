@@ -84,6 +84,12 @@ pub struct EgressSection {
     /// The rules (`[[egress.rules]]`: `host`, `action`, and optionally
     /// `ports`, `methods`, `path_prefix`).
     pub rules: Vec<backshift_core::policy::Rule>,
+    /// More rules for the setup phase only (a devcontainer's
+    /// `postCreateCommand` and `postStartCommand`: package registries the
+    /// agent itself should not reach).
+    pub setup_rules: Vec<backshift_core::policy::Rule>,
+    /// The default during the setup phase (`default` when absent).
+    pub setup_default: Option<backshift_core::policy::Action>,
     /// Names the proxy resolves to fixed addresses (for it only, like
     /// `/etc/hosts`).
     pub hosts: std::collections::BTreeMap<String, std::net::IpAddr>,
@@ -113,6 +119,8 @@ impl Default for EgressSection {
         EgressSection {
             default: backshift_core::policy::Action::Deny,
             rules: Vec::new(),
+            setup_rules: Vec::new(),
+            setup_default: None,
             hosts: Default::default(),
             allow_networks: Vec::new(),
         }
@@ -369,10 +377,15 @@ impl Config {
         let config: Config = figment
             .extract()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-        for (i, rule) in config.egress.rules.iter().enumerate() {
-            rule.check().map_err(|e| {
-                anyhow::anyhow!("invalid configuration: [egress] rule {}: {e}", i + 1)
-            })?;
+        for (which, rules) in [
+            ("rule", &config.egress.rules),
+            ("setup rule", &config.egress.setup_rules),
+        ] {
+            for (i, rule) in rules.iter().enumerate() {
+                rule.check().map_err(|e| {
+                    anyhow::anyhow!("invalid configuration: [egress] {which} {}: {e}", i + 1)
+                })?;
+            }
         }
         Ok(config)
     }

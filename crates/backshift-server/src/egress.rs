@@ -9,6 +9,7 @@
 
 use crate::approvals::{self, Question};
 use crate::serve::App;
+use backshift_core::AttemptState;
 use backshift_core::policy::{self, Action, Origin};
 use backshift_egress::{Attempted, Decider, Outcome, Verdict};
 use backshift_protocol::EventKind;
@@ -167,18 +168,33 @@ impl Decider for AttemptPolicy {
     async fn decide(&self, req: &Attempted) -> Verdict {
         let egress = &self.app.config.egress;
         let project = self.project_rules().await;
+        // The setup phase (a devcontainer's commands, while the attempt
+        // is preparing) has rules of its own on top.
+        let setup = matches!(
+            self.app.store.attempt(&self.attempt).await,
+            Ok(Some(a)) if matches!(a.state, AttemptState::Provisioning | AttemptState::Preparing)
+        );
+        let none: &[policy::Rule] = &[];
+        let default = match (setup, egress.setup_default) {
+            (true, Some(d)) => d,
+            _ => egress.default,
+        };
         let decision = policy::evaluate(
             &[
                 (Origin::Project, &project[..]),
                 (Origin::Server, &egress.rules[..]),
+                (
+                    Origin::Setup,
+                    if setup { &egress.setup_rules[..] } else { none },
+                ),
             ],
-            egress.default,
+            default,
             &req.as_policy(),
         );
         let by = decision
             .rule
             .clone()
-            .unwrap_or_else(|| format!("the default ({})", egress.default));
+            .unwrap_or_else(|| format!("the default ({default})"));
         match decision.action {
             Action::Allow => Verdict {
                 allow: true,
@@ -191,8 +207,8 @@ impl Decider for AttemptPolicy {
                 reason: match &decision.rule {
                     Some(rule) => format!("denied by {rule}"),
                     None => format!(
-                        "no egress rule allows {}:{}, and the default is {}",
-                        req.host, req.port, egress.default
+                        "no egress rule allows {}:{}, and the default is {default}",
+                        req.host, req.port
                     ),
                 },
                 rule: decision.rule,

@@ -306,3 +306,24 @@ pub fn command_output(events: &[Value]) -> String {
         .filter_map(|e| e["text"].as_str())
         .collect()
 }
+
+/// Removes, when dropped, the images a test's project left on the Docker
+/// host (its environment and setup images, labelled with the project).
+pub struct ProjectImages(pub String);
+
+impl Drop for ProjectImages {
+    fn drop(&mut self) {
+        let docker = |args: &[&str]| {
+            std::process::Command::new("docker")
+                .args(args)
+                .env("DOCKER_API_VERSION", "1.41")
+                .output()
+        };
+        let filter = format!("label=dev.backshift.project={}", self.0);
+        if let Ok(out) = docker(&["images", "-q", "--filter", &filter]) {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = docker(&["rmi", "-f", id]);
+            }
+        }
+    }
+}

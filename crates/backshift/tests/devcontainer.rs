@@ -11,31 +11,6 @@ mod common;
 use common::World;
 use serde_json::Value;
 
-/// Removes the images the test's project left (environment and setup).
-struct Images(String);
-
-impl Drop for Images {
-    fn drop(&mut self) {
-        let out = std::process::Command::new("docker")
-            .args([
-                "images",
-                "-q",
-                "--filter",
-                &format!("label=dev.backshift.project={}", self.0),
-            ])
-            .env("DOCKER_API_VERSION", "1.41")
-            .output();
-        if let Ok(out) = out {
-            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = std::process::Command::new("docker")
-                    .args(["rmi", "-f", id])
-                    .env("DOCKER_API_VERSION", "1.41")
-                    .output();
-            }
-        }
-    }
-}
-
 const PROBE: &str = "cat /opt/greeting; echo \"$PROJECT_MODE $IMAGE_ENV\"; ~/.local/bin/greet; cat ~/setup-stamp; wc -l < ~/starts; cat ~/setup-secret; echo \"agent:${SETUP_TOKEN:-none}\"";
 
 fn short_hash(s: &str) -> String {
@@ -100,7 +75,7 @@ async fn a_devcontainer_builds_the_environment_and_setup_runs_once_per_lockfile_
         let (_, tasks) = w.api(reqwest::Method::GET, "/api/v1/tasks", None).await;
         tasks[0]["project_id"].as_str().unwrap().to_owned()
     };
-    let _images = Images(project);
+    let _images = common::ProjectImages(project);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "hello-from-the-build", "{out}");
     assert_eq!(lines[1], "devcontainer from-the-dockerfile", "{out}");
@@ -172,7 +147,15 @@ async fn a_devcontainer_builds_the_environment_and_setup_runs_once_per_lockfile_
     assert_eq!(code, 0, "{err}");
     let repo = w.repo.to_string_lossy().into_owned();
     let (code, out, err) = w
-        .cli(&["secrets", "grant", "SETUP_TOKEN", &repo, "--as", "SETUP_TOKEN", "--setup-only"])
+        .cli(&[
+            "secrets",
+            "grant",
+            "SETUP_TOKEN",
+            &repo,
+            "--as",
+            "SETUP_TOKEN",
+            "--setup-only",
+        ])
         .await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("its agents never do"), "{out}");
@@ -186,7 +169,11 @@ async fn a_devcontainer_builds_the_environment_and_setup_runs_once_per_lockfile_
     let (out, evs) = run(&w, "Third").await;
     let lines: Vec<&str> = out.lines().collect();
     assert_ne!(lines[3], stamp, "{out}");
-    assert_eq!(lines[5], short_hash("registry-token-123"), "the setup had the secret: {out}");
+    assert_eq!(
+        lines[5],
+        short_hash("registry-token-123"),
+        "the setup had the secret: {out}"
+    );
     assert_eq!(lines[6], "agent:none", "the agent has not: {out}");
     let said = progress(&evs).join("\n");
     assert!(said.contains("setup saved as"), "{said}");

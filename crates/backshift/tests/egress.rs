@@ -866,3 +866,58 @@ action = "deny"
     let (_, audit, _) = w.cli(&["audit"]).await;
     assert!(audit.contains("token:admin  project.egress.set"), "{audit}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_setup_phase_reaches_what_its_rules_allow_and_the_agent_does_not() {
+    let t = Target::start("dev.backshift.test=egress-setup", "registry-target");
+    assert_eq!(
+        from_host(&format!("http://{}/", t.ip)).await,
+        "registry-target"
+    );
+    let config = format!(
+        r#"
+[egress]
+allow_networks = ["{ip}/32"]
+hosts = {{ "registry.backshift-test.invalid" = "{ip}" }}
+
+[[egress.setup_rules]]
+host = "registry.backshift-test.invalid"
+action = "allow"
+"#,
+        ip = t.ip
+    );
+    let w = World::start(None, &config).await;
+    let image = backshift_sandbox::image::default_image_tag();
+    std::fs::write(
+        w.repo.join(".devcontainer.json"),
+        format!(
+            "{{ \"image\": \"{image}\", \"postCreateCommand\": \"curl -s -m 10 http://registry.backshift-test.invalid/ > $HOME/fetched\" }}"
+        ),
+    )
+    .unwrap();
+    common::sh(&w.repo, "git add -A && git commit -qm devcontainer").await;
+    let (task, view) = w
+        .run_task(
+            "Use the registry",
+            &["--command", "cat ~/fetched; echo; curl -s -o /dev/null -w '%{http_code}' http://registry.backshift-test.invalid/"],
+        )
+        .await;
+    // The setup image is the project's: removed with the test.
+    let project = view["project_id"].as_str().unwrap().to_owned();
+    let _cleanup = common::ProjectImages(project);
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let evs = w.events(&format!("{task}-1")).await;
+    assert_eq!(
+        common::command_output(&evs),
+        "registry-target\n403",
+        "setup fetched, the agent could not"
+    );
+    let egress: Vec<&Value> = evs.iter().filter(|e| e["type"] == "egress").collect();
+    assert_eq!(egress.len(), 2, "{egress:?}");
+    assert_eq!(egress[0]["decision"], "allowed");
+    assert_eq!(
+        egress[0]["rule"],
+        "allow registry.backshift-test.invalid (setup rule 1)"
+    );
+    assert_eq!(egress[1]["decision"], "denied");
+}
