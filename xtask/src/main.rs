@@ -145,7 +145,7 @@ fn setup() -> anyhow::Result<()> {
 /// registry (Debian's `docker-registry`, started by the tests themselves)
 /// and PostgreSQL with the tests' role.
 fn setup_tests() -> anyhow::Result<()> {
-    apt_install(&["docker-registry", "postgresql"])?;
+    apt_install(&["docker-registry", "postgresql", "openssl", "curl"])?;
     // npm installs the tests' agents; any npm will do (a Node.js from
     // elsewhere brings its own and conflicts with Debian's).
     if Command::new("npm").arg("--version").output().is_err() {

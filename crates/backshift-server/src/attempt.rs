@@ -1020,6 +1020,8 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
                 &git_token,
             ))
             .chain(secrets)
+            // Custom CA certificates, where tools look for them.
+            .chain(app.ca.iter().flat_map(crate::certs::CaFiles::env))
             .collect(),
         mounts: [
             Mount {
@@ -1034,6 +1036,20 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
             },
         ]
         .into_iter()
+        // Custom CA certificates, read-only (the bundle also where the
+        // system trust store is).
+        .chain(app.ca.iter().flat_map(|ca| {
+            [
+                (ca.bundle.clone(), crate::certs::SANDBOX_BUNDLE),
+                (ca.extra.clone(), crate::certs::SANDBOX_EXTRA),
+                (ca.bundle.clone(), crate::certs::SYSTEM_BUNDLE),
+            ]
+            .map(|(host, target)| Mount {
+                host,
+                target: target.into(),
+                read_only: true,
+            })
+        }))
         // Installed agents, read-only: installed once per host.
         .chain(
             crate::agents::installed(&app.config.agents_dir())

@@ -198,6 +198,9 @@ pub struct SandboxConfig {
     /// network. Off by default: the Dockerfile is the repository's, and
     /// the build runs on this host, outside the egress proxy.
     pub build_network: bool,
+    /// A PEM file of extra CA certificates every sandbox trusts (an
+    /// interception proxy, an internal registry).
+    pub ca_certificates: Option<PathBuf>,
 }
 
 /// When a configured sandbox image is pulled.
@@ -321,6 +324,7 @@ impl Default for SandboxConfig {
             snapshot_every_secs: 300,
             devcontainer: true,
             build_network: false,
+            ca_certificates: None,
         }
     }
 }

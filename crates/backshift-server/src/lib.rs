@@ -12,6 +12,7 @@ pub mod approvals;
 pub mod attempt;
 pub mod audit;
 pub mod auth;
+pub mod certs;
 pub mod checkpoint;
 pub mod config;
 pub mod devcontainer;

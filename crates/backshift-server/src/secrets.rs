@@ -241,9 +241,21 @@ pub fn reserved_var(var: &str) -> bool {
         "ANTHROPIC_API_KEY",
         "GEMINI_API_KEY",
     ];
+    /// Set when custom CA certificates are configured.
+    const CA: [&str; 7] = [
+        "SSL_CERT_FILE",
+        "CURL_CA_BUNDLE",
+        "REQUESTS_CA_BUNDLE",
+        "PIP_CERT",
+        "GIT_SSL_CAINFO",
+        "CARGO_HTTP_CAINFO",
+        "NODE_EXTRA_CA_CERTS",
+    ];
     let upper = var.to_ascii_uppercase();
     OURS.contains(&upper.as_str())
+        || CA.contains(&upper.as_str())
         || upper.starts_with("BACKSHIFT_")
+        || upper.starts_with("GIT_CONFIG_")
         || upper == "GOOGLE_GEMINI_BASE_URL"
         || upper.starts_with("OPENCODE_")
 }

@@ -47,6 +47,8 @@ pub struct App {
     pub audit: crate::audit::Audit,
     /// The keys secrets are sealed with.
     pub keyring: crate::secrets::Keyring,
+    /// Custom CA certificates for every sandbox, when configured.
+    pub ca: Option<crate::certs::CaFiles>,
     docker: Mutex<Option<Arc<DockerDriver>>>,
 }
 
@@ -255,6 +257,12 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         hub: EventHub::new(store.clone(), &replica),
         audit: crate::audit::Audit::new(store.clone(), &data_dir),
         keyring: crate::secrets::Keyring::load(&config.secrets, &data_dir)?,
+        ca: config
+            .sandbox
+            .ca_certificates
+            .as_deref()
+            .map(|f| crate::certs::prepare(f, &data_dir))
+            .transpose()?,
         replica,
         _replica_lock: replica_lock,
         store,
