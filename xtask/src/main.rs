@@ -270,6 +270,7 @@ fn bench(extra: &[String]) -> anyhow::Result<()> {
         ("backshift", "gateway"),
         ("backshift", "agent_start"),
         ("backshift", "egress"),
+        ("backshift", "first_call"),
     ] {
         step(&format!("{name} ({package}/benches/{name}.rs)"));
         run(Command::new("cargo")

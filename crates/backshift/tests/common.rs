@@ -320,8 +320,17 @@ impl Drop for ProjectImages {
                 .output()
         };
         let filter = format!("label=dev.backshift.project={}", self.0);
-        if let Ok(out) = docker(&["images", "-q", "--filter", &filter]) {
-            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        // A setup image is a child of its environment image, which goes
+        // only once the child has: a few passes.
+        for _ in 0..3 {
+            let Ok(out) = docker(&["images", "-q", "--filter", &filter]) else {
+                return;
+            };
+            let ids = String::from_utf8_lossy(&out.stdout).to_string();
+            if ids.trim().is_empty() {
+                return;
+            }
+            for id in ids.split_whitespace() {
                 let _ = docker(&["rmi", "-f", id]);
             }
         }

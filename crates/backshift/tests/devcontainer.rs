@@ -55,7 +55,11 @@ async fn a_devcontainer_builds_the_environment_and_setup_runs_once_per_lockfile_
     .unwrap();
     std::fs::write(
         w.repo.join(".devcontainer/Dockerfile"),
-        format!("FROM {image}\nARG GREETING\nRUN echo \"$GREETING\" > /opt/greeting\nENV IMAGE_ENV=from-the-dockerfile\n"),
+        // A line of this run's own: the build is new to the image cache.
+        format!(
+            "FROM {image}\nARG GREETING\nRUN echo \"$GREETING\" > /opt/greeting\nENV IMAGE_ENV=from-the-dockerfile\nLABEL dev.backshift.test-run=\"{}\"\n",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ),
     )
     .unwrap();
     std::fs::write(
