@@ -301,6 +301,35 @@ pub struct RotationView {
     pub key_id: String,
 }
 
+/// A sandbox of this server and what it uses now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxView {
+    /// The sandbox (its container's id).
+    pub id: String,
+    /// The attempt it serves.
+    pub attempt_id: Option<String>,
+    /// The task.
+    pub task_id: Option<String>,
+    /// Alive (running, or paused for a moment for a snapshot).
+    pub running: bool,
+    /// CPU, percent of one CPU, over the last second.
+    pub cpu_percent: Option<f64>,
+    /// Memory in use, bytes (page cache not counted).
+    pub memory_bytes: u64,
+    /// Its memory limit, bytes.
+    pub memory_limit_bytes: u64,
+    /// Processes and threads.
+    pub pids: u64,
+    /// Bytes written to its filesystem.
+    pub disk_bytes: Option<u64>,
+    /// Its disk limit, when one is applied (`[sandbox] disk_mb`, where the
+    /// storage driver supports it).
+    pub disk_limit_bytes: Option<u64>,
+    /// Why there is no disk limit though one is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_limit_note: Option<String>,
+}
+
 /// One row of the audit log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct AuditEntry {

@@ -2,7 +2,8 @@
 //! client negotiates the version and uses no newer field.
 
 use crate::{
-    ExecSpec, OutputChunk, Result, SandboxDriver, SandboxError, SandboxId, SandboxInfo, SandboxSpec,
+    ExecSpec, OutputChunk, Result, SandboxDriver, SandboxError, SandboxId, SandboxInfo,
+    SandboxSpec, SandboxUsage,
 };
 use async_trait::async_trait;
 use bollard::Docker;
@@ -203,6 +204,10 @@ impl SandboxDriver for DockerDriver {
             init: Some(true),
             network_mode: Some("none".into()),
             privileged: Some(false),
+            storage_opt: spec
+                .limits
+                .disk_bytes
+                .map(|b| HashMap::from([("size".to_owned(), b.to_string())])),
             mounts: (!spec.mounts.is_empty()).then(|| {
                 spec.mounts
                     .iter()
@@ -233,14 +238,34 @@ impl SandboxDriver for DockerDriver {
             ..Default::default()
         };
         let options = CreateContainerOptions {
-            name: Some(name),
+            name: Some(name.clone()),
             ..Default::default()
         };
-        let created = self
-            .docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(|e| backend("create container", e))?;
+        let created = self.docker.create_container(Some(options), body).await;
+        if created.is_err() {
+            // Docker can leave a half-made container behind a refusal (a
+            // storage option it cannot apply): it goes.
+            let _ = self
+                .docker
+                .remove_container(
+                    &name,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+        }
+        let created = created.map_err(|e| match e {
+            // overlay2 on anything but xfs with project quotas, and
+            // most other storage drivers.
+            bollard::errors::Error::DockerResponseServerError { message, .. }
+                if spec.limits.disk_bytes.is_some() && message.contains("storage-opt") =>
+            {
+                SandboxError::DiskLimitUnsupported(message)
+            }
+            e => backend("create container", e),
+        })?;
         let id = SandboxId(created.id);
         if let Err(e) = self.docker.start_container(&id.0, None).await {
             let _ = self.destroy(&id).await;
@@ -392,6 +417,70 @@ impl SandboxDriver for DockerDriver {
                 })
             })
             .collect())
+    }
+
+    async fn usage(&self, id: &SandboxId) -> Result<SandboxUsage> {
+        // Not one-shot: the daemon takes a second sample a second later,
+        // so CPU use can be worked out.
+        let options = bollard::query_parameters::StatsOptions {
+            stream: false,
+            one_shot: false,
+        };
+        let stats = self
+            .docker
+            .stats(&id.0, Some(options))
+            .next()
+            .await
+            .ok_or_else(|| SandboxError::NotFound(id.0.clone()))?
+            .map_err(|e| backend("container stats", e))?;
+        let cpu_percent = (|| {
+            let now = stats.cpu_stats.as_ref()?;
+            let before = stats.precpu_stats.as_ref()?;
+            let used = now.cpu_usage.as_ref()?.total_usage? as f64
+                - before.cpu_usage.as_ref()?.total_usage? as f64;
+            let system = now.system_cpu_usage? as f64 - before.system_cpu_usage? as f64;
+            let cpus = f64::from(now.online_cpus.unwrap_or(1));
+            (system > 0.0).then(|| (used / system * cpus * 100.0).max(0.0))
+        })();
+        let memory = stats.memory_stats.as_ref();
+        // What the kernel could drop at once (page cache) is not use.
+        let cache = memory
+            .and_then(|m| m.stats.as_ref())
+            .and_then(|s| {
+                s.get("inactive_file")
+                    .or_else(|| s.get("total_inactive_file"))
+            })
+            .copied()
+            .unwrap_or(0);
+        let inspect = self
+            .docker
+            .inspect_container(
+                &id.0,
+                Some(bollard::query_parameters::InspectContainerOptions { size: true }),
+            )
+            .await
+            .map_err(|e| backend("inspect container", e))?;
+        let state = inspect.state.as_ref();
+        Ok(SandboxUsage {
+            running: state.and_then(|s| s.running).unwrap_or(false)
+                || state.and_then(|s| s.paused).unwrap_or(false),
+            cpu_percent,
+            memory_bytes: memory
+                .and_then(|m| m.usage)
+                .unwrap_or(0)
+                .saturating_sub(cache),
+            memory_limit_bytes: memory.and_then(|m| m.limit).unwrap_or(0),
+            pids: stats
+                .pids_stats
+                .as_ref()
+                .and_then(|p| p.current)
+                .unwrap_or(0),
+            disk_bytes: inspect.size_rw.and_then(|s| u64::try_from(s).ok()),
+            disk_limit_bytes: inspect
+                .host_config
+                .and_then(|h| h.storage_opt)
+                .and_then(|o| o.get("size").and_then(|s| s.parse().ok())),
+        })
     }
 
     async fn snapshot(

@@ -50,6 +50,9 @@ pub struct ResourceLimits {
     pub nano_cpus: i64,
     /// Maximum number of processes and threads.
     pub pids: i64,
+    /// Disk limit of the sandbox's writable layer, bytes, where the
+    /// storage driver supports one (overlay2 on xfs with project quotas).
+    pub disk_bytes: Option<u64>,
 }
 
 impl Default for ResourceLimits {
@@ -58,6 +61,7 @@ impl Default for ResourceLimits {
             memory_bytes: 2 * 1024 * 1024 * 1024,
             nano_cpus: 1_000_000_000,
             pids: 512,
+            disk_bytes: None,
         }
     }
 }
@@ -157,6 +161,26 @@ pub struct SandboxInfo {
     pub running: bool,
 }
 
+/// What a sandbox uses now.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SandboxUsage {
+    /// Alive (running, or paused for a moment).
+    pub running: bool,
+    /// CPU, percent of one CPU, over the last second (`None` when the
+    /// backend has no earlier sample yet).
+    pub cpu_percent: Option<f64>,
+    /// Memory in use, bytes.
+    pub memory_bytes: u64,
+    /// Its memory limit, bytes.
+    pub memory_limit_bytes: u64,
+    /// Processes and threads.
+    pub pids: u64,
+    /// Bytes written to its filesystem (its writable layer).
+    pub disk_bytes: Option<u64>,
+    /// Its disk limit, when one is applied.
+    pub disk_limit_bytes: Option<u64>,
+}
+
 /// What can go wrong in a driver.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -177,6 +201,10 @@ pub enum SandboxError {
         /// What the backend said.
         message: String,
     },
+    /// A disk limit was asked for, and the storage driver cannot apply one
+    /// (the message is the backend's).
+    #[error("a disk limit cannot be applied here: {0}")]
+    DiskLimitUnsupported(String),
     /// Local I/O failed (building or reading a tar stream).
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -246,6 +274,9 @@ pub trait SandboxDriver: Send + Sync {
     ) -> Result<Vec<(String, BTreeMap<String, String>)>> {
         Ok(Vec::new())
     }
+
+    /// What the sandbox uses now (CPU, memory, processes, disk).
+    async fn usage(&self, id: &SandboxId) -> Result<SandboxUsage>;
 
     /// Runs a command and collects its output.
     async fn exec_collect(&self, id: &SandboxId, spec: &ExecSpec) -> Result<ExecOutput> {

@@ -54,6 +54,7 @@ fn spec(test: &str) -> SandboxSpec {
             memory_bytes: 256 * 1024 * 1024,
             nano_cpus: 500_000_000,
             pids: 128,
+            disk_bytes: None,
         },
         user: format!("{SANDBOX_UID}:{SANDBOX_UID}"),
         workdir: "/workspace".into(),
@@ -318,4 +319,25 @@ fn rand_suffix() -> u32 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos() ^ std::process::id())
         .unwrap_or(1)
+}
+
+#[tokio::test]
+async fn a_running_sandbox_is_listed_running_with_its_usage() {
+    let sb = sandbox("usage").await;
+    let listed = sb
+        .driver
+        .list(&[("dev.backshift.test", "usage")])
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].running, "{listed:?}");
+    let (code, _, err) = sh(&sb, "head -c 5000000 /dev/zero > /home/agent/five-mb").await;
+    assert_eq!(code, 0, "{err}");
+    let usage = sb.driver.usage(&sb.id).await.unwrap();
+    assert!(usage.disk_bytes.unwrap() >= 5_000_000, "{usage:?}");
+    assert_eq!(usage.memory_limit_bytes, 256 * 1024 * 1024, "{usage:?}");
+    assert!(usage.pids >= 1, "{usage:?}");
+    assert!(usage.running, "{usage:?}");
+    assert!(usage.cpu_percent.is_some(), "{usage:?}");
+    assert_eq!(usage.disk_limit_bytes, None);
 }

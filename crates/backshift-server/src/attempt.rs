@@ -981,6 +981,12 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
             memory_bytes: app.config.sandbox.memory_mb * 1024 * 1024,
             nano_cpus: (app.config.sandbox.cpus * 1e9) as i64,
             pids: app.config.sandbox.pids,
+            disk_bytes: app
+                .config
+                .sandbox
+                .disk_mb
+                .filter(|_| app.disk_limit_unsupported.get().is_none())
+                .map(|mb| mb * 1024 * 1024),
         },
         user: format!("{SANDBOX_UID}:{SANDBOX_UID}"),
         workdir: WORKDIR.into(),
@@ -1064,7 +1070,27 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
         command: Some(vec![SANDBOX_BINARY.into(), "shim".into()]),
     };
     let driver: Arc<dyn SandboxDriver> = driver;
-    let created = driver.create(&spec).await;
+    let mut created = driver.create(&spec).await;
+    if let Err(SandboxError::DiskLimitUnsupported(why)) = &created {
+        // Later sandboxes do not ask again.
+        let _ = app.disk_limit_unsupported.set(why.clone());
+        let mut unlimited = spec.clone();
+        unlimited.limits.disk_bytes = None;
+        created = driver.create(&unlimited).await;
+    }
+    if let (Some(_), Some(why)) = (app.config.sandbox.disk_mb, app.disk_limit_unsupported.get()) {
+        let _ = app
+            .hub
+            .emit(
+                &run.attempt.id,
+                EventKind::Warning {
+                    message: format!(
+                        "the disk limit ([sandbox] disk_mb) is not applied: Docker's storage driver here cannot limit a container's disk ({why}); sandboxes run without one (their disk use is in GET /api/v1/sandboxes)"
+                    ),
+                },
+            )
+            .await;
+    }
     if created.is_err() {
         remove_shim_dir(&shim_dir).await;
     }

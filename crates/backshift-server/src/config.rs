@@ -201,6 +201,10 @@ pub struct SandboxConfig {
     /// A PEM file of extra CA certificates every sandbox trusts (an
     /// interception proxy, an internal registry).
     pub ca_certificates: Option<PathBuf>,
+    /// Disk limit per sandbox, MiB, where Docker's storage driver can
+    /// apply one (overlay2 on xfs with project quotas); where it cannot,
+    /// each attempt says so in a warning and runs without.
+    pub disk_mb: Option<u64>,
 }
 
 /// When a configured sandbox image is pulled.
@@ -325,6 +329,7 @@ impl Default for SandboxConfig {
             devcontainer: true,
             build_network: false,
             ca_certificates: None,
+            disk_mb: None,
         }
     }
 }

@@ -49,6 +49,9 @@ pub struct App {
     pub keyring: crate::secrets::Keyring,
     /// Custom CA certificates for every sandbox, when configured.
     pub ca: Option<crate::certs::CaFiles>,
+    /// Why Docker refused a disk limit, once it did: sandboxes are then
+    /// created without one (each attempt is told).
+    pub disk_limit_unsupported: std::sync::OnceLock<String>,
     docker: Mutex<Option<Arc<DockerDriver>>>,
 }
 
@@ -257,6 +260,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         hub: EventHub::new(store.clone(), &replica),
         audit: crate::audit::Audit::new(store.clone(), &data_dir),
         keyring: crate::secrets::Keyring::load(&config.secrets, &data_dir)?,
+        disk_limit_unsupported: std::sync::OnceLock::new(),
         ca: config
             .sandbox
             .ca_certificates

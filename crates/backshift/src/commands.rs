@@ -9,8 +9,8 @@ use backshift_core::limits::LimitsRequest;
 use backshift_core::policy::{Action, Rule};
 use backshift_protocol::{
     AnswerApproval, ApprovalView, AttemptView, AuditEntry, AuditVerification, CreateTaskRequest,
-    Decision, Event, GrantSecret, ProjectView, RotationView, Scope, SecretView, SetEgressRules,
-    SetSecret, TaskCreated, TaskView,
+    Decision, Event, GrantSecret, ProjectView, RotationView, SandboxView, Scope, SecretView,
+    SetEgressRules, SetSecret, TaskCreated, TaskView,
 };
 use futures::StreamExt;
 use reqwest::Method;
@@ -256,6 +256,41 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
         }
         Command::Deny { id, reason } => {
             answer(&client, &id, Decision::Deny, Scope::Once, reason).await
+        }
+        Command::Sandboxes => {
+            let list: Vec<SandboxView> = client
+                .send(client.request(Method::GET, "/api/v1/sandboxes"))
+                .await?;
+            if list.is_empty() {
+                println!("no sandboxes: none of this server's attempts is running");
+            } else {
+                println!(
+                    "{:<14} {:<12} {:>6} {:>19} {:>5} {:>19}",
+                    "SANDBOX", "ATTEMPT", "CPU", "MEMORY", "PIDS", "DISK"
+                );
+            }
+            let mib = |b: u64| format!("{:.0} MiB", b as f64 / 1048576.0);
+            for s in &list {
+                let disk = match (s.disk_bytes, s.disk_limit_bytes) {
+                    (Some(d), Some(l)) => format!("{} / {}", mib(d), mib(l)),
+                    (Some(d), None) => mib(d),
+                    _ => "?".into(),
+                };
+                println!(
+                    "{:<14} {:<12} {:>6} {:>19} {:>5} {:>19}{}",
+                    &s.id[..12.min(s.id.len())],
+                    s.attempt_id.as_deref().unwrap_or("-"),
+                    s.cpu_percent.map_or("?".into(), |c| format!("{c:.1}%")),
+                    format!("{} / {}", mib(s.memory_bytes), mib(s.memory_limit_bytes)),
+                    s.pids,
+                    disk,
+                    if s.running { "" } else { "  (stopped)" }
+                );
+            }
+            if let Some(note) = list.iter().find_map(|s| s.disk_limit_note.as_deref()) {
+                println!("no disk limit is applied: {note}");
+            }
+            Ok(0)
         }
         Command::Projects => {
             let list: Vec<ProjectView> = client

@@ -142,6 +142,9 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// List this server's sandboxes with what each uses now (CPU, memory,
+    /// processes, disk).
+    Sandboxes,
     /// List projects (one per repository) with their egress rules.
     Projects,
     /// Show or change a project's own egress rules (decided before the

@@ -8,6 +8,7 @@ mod error;
 mod git;
 mod health;
 mod projects;
+mod sandboxes;
 mod secrets;
 mod tasks;
 
@@ -33,7 +34,7 @@ use utoipa::OpenApi;
         audit::list_audit, audit::verify_audit,
         projects::list_projects, projects::get_project, projects::set_egress,
         secrets::list_secrets, secrets::set_secret, secrets::delete_secret, secrets::grant_secret,
-        secrets::revoke_secret, secrets::rotate,
+        secrets::revoke_secret, secrets::rotate, sandboxes::list_sandboxes,
         attempts::get_attempt, attempts::list_events, attempts::stream_events, attempts::get_diff,
         health::healthz, health::readyz,
     ),
@@ -46,7 +47,7 @@ use utoipa::OpenApi;
         backshift_protocol::AuditEntry, backshift_protocol::AuditVerification,
         backshift_protocol::ProjectView, backshift_protocol::SetEgressRules,
         backshift_protocol::SecretView, backshift_protocol::SecretGrantView, backshift_protocol::SetSecret,
-        backshift_protocol::GrantSecret, backshift_protocol::RotationView,
+        backshift_protocol::GrantSecret, backshift_protocol::RotationView, backshift_protocol::SandboxView,
         backshift_core::policy::Rule, backshift_core::policy::Action,
     )),
     modifiers(&BearerAuth),
@@ -88,6 +89,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/projects/{id}/secrets/{name}",
             put(secrets::grant_secret).delete(secrets::revoke_secret),
         )
+        .route("/api/v1/sandboxes", get(sandboxes::list_sandboxes))
         .route("/api/v1/secrets", get(secrets::list_secrets))
         .route("/api/v1/secrets/rotate", post(secrets::rotate))
         .route(
