@@ -19,6 +19,31 @@ pub struct World {
 impl Drop for World {
     fn drop(&mut self) {
         let _ = self.server.start_kill();
+        // The server's sandboxes outlive it (that is the point of them):
+        // the test's go with the test, found by their shim directories.
+        let docker = |args: &[&str]| {
+            std::process::Command::new("docker")
+                .args(args)
+                .env("DOCKER_API_VERSION", "1.41")
+                .output()
+        };
+        let mine = self.dir.path().display().to_string();
+        if let Ok(out) = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            "label=dev.backshift.managed=true",
+            "--format",
+            "{{.ID}} {{.Label \"dev.backshift.shim-dir\"}}",
+        ]) {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some((id, dir)) = line.split_once(' ')
+                    && dir.starts_with(&mine)
+                {
+                    let _ = docker(&["rm", "-f", id]);
+                }
+            }
+        }
     }
 }
 
