@@ -19,20 +19,10 @@ use fake_model::FakeModel;
 use serde_json::{Value, json};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{BenchResult, get, start_server, token};
+use support::{BenchResult, get, median, start_server, token, ts_ms};
 
 fn main() {
     support::main("agent_start", run());
-}
-
-fn p50(samples: &mut [f64]) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
-fn ts_ms(e: &Value) -> BenchResult<f64> {
-    let t = humantime::parse_rfc3339(e["ts"].as_str().ok_or("event without ts")?)?;
-    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_secs_f64() * 1000.0)
 }
 
 /// Starts the agent with `argv` and times `initialize` + `session/new`,
@@ -146,7 +136,7 @@ async fn run() -> BenchResult<()> {
             ours.push(ts_ms(session)? - ts_ms(running)?);
         }
         let mut base = baseline(agent, n)?;
-        let (ours, base) = (p50(&mut ours), p50(&mut base));
+        let (ours, base) = (median(&mut ours), median(&mut base));
         println!(
             "{:<14} {:>14}   {:<34} {:>6.2}x",
             name,

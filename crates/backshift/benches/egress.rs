@@ -13,7 +13,7 @@ mod support;
 
 use serde_json::json;
 use std::process::Command;
-use support::{BenchResult, p50, parse_times, start_server, token};
+use support::{BenchResult, start_server, token};
 
 fn main() {
     support::main("egress", run());
@@ -126,37 +126,16 @@ async fn run() -> BenchResult<()> {
     )
     .await?;
     let output = support::stdout_of(&http, &url, &token, &task).await?;
-    let mut through = parse_times(&output);
-    if through.len() != n {
-        return Err(format!(
-            "{} timings from the sandbox, expected {n}: {output}",
-            through.len()
-        )
-        .into());
-    }
-    let direct = Command::new("bash")
-        .args([
-            "-c",
-            &format!(
-                "for i in $(seq 1 {n}); do curl -s -o /dev/null --noproxy '*' -w '%{{time_total}}\\n' http://{}/; done",
-                t.ip
-            ),
-        ])
-        .output()?;
-    let mut direct = parse_times(&String::from_utf8_lossy(&direct.stdout));
-    if direct.len() != n {
-        return Err(format!("{} timings from the host, expected {n}", direct.len()).into());
-    }
-    let (ours, base) = (p50(&mut through), p50(&mut direct));
-    support::print_row(
+    let host_loop = format!(
+        "for i in $(seq 1 {n}); do curl -s -o /dev/null --noproxy '*' -w '%{{time_total}}\\n' http://{}/; done",
+        t.ip
+    );
+    support::compare_with_host(
         "HTTP GET through the egress proxy",
-        ours,
-        "curl on the host, direct",
-        base,
-    );
-    println!(
-        "egress proxy overhead per request (p50): {:.2} ms",
-        (ours.as_secs_f64() - base.as_secs_f64()) * 1000.0
-    );
+        "egress proxy",
+        n,
+        &output,
+        &host_loop,
+    )?;
     Ok(())
 }

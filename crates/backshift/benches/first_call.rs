@@ -17,20 +17,10 @@ use fake_model::FakeModel;
 use serde_json::{Value, json};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{BenchResult, get, start_server, token};
+use support::{BenchResult, get, median, start_server, token, ts_ms};
 
 fn main() {
     support::main("first_call", run());
-}
-
-fn p50(samples: &mut [f64]) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
-fn ts_ms(e: &Value) -> BenchResult<f64> {
-    let t = humantime::parse_rfc3339(e["ts"].as_str().ok_or("event without ts")?)?;
-    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_secs_f64() * 1000.0)
 }
 
 fn now_ms() -> f64 {
@@ -119,7 +109,7 @@ async fn run() -> BenchResult<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let (o, r) = (p50(&mut ours), p50(&mut raw));
+    let (o, r) = (median(&mut ours), median(&mut raw));
     println!(
         "{:<44} {:>10}   {:<36} {:>7}",
         "measure", "p50", "baseline p50", "ratio"

@@ -12,8 +12,7 @@ mod support;
 
 use fake_model::FakeModel;
 use serde_json::{Value, json};
-use std::process::Command;
-use support::{BenchResult, p50, parse_times, start_server, token};
+use support::{BenchResult, start_server, token};
 
 fn main() {
     support::main("gateway", run());
@@ -45,34 +44,16 @@ async fn run() -> BenchResult<()> {
     )
     .await?;
     let output = support::stdout_of(&http, &url, &token, task).await?;
-    let mut through = parse_times(&output);
-    if through.len() != n {
-        return Err(format!("{} timings from the sandbox, expected {n}", through.len()).into());
-    }
-    // Baseline: the same calls from the host, straight to the model.
-    let direct = Command::new("bash")
-        .args([
-            "-c",
-            &format!(
-                "for i in $(seq 1 {n}); do curl -s -o /dev/null -w '%{{time_total}}\\n' -H 'content-type: application/json' -d '{BODY}' '{}/chat/completions'; done",
-                fake.base_url()
-            ),
-        ])
-        .output()?;
-    let mut direct = parse_times(&String::from_utf8_lossy(&direct.stdout));
-    if direct.len() != n {
-        return Err(format!("{} timings from the host, expected {n}", direct.len()).into());
-    }
-    let (ours, base) = (p50(&mut through), p50(&mut direct));
-    support::print_row(
+    let host_loop = format!(
+        "for i in $(seq 1 {n}); do curl -s -o /dev/null -w '%{{time_total}}\\n' -H 'content-type: application/json' -d '{BODY}' '{}/chat/completions'; done",
+        fake.base_url()
+    );
+    support::compare_with_host(
         "chat completion through the gateway",
-        ours,
-        "curl on the host, direct",
-        base,
-    );
-    println!(
-        "gateway overhead per call (p50): {:.2} ms",
-        (ours.as_secs_f64() - base.as_secs_f64()) * 1000.0
-    );
+        "gateway",
+        n,
+        &output,
+        &host_loop,
+    )?;
     Ok(())
 }

@@ -225,3 +225,48 @@ pub fn print_row(
         ours.as_secs_f64() / base.as_secs_f64()
     );
 }
+
+/// Compares the curl timings a sandbox printed (`sandbox_output`, one
+/// `time_total` per line) with the same `n` requests made on the host by
+/// `host_loop` (a bash loop printing the same), and prints the figure
+/// beside its baseline and the overhead per request.
+pub fn compare_with_host(
+    measure: &str,
+    what: &str,
+    n: usize,
+    sandbox_output: &str,
+    host_loop: &str,
+) -> BenchResult<()> {
+    let mut through = parse_times(sandbox_output);
+    if through.len() != n {
+        return Err(format!(
+            "{} timings from the sandbox, expected {n}: {sandbox_output}",
+            through.len()
+        )
+        .into());
+    }
+    let direct = Command::new("bash").args(["-c", host_loop]).output()?;
+    let mut direct = parse_times(&String::from_utf8_lossy(&direct.stdout));
+    if direct.len() != n {
+        return Err(format!("{} timings from the host, expected {n}", direct.len()).into());
+    }
+    let (ours, base) = (p50(&mut through), p50(&mut direct));
+    print_row(measure, ours, "curl on the host, direct", base);
+    println!(
+        "{what} overhead per request (p50): {:.2} ms",
+        (ours.as_secs_f64() - base.as_secs_f64()) * 1000.0
+    );
+    Ok(())
+}
+
+/// The median of `samples`.
+pub fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// An event's time, unix ms.
+pub fn ts_ms(e: &Value) -> BenchResult<f64> {
+    let t = humantime::parse_rfc3339(e["ts"].as_str().ok_or("event without ts")?)?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_secs_f64() * 1000.0)
+}

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::World;
+use common::{World, docker, docker_quiet};
 use std::process::Command;
 
 fn run(dir: &std::path::Path, script: &str) {
@@ -23,21 +23,6 @@ fn run(dir: &std::path::Path, script: &str) {
     );
 }
 
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .env("DOCKER_API_VERSION", "1.41")
-        .output()
-        .expect("the docker CLI is missing: install docker.io (`cargo xtask setup` does)");
-    assert!(
-        out.status.success(),
-        "docker {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 struct Server {
     name: String,
     net: String,
@@ -45,14 +30,8 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rm", "-f", &self.name])
-            .env("DOCKER_API_VERSION", "1.41")
-            .output();
-        let _ = Command::new("docker")
-            .args(["network", "rm", &self.net])
-            .env("DOCKER_API_VERSION", "1.41")
-            .output();
+        docker_quiet(&["rm", "-f", &self.name]);
+        docker_quiet(&["network", "rm", &self.net]);
     }
 }
 

@@ -21,27 +21,20 @@ impl Drop for World {
         let _ = self.server.start_kill();
         // The server's sandboxes outlive it (that is the point of them):
         // the test's go with the test, found by their shim directories.
-        let docker = |args: &[&str]| {
-            std::process::Command::new("docker")
-                .args(args)
-                .env("DOCKER_API_VERSION", "1.41")
-                .output()
-        };
         let mine = self.dir.path().display().to_string();
-        if let Ok(out) = docker(&[
+        let listed = docker_quiet(&[
             "ps",
             "-aq",
             "--filter",
             "label=dev.backshift.managed=true",
             "--format",
             "{{.ID}} {{.Label \"dev.backshift.shim-dir\"}}",
-        ]) {
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                if let Some((id, dir)) = line.split_once(' ')
-                    && dir.starts_with(&mine)
-                {
-                    let _ = docker(&["rm", "-f", id]);
-                }
+        ]);
+        for line in listed.lines() {
+            if let Some((id, dir)) = line.split_once(' ')
+                && dir.starts_with(&mine)
+            {
+                docker_quiet(&["rm", "-f", id]);
             }
         }
     }
@@ -338,26 +331,43 @@ pub struct ProjectImages(pub String);
 
 impl Drop for ProjectImages {
     fn drop(&mut self) {
-        let docker = |args: &[&str]| {
-            std::process::Command::new("docker")
-                .args(args)
-                .env("DOCKER_API_VERSION", "1.41")
-                .output()
-        };
         let filter = format!("label=dev.backshift.project={}", self.0);
         // A setup image is a child of its environment image, which goes
         // only once the child has: a few passes.
         for _ in 0..3 {
-            let Ok(out) = docker(&["images", "-q", "--filter", &filter]) else {
-                return;
-            };
-            let ids = String::from_utf8_lossy(&out.stdout).to_string();
-            if ids.trim().is_empty() {
+            let ids = docker_quiet(&["images", "-q", "--filter", &filter]);
+            if ids.is_empty() {
                 return;
             }
             for id in ids.split_whitespace() {
-                let _ = docker(&["rmi", "-f", id]);
+                docker_quiet(&["rmi", "-f", id]);
             }
         }
     }
+}
+
+/// Runs the docker CLI; its stdout, or a failure that says what to install.
+pub fn docker(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .env("DOCKER_API_VERSION", "1.41")
+        .output()
+        .expect("the docker CLI is missing: install docker.io (`cargo xtask setup` does)");
+    assert!(
+        out.status.success(),
+        "docker {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Runs the docker CLI, whatever comes of it (cleanup).
+pub fn docker_quiet(args: &[&str]) -> String {
+    std::process::Command::new("docker")
+        .args(args)
+        .env("DOCKER_API_VERSION", "1.41")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }

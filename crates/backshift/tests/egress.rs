@@ -9,31 +9,9 @@
 
 mod common;
 
-use common::World;
+use common::{World, docker, docker_quiet};
 use serde_json::Value;
 use std::process::Command;
-
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .env("DOCKER_API_VERSION", "1.41")
-        .output()
-        .expect("the docker CLI is missing: install docker.io (`cargo xtask setup` does)");
-    assert!(
-        out.status.success(),
-        "docker {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn docker_quiet(args: &[&str]) {
-    let _ = Command::new("docker")
-        .args(args)
-        .env("DOCKER_API_VERSION", "1.41")
-        .output();
-}
 
 /// Containers and networks this test owns, removed when it ends (and, by
 /// label, when a crashed earlier run left them).
