@@ -419,6 +419,26 @@ impl SandboxDriver for DockerDriver {
             .collect())
     }
 
+    async fn stop(&self, id: &SandboxId) -> Result<()> {
+        self.docker
+            .stop_container(
+                &id.0,
+                Some(bollard::query_parameters::StopContainerOptions {
+                    t: Some(10),
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map_err(|e| backend("stop container", e))
+    }
+
+    async fn resume(&self, id: &SandboxId) -> Result<()> {
+        self.docker
+            .start_container(&id.0, None)
+            .await
+            .map_err(|e| backend("start container", e))
+    }
+
     async fn usage(&self, id: &SandboxId) -> Result<SandboxUsage> {
         // Not one-shot: the daemon takes a second sample a second later,
         // so CPU use can be worked out.

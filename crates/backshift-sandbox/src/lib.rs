@@ -214,7 +214,8 @@ pub enum SandboxError {
 pub type Result<T> = std::result::Result<T, SandboxError>;
 
 /// The interface every sandbox backend implements. One conformance suite
-/// (`tests/docker_driver.rs` for now) runs against each implementation.
+/// (`tests/conformance.rs`, with `tests/docker_driver.rs`) runs against
+/// each implementation.
 #[async_trait]
 pub trait SandboxDriver: Send + Sync {
     /// The driver's name (`docker`).
@@ -277,6 +278,14 @@ pub trait SandboxDriver: Send + Sync {
 
     /// What the sandbox uses now (CPU, memory, processes, disk).
     async fn usage(&self, id: &SandboxId) -> Result<SandboxUsage>;
+
+    /// Stops the sandbox: its processes end, its filesystem is kept. It
+    /// is still listed (not running) until destroyed.
+    async fn stop(&self, id: &SandboxId) -> Result<()>;
+
+    /// Starts a stopped sandbox again with its files as they were; its
+    /// main process (the shim) starts afresh.
+    async fn resume(&self, id: &SandboxId) -> Result<()>;
 
     /// Runs a command and collects its output.
     async fn exec_collect(&self, id: &SandboxId, spec: &ExecSpec) -> Result<ExecOutput> {
