@@ -113,3 +113,54 @@ async fn an_unreachable_registry_fails_the_task_with_image_missing() {
         "{detail}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_devcontainer_image_is_pulled_from_its_registry() {
+    let registry = Registry::start().unwrap();
+    let tag = format!("dc{}", std::process::id());
+    let local = backshift_sandbox::image::default_image_tag();
+    let reference = registry
+        .push(&local, "backshift-e2e/devcontainer", &tag)
+        .unwrap();
+    // Pushed, then gone from this host: the task has to pull it.
+    let _ = docker(&["rmi", &reference]);
+    let w = World::start(None, "").await;
+    std::fs::write(
+        w.repo.join(".devcontainer.json"),
+        format!(
+            "{{ \"image\": \"{reference}\", \"containerEnv\": {{ \"FROM_REGISTRY\": \"yes\" }} }}"
+        ),
+    )
+    .unwrap();
+    common::sh(&w.repo, "git add -A && git commit -qm devcontainer").await;
+    let (task, view) = w
+        .run_task("Where am I", &["--command", "echo \"$FROM_REGISTRY\""])
+        .await;
+    let pulled = docker(&["image", "inspect", &reference]).is_ok();
+    let _ = docker(&["rmi", &reference]);
+    assert_eq!(
+        view["state"],
+        "succeeded",
+        "{view}\nregistry: {}",
+        registry.log()
+    );
+    assert!(
+        pulled,
+        "the devcontainer's image is on the Docker host after the task"
+    );
+    let evs = w.events(&format!("{task}-1")).await;
+    assert_eq!(common::command_output(&evs), "yes\n");
+    let lines = progress(&evs);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("pulling {reference}"))),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("creating sandbox from {reference}"))),
+        "{lines:#?}"
+    );
+}
