@@ -143,8 +143,26 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                 "task     {}\nstate    {}\nrepo     {}\nagent    {}\ncreated  {}\nprompt   {}",
                 task.id, task.state, task.repo, task.agent, task.created_at, task.prompt
             );
+            // What waits for a person, per attempt.
+            let pending: Vec<ApprovalView> = if task
+                .attempts
+                .iter()
+                .any(|a| a.state == backshift_core::AttemptState::WaitingApproval)
+            {
+                client
+                    .send(client.request(Method::GET, "/api/v1/approvals"))
+                    .await?
+            } else {
+                Vec::new()
+            };
             for a in &task.attempts {
                 println!("\nattempt  {} ({})\nbranch   {}", a.id, a.state, a.branch);
+                for p in pending.iter().filter(|p| p.attempt_id == a.id) {
+                    println!(
+                        "waiting  {}: {} (backshift approve {} | backshift deny {}; denied at {} unless answered)",
+                        p.id, p.summary, p.id, p.id, p.expires_at
+                    );
+                }
                 if let Some(r) = a.reason {
                     println!("reason   {r}");
                 }

@@ -589,6 +589,13 @@ action = "ask"
         listed.contains(&id) && listed.contains("pending until"),
         "{listed}"
     );
+    let (_, shown, _) = w.cli(&["show", &task]).await;
+    assert!(
+        shown.contains(&format!(
+            "waiting  {id}: GET http://asked.backshift-test.invalid:80/"
+        )),
+        "{shown}"
+    );
     // Approved once: the held request completes.
     let (code, out, err) = w.cli(&["approve", &id, "--reason", "docs fetch"]).await;
     assert_eq!(code, 0, "{out}{err}");
