@@ -271,6 +271,7 @@ fn bench(extra: &[String]) -> anyhow::Result<()> {
         ("backshift", "agent_start"),
         ("backshift", "egress"),
         ("backshift", "first_call"),
+        ("backshift", "checkout"),
     ] {
         step(&format!("{name} ({package}/benches/{name}.rs)"));
         run(Command::new("cargo")
