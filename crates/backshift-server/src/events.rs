@@ -126,9 +126,12 @@ impl EventHub {
         // Secret values are hidden before anyone sees the event: the
         // store and the live streams get the same redacted one.
         let redactor = self.shared.store.redactor();
-        let kind = if redactor.is_empty() {
-            kind
-        } else {
+        // One serialization tells whether any value is there at all; only
+        // then is the event rebuilt with its strings redacted.
+        let holds_secret = !redactor.is_empty()
+            && serde_json::to_string(&kind)
+                .is_ok_and(|text| matches!(redactor.text(&text), std::borrow::Cow::Owned(_)));
+        let kind = if holds_secret {
             match serde_json::to_value(&kind) {
                 Ok(mut v) => {
                     redactor.json(&mut v);
@@ -136,6 +139,8 @@ impl EventHub {
                 }
                 Err(_) => kind,
             }
+        } else {
+            kind
         };
         let event = Event {
             attempt_id: attempt.to_owned(),

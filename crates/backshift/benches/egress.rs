@@ -13,7 +13,7 @@ mod support;
 
 use serde_json::json;
 use std::process::Command;
-use support::{BenchResult, start_server, token};
+use support::BenchResult;
 
 fn main() {
     support::main("egress", run());
@@ -109,23 +109,27 @@ async fn run() -> BenchResult<()> {
         "[egress]\nallow_networks = [\"{ip}/32\"]\nhosts = {{ \"target.bench.invalid\" = \"{ip}\" }}\n[[egress.rules]]\nhost = \"target.bench.invalid\"\naction = \"allow\"\n",
         ip = t.ip
     );
-    let (dir, repo, config) = support::bench_setup("http://127.0.0.1:9/v1", &extra)?;
-    let (_server, url) = start_server(dir.path(), &config)?;
-    let token = token(dir.path(), &url)?;
-    let http = reqwest::Client::new();
+    // No model: the tasks are command agents.
+    let support::Served {
+        repo,
+        url,
+        token,
+        http,
+        ..
+    } = &support::serve("http://127.0.0.1:9/v1", &extra)?;
 
     println!("egress: {n} sequential requests each way");
     let script = format!(
         "for i in $(seq 1 {n}); do curl -s -o /dev/null -w '%{{time_total}}\\n' http://target.bench.invalid/; done"
     );
     let task = support::submit(
-        &http,
-        &url,
-        &token,
+        http,
+        url,
+        token,
         json!({"prompt": "fetch", "repo": repo, "command": script}),
     )
     .await?;
-    let output = support::stdout_of(&http, &url, &token, &task).await?;
+    let output = support::stdout_of(http, url, token, &task).await?;
     let host_loop = format!(
         "for i in $(seq 1 {n}); do curl -s -o /dev/null --noproxy '*' -w '%{{time_total}}\\n' http://{}/; done",
         t.ip

@@ -13,11 +13,10 @@
 
 mod support;
 
-use fake_model::FakeModel;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{BenchResult, get, median, start_server, token, ts_ms};
+use support::{BenchResult, get, median, ts_ms};
 
 fn main() {
     support::main("first_call", run());
@@ -34,14 +33,14 @@ async fn run() -> BenchResult<()> {
     let n = support::count_arg("--tasks", 2, 10)?;
     // The model's answers do not matter (each task is cancelled once it
     // has called); enough of them for every call.
-    let steps: Vec<Value> = (0..20 * n)
-        .map(|_| json!({"reply": {"content": "Nothing to change."}}))
-        .collect();
-    let fake = FakeModel::start(serde_json::from_value(json!({ "steps": steps }))?).await?;
-    let (dir, repo, config) = support::bench_setup(&fake.base_url(), "")?;
-    let (_server, url) = start_server(dir.path(), &config)?;
-    let token = token(dir.path(), &url)?;
-    let http = reqwest::Client::new();
+    let fake = support::fake_replying(20 * n, "Nothing to change.").await?;
+    let support::Served {
+        repo,
+        url,
+        token,
+        http,
+        ..
+    } = &support::serve(&fake.base_url(), "")?;
     let image = backshift_sandbox::image::default_image_tag();
     println!(
         "first_call: {n} tasks, one at a time, each beside a raw `docker run --rm {image} true`"
@@ -62,9 +61,9 @@ async fn run() -> BenchResult<()> {
 
         let submitted_before = now_ms();
         let task = support::submit(
-            &http,
-            &url,
-            &token,
+            http,
+            url,
+            token,
             json!({"prompt": format!("task {i}"), "repo": repo}),
         )
         .await?;
@@ -72,9 +71,9 @@ async fn run() -> BenchResult<()> {
         let started = Instant::now();
         let first = loop {
             let events = get(
-                &http,
+                http,
                 &format!("{url}/api/v1/attempts/{task}-1/events?limit=1000"),
-                &token,
+                token,
             )
             .await?;
             if let Some(e) = events
@@ -96,11 +95,11 @@ async fn run() -> BenchResult<()> {
         // Only its start matters: it is cancelled, and gone before the
         // next one.
         http.post(format!("{url}/api/v1/tasks/{task}/cancel"))
-            .bearer_auth(&token)
+            .bearer_auth(token)
             .send()
             .await?;
         loop {
-            let v = get(&http, &format!("{url}/api/v1/tasks/{task}"), &token).await?;
+            let v = get(http, &format!("{url}/api/v1/tasks/{task}"), token).await?;
             if ["succeeded", "failed", "cancelled", "timed_out"]
                 .contains(&v["state"].as_str().unwrap_or(""))
             {

@@ -10,9 +10,8 @@
 
 mod support;
 
-use fake_model::FakeModel;
-use serde_json::{Value, json};
-use support::{BenchResult, start_server, token};
+use serde_json::json;
+use support::BenchResult;
 
 fn main() {
     support::main("gateway", run());
@@ -23,27 +22,27 @@ const BODY: &str = r#"{"model":"any","messages":[{"role":"user","content":"hi"}]
 async fn run() -> BenchResult<()> {
     let n = support::count_arg("--calls", 3, 200)?;
     // Both sides' calls, in sequence mode: any request takes the next step.
-    let steps: Vec<Value> = (0..2 * n)
-        .map(|_| json!({"reply": {"content": "ok"}}))
-        .collect();
-    let fake = FakeModel::start(serde_json::from_value(json!({ "steps": steps }))?).await?;
-    let (dir, repo, config) = support::bench_setup(&fake.base_url(), "")?;
-    let (_server, url) = start_server(dir.path(), &config)?;
-    let token = token(dir.path(), &url)?;
-    let http = reqwest::Client::new();
+    let fake = support::fake_replying(2 * n, "ok").await?;
+    let support::Served {
+        repo,
+        url,
+        token,
+        http,
+        ..
+    } = &support::serve(&fake.base_url(), "")?;
 
     println!("gateway: {n} sequential calls each way");
     let script = format!(
         "for i in $(seq 1 {n}); do curl -s -o /dev/null -w '%{{time_total}}\\n' -H \"Authorization: Bearer $OPENAI_API_KEY\" -H 'content-type: application/json' -d '{BODY}' \"$OPENAI_BASE_URL/chat/completions\"; done"
     );
     let task = &support::submit(
-        &http,
-        &url,
-        &token,
+        http,
+        url,
+        token,
         json!({"prompt": "call the model", "repo": repo, "command": script}),
     )
     .await?;
-    let output = support::stdout_of(&http, &url, &token, task).await?;
+    let output = support::stdout_of(http, url, token, task).await?;
     let host_loop = format!(
         "for i in $(seq 1 {n}); do curl -s -o /dev/null -w '%{{time_total}}\\n' -H 'content-type: application/json' -d '{BODY}' '{}/chat/completions'; done",
         fake.base_url()

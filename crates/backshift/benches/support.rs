@@ -270,3 +270,45 @@ pub fn ts_ms(e: &Value) -> BenchResult<f64> {
     let t = humantime::parse_rfc3339(e["ts"].as_str().ok_or("event without ts")?)?;
     Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_secs_f64() * 1000.0)
 }
+
+/// A server started on a scratch setup (see [`bench_setup`]), with its
+/// API token and a client: what most benches begin with.
+pub struct Served {
+    /// The scratch directory (data, config, repository).
+    pub dir: tempfile::TempDir,
+    /// The one-commit repository tasks run on.
+    pub repo: std::path::PathBuf,
+    /// The server's URL.
+    pub url: String,
+    /// Its admin token.
+    pub token: String,
+    /// A client.
+    pub http: reqwest::Client,
+    _server: Server,
+}
+
+/// Starts a server whose model is at `model_url`, with `extra` config.
+pub fn serve(model_url: &str, extra: &str) -> BenchResult<Served> {
+    let (dir, repo, config) = bench_setup(model_url, extra)?;
+    let (server, url) = start_server(dir.path(), &config)?;
+    let token = token(dir.path(), &url)?;
+    Ok(Served {
+        dir,
+        repo,
+        url,
+        token,
+        http: reqwest::Client::new(),
+        _server: server,
+    })
+}
+
+/// A scripted model that answers `count` requests, each with `content`.
+pub async fn fake_replying(count: usize, content: &str) -> BenchResult<fake_model::FakeModel> {
+    let steps: Vec<Value> = (0..count)
+        .map(|_| serde_json::json!({"reply": {"content": content}}))
+        .collect();
+    Ok(fake_model::FakeModel::start(serde_json::from_value(
+        serde_json::json!({ "steps": steps }),
+    )?)
+    .await?)
+}
