@@ -155,6 +155,9 @@ pub struct AcpResume {
     pub tool_calls: u32,
     /// The `agent_finished` event is recorded already.
     pub finished: bool,
+    /// What the last failed verification found: the agent works on the
+    /// task again, told this.
+    pub feedback: Option<String>,
 }
 
 /// The shim's name for generation `n` of an attempt's ACP agent.
@@ -304,21 +307,27 @@ pub async fn run_acp_agent(
     let (report_tx, mut reports) = mpsc::unbounded_channel::<Report>();
     // The connection, once open: for cancelling the session.
     let open: Arc<Mutex<Option<ConnectionTo<Agent>>>> = Arc::default();
+    let feedback = resume
+        .feedback
+        .as_deref()
+        .map(|f| format!("\n\n{f}"))
+        .unwrap_or_default();
     let new_prompt = match &resume.why {
         // A new session after an interruption: the files are as the last
         // checkpoint left them.
         Some(why) => format!(
-            "{prompt}\n\n[backshift] An earlier session on this task was interrupted ({why}); the files are as it left them at its last checkpoint. Continue the task from there."
+            "{prompt}\n\n[backshift] An earlier session on this task was interrupted ({why}); the files are as it left them at its last checkpoint. Continue the task from there.{feedback}"
         ),
-        None => prompt.to_owned(),
+        None => format!("{prompt}{feedback}"),
     };
-    let load_prompt = format!(
-        "[backshift] This session was interrupted ({}) and reopened. Anything that was running then is gone. Continue with the task.",
-        resume
-            .why
-            .as_deref()
-            .unwrap_or("the control plane restarted")
-    );
+    let load_prompt = match (&resume.why, &resume.feedback) {
+        // Its session, reopened for another iteration.
+        (None, Some(f)) => f.clone(),
+        (why, _) => format!(
+            "[backshift] This session was interrupted ({}) and reopened. Anything that was running then is gone. Continue with the task.{feedback}",
+            why.as_deref().unwrap_or("the control plane restarted")
+        ),
+    };
     let connection = {
         let cwd = launch.cwd.clone();
         let policy = launch.permissions.clone();

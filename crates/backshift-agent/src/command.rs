@@ -4,6 +4,8 @@
 //! `BACKSHIFT_PROMPT`, under the same lifecycle as any agent: its output
 //! is streamed as events, a restarted control plane follows the run
 //! already under way, and exit 0 means done (its changes are published).
+//! After a failed verification it runs again (iteration N: call
+//! `command:N`) with the report in `BACKSHIFT_VERIFY_REPORT`.
 
 use crate::run::Replay;
 use crate::tools::{CallKey, SandboxTools};
@@ -13,24 +15,49 @@ use backshift_protocol::EventKind;
 use serde_json::json;
 use std::time::Instant;
 
-/// The call id the command's events carry.
+/// The call id the command's events carry (in the first iteration).
 pub const CALL_ID: &str = "command";
 
-/// Runs `script` as the agent of a task asking `prompt`, with `path`
-/// (installed agents' commands) in front of its `PATH`.
+/// What the command agent runs.
+#[derive(Debug, Clone)]
+pub struct CommandRun<'a> {
+    /// The script.
+    pub script: &'a str,
+    /// The task's prompt (`BACKSHIFT_PROMPT`).
+    pub prompt: &'a str,
+    /// Which time it runs, from 1 (`BACKSHIFT_ITERATION`).
+    pub iteration: u32,
+    /// What the last failed verification found
+    /// (`BACKSHIFT_VERIFY_REPORT`).
+    pub feedback: Option<&'a str>,
+}
+
+/// Runs `run.script` as the agent of a task, with `path` (installed
+/// agents' commands) in front of its `PATH`.
 pub async fn run_command_agent(
     tools: &SandboxTools,
-    script: &str,
-    prompt: &str,
+    run: CommandRun<'_>,
     path: Vec<String>,
     sink: &dyn EventSink,
     journal: &dyn Journal,
     replay: &Replay,
 ) -> AgentOutcome {
+    let CommandRun {
+        script,
+        prompt,
+        iteration,
+        feedback,
+    } = run;
+    let call_id = if iteration <= 1 {
+        CALL_ID.to_owned()
+    } else {
+        format!("{CALL_ID}:{iteration}")
+    };
+    let call_id = call_id.as_str();
     let started = Instant::now();
-    if !replay.announced.contains(CALL_ID) {
+    if !replay.announced.contains(call_id) {
         sink.emit(EventKind::ToolCall {
-            call_id: CALL_ID.into(),
+            call_id: call_id.into(),
             name: "command".into(),
             arguments: json!({ "command": script }),
             kind: Some("execute".into()),
@@ -39,11 +66,20 @@ pub async fn run_command_agent(
         .await;
     }
     let key = CallKey {
-        turn: 1,
-        call_id: CALL_ID.into(),
-        output_recorded: replay.output_recorded.get(CALL_ID).copied().unwrap_or(0),
+        turn: iteration.max(1),
+        call_id: call_id.into(),
+        output_recorded: replay.output_recorded.get(call_id).copied().unwrap_or(0),
     };
-    let env = vec![("BACKSHIFT_PROMPT".to_owned(), prompt.to_owned())];
+    let mut env = vec![
+        ("BACKSHIFT_PROMPT".to_owned(), prompt.to_owned()),
+        (
+            "BACKSHIFT_ITERATION".to_owned(),
+            iteration.max(1).to_string(),
+        ),
+    ];
+    if let Some(report) = feedback {
+        env.push(("BACKSHIFT_VERIFY_REPORT".to_owned(), report.to_owned()));
+    }
     let run = tools.run_script(&key, script, env, path, sink).await;
     let exit = match run.exit {
         Ok(exit) => exit,
@@ -53,9 +89,9 @@ pub async fn run_command_agent(
             };
         }
     };
-    if !replay.reported.contains(CALL_ID) {
+    if !replay.reported.contains(call_id) {
         sink.emit(EventKind::ToolResult {
-            call_id: CALL_ID.into(),
+            call_id: call_id.into(),
             name: "command".into(),
             ok: exit.code == 0 && exit.error.is_none(),
             exit_code: Some(exit.code),
@@ -86,7 +122,7 @@ pub async fn run_command_agent(
         };
     }
     // The finished tree is checkpointed like a turn's end.
-    if let Err(detail) = journal.turn_ended(1, &[]).await {
+    if let Err(detail) = journal.turn_ended(iteration.max(1), &[]).await {
         return AgentOutcome::Interrupted { detail };
     }
     let subject = prompt

@@ -14,7 +14,7 @@ pub mod run;
 pub mod tools;
 
 pub use acp::{AcpLaunch, AcpResume, PermissionPolicy, run_acp_agent};
-pub use command::run_command_agent;
+pub use command::{CommandRun, run_command_agent};
 pub use model::{ModelClient, ModelConfig, ModelFailure};
 pub use run::{AgentOutcome, Conversation, Replay, run_agent};
 pub use tools::{CallKey, SandboxTools, Streamed};

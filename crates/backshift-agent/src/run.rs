@@ -160,6 +160,13 @@ fn finished_summary(messages: &[Value]) -> Option<String> {
         .iter()
         .find(|c| c.pointer("/function/name").and_then(Value::as_str) == Some("finish"))?;
     let id = call.get("id")?.as_str()?;
+    // Told something after it (a failed verification's report): not done.
+    if messages[last + 1..]
+        .iter()
+        .any(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+    {
+        return None;
+    }
     let accepted = messages[last + 1..].iter().any(|m| {
         m.get("tool_call_id").and_then(Value::as_str) == Some(id)
             && m.get("content").and_then(Value::as_str) == Some("finished")
@@ -518,6 +525,10 @@ mod tests {
         assert_eq!(finished_summary(&messages), None, "not yet accepted");
         messages.push(json!({"role": "tool", "tool_call_id": "f", "content": "finished"}));
         assert_eq!(finished_summary(&messages).as_deref(), Some("Done"));
+        assert!(pending_calls(&messages).is_empty());
+        // A failed verification's report after it: another iteration.
+        messages.push(json!({"role": "user", "content": "[backshift] Verification 1 of 3 failed"}));
+        assert_eq!(finished_summary(&messages), None);
         assert!(pending_calls(&messages).is_empty());
     }
 

@@ -18,6 +18,15 @@ pub struct Limits {
     /// `budget_exhausted`; no limit when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u64>,
+    /// Times the agent works on the task when verification is on: each
+    /// failed verification gives it the report and another iteration,
+    /// until this many; then the attempt ends `verification_failed`.
+    #[serde(default = "default_iterations")]
+    pub max_iterations: u32,
+}
+
+fn default_iterations() -> u32 {
+    3
 }
 
 impl Default for Limits {
@@ -27,6 +36,7 @@ impl Default for Limits {
             wall_time_secs: 3600,
             command_timeout_secs: 300,
             max_tokens: None,
+            max_iterations: default_iterations(),
         }
     }
 }
@@ -43,6 +53,8 @@ pub struct LimitsRequest {
     pub command_timeout_secs: Option<u64>,
     /// See [`Limits::max_tokens`].
     pub max_tokens: Option<u64>,
+    /// See [`Limits::max_iterations`].
+    pub max_iterations: Option<u32>,
 }
 
 impl LimitsRequest {
@@ -56,7 +68,14 @@ impl LimitsRequest {
                 .command_timeout_secs
                 .unwrap_or(defaults.command_timeout_secs),
             max_tokens: self.max_tokens.or(defaults.max_tokens),
+            max_iterations: self.max_iterations.unwrap_or(defaults.max_iterations),
         };
+        if !(1..=100).contains(&limits.max_iterations) {
+            return Err(format!(
+                "limits.max_iterations must be between 1 and 100, got {}",
+                limits.max_iterations
+            ));
+        }
         if limits.max_tokens == Some(0) {
             return Err("limits.max_tokens must be at least 1 (leave it out for no limit)".into());
         }
@@ -107,5 +126,19 @@ mod tests {
         .resolve(&Limits::default())
         .unwrap_err();
         assert!(err.contains("max_turns"), "{err}");
+        let err = LimitsRequest {
+            max_iterations: Some(0),
+            ..Default::default()
+        }
+        .resolve(&Limits::default())
+        .unwrap_err();
+        assert!(err.contains("max_iterations"), "{err}");
+    }
+
+    #[test]
+    fn limits_stored_before_iterations_existed_still_read() {
+        let old = r#"{"max_turns":5,"wall_time_secs":60,"command_timeout_secs":30}"#;
+        let l: Limits = serde_json::from_str(old).unwrap();
+        assert_eq!(l.max_iterations, 3);
     }
 }

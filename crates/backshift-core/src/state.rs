@@ -248,6 +248,10 @@ pub enum FailureReason {
     /// The agent's process crashed or exited before finishing (a command
     /// agent: its command exited non-zero).
     AgentCrashed,
+    /// The verify command still failed after the last iteration
+    /// `limits.max_iterations` allows (or the verify configuration is
+    /// invalid).
+    VerificationFailed,
     /// The branch could not be committed or brought back.
     PublishFailed,
     /// The control plane stopped while the attempt was active.
@@ -258,7 +262,7 @@ pub enum FailureReason {
 
 impl FailureReason {
     /// Every reason, for exhaustive tests and documentation.
-    pub const ALL: [FailureReason; 14] = [
+    pub const ALL: [FailureReason; 15] = [
         FailureReason::ImageMissing,
         FailureReason::ImageBuildFailed,
         FailureReason::SetupFailed,
@@ -270,6 +274,7 @@ impl FailureReason {
         FailureReason::BudgetExhausted,
         FailureReason::AgentError,
         FailureReason::AgentCrashed,
+        FailureReason::VerificationFailed,
         FailureReason::PublishFailed,
         FailureReason::ControlPlaneRestarted,
         FailureReason::Internal,
@@ -289,6 +294,7 @@ impl FailureReason {
             FailureReason::BudgetExhausted => "budget_exhausted",
             FailureReason::AgentError => "agent_error",
             FailureReason::AgentCrashed => "agent_crashed",
+            FailureReason::VerificationFailed => "verification_failed",
             FailureReason::PublishFailed => "publish_failed",
             FailureReason::ControlPlaneRestarted => "control_plane_restarted",
             FailureReason::Internal => "internal",

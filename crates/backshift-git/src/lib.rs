@@ -248,16 +248,17 @@ impl GitStore {
         Ok(())
     }
 
-    /// Points `branch` at `commit` (used when the agent changed nothing).
+    /// Points `branch` at `commit`.
     pub async fn set_branch(&self, project: &str, branch: &str, commit: &str) -> Result<()> {
+        self.set_ref(project, &format!("refs/heads/{branch}"), commit)
+            .await
+    }
+
+    /// Points the full ref `name` at `commit`.
+    pub async fn set_ref(&self, project: &str, name: &str, commit: &str) -> Result<()> {
         let repo = self.repo_path(project);
-        clear_stale_lock(&repo, &format!("refs/heads/{branch}")).await;
-        git(
-            Some(&repo),
-            &["update-ref", &format!("refs/heads/{branch}"), commit],
-            None,
-        )
-        .await?;
+        clear_stale_lock(&repo, name).await;
+        git(Some(&repo), &["update-ref", name, commit], None).await?;
         Ok(())
     }
 
@@ -435,6 +436,45 @@ async fn rev_parse(repo: &Path, rev: &str) -> Result<String> {
 
 /// Runs git in `cwd` (or with `--git-dir`), with an optional trailing path
 /// argument, and returns stdout.
+/// In checkout `dest` (from [`GitStore::export_checkout`]), puts `paths`
+/// back as they are at `commit` (an ancestor of its HEAD): changed files
+/// restored, added ones removed. Returns the paths under them that HEAD
+/// had changed since `commit`.
+pub async fn restore_paths(dest: &Path, commit: &str, paths: &[String]) -> Result<Vec<String>> {
+    if paths.is_empty() {
+        return Ok(Vec::new());
+    }
+    let with = |head: &[&str]| -> Vec<String> {
+        head.iter()
+            .map(|s| (*s).to_owned())
+            .chain(["--".to_owned()])
+            .chain(paths.iter().cloned())
+            .collect()
+    };
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        git(Some(dest), &args, None).await
+    };
+    let changed = run(with(&["diff", "--name-only", commit, "HEAD"])).await?;
+    let changed: Vec<String> = changed.lines().map(str::to_owned).collect();
+    if changed.is_empty() {
+        return Ok(changed);
+    }
+    run(with(&["rm", "-r", "-q", "--ignore-unmatch", "--cached"])).await?;
+    for p in paths {
+        let _ = tokio::fs::remove_dir_all(dest.join(p)).await;
+        let _ = tokio::fs::remove_file(dest.join(p)).await;
+    }
+    let existing = run(with(&["ls-tree", "--name-only", commit])).await?;
+    let existing: Vec<&str> = existing.lines().collect();
+    if !existing.is_empty() {
+        let mut args = vec!["checkout", commit, "--"];
+        args.extend(existing);
+        git(Some(dest), &args, None).await?;
+    }
+    Ok(changed)
+}
+
 pub(crate) async fn git(
     cwd: Option<&Path>,
     args: &[&str],

@@ -187,3 +187,33 @@ async fn the_store_survives_killed_and_concurrent_git_processes() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn protected_paths_come_back_as_the_base_had_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("w");
+    std::fs::create_dir_all(&work).unwrap();
+    sh(&work, "git init -q -b main && mkdir tests && echo runner > run.sh && echo t1 > tests/t1 && echo code > app && git add . && git commit -qm base").await;
+    let base = sh(&work, "git rev-parse HEAD").await;
+    // Unprotected work stays; the runner edited, a test deleted and one
+    // added under a protected directory are all undone.
+    sh(&work, "echo 'exit 0' > run.sh && rm tests/t1 && echo fake > tests/t2 && echo new > app && git add -A && git commit -qm agent").await;
+    let changed = restore_paths(
+        &work,
+        &base,
+        &["run.sh".into(), "tests".into(), "missing".into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(changed, ["run.sh", "tests/t1", "tests/t2"]);
+    assert_eq!(sh(&work, "cat run.sh").await, "runner");
+    assert_eq!(sh(&work, "ls tests").await, "t1");
+    assert_eq!(sh(&work, "cat app").await, "new");
+    // Nothing changed: nothing to do.
+    assert!(
+        restore_paths(&work, &base, &["app2".into()])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

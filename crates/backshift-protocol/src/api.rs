@@ -28,6 +28,11 @@ pub struct CreateTaskRequest {
     /// Limits; the server's defaults fill what is absent.
     #[serde(default)]
     pub limits: Option<LimitsRequest>,
+    /// The command backshift runs to verify the work, in a fresh sandbox
+    /// made from the attempt's commit; overrides the repository's
+    /// `backshift.toml` and the server's `[verify] command`.
+    #[serde(default)]
+    pub verify: Option<String>,
 }
 
 /// A task and its attempts.
@@ -50,6 +55,9 @@ pub struct TaskView {
     pub command: Option<String>,
     /// Effective limits.
     pub limits: Limits,
+    /// The verify command given with the task, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<String>,
     /// When the task was created (RFC 3339).
     pub created_at: String,
     /// State of the latest attempt.
@@ -101,6 +109,13 @@ pub struct AttemptView {
     /// through the gateway) and their cost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<ModelUsage>,
+    /// Its latest verification (the test report), once one ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<crate::event::VerificationResult>,
+    /// Verifications run so far (each failed one gave the agent another
+    /// iteration, up to `limits.max_iterations`).
+    #[serde(default)]
+    pub verifications: u32,
 }
 
 /// Model tokens used and what they cost.

@@ -346,6 +346,26 @@ pub enum EventKind {
         /// What, why, and what happens instead.
         message: String,
     },
+    /// backshift started verifying the agent's work: the verify command
+    /// runs in a fresh sandbox made from the attempt's commit (its output
+    /// follows as `command_output` of call `verify:<iteration>`).
+    VerificationStarted {
+        /// Which verification of the attempt, from 1.
+        iteration: u32,
+        /// The commit under test.
+        commit: String,
+        /// The command run.
+        command: String,
+        /// Where the command comes from: `task`, `repository`
+        /// (`backshift.toml` at the base commit) or `server`.
+        source: String,
+    },
+    /// The verify command ended: the test report.
+    Verification {
+        /// What was found.
+        #[serde(flatten)]
+        result: VerificationResult,
+    },
     /// The sandbox pushed to its git endpoint.
     GitPush {
         /// The refs it asked to update.
@@ -394,6 +414,61 @@ pub enum EventKind {
     },
 }
 
+/// One verification of an attempt's work: the verify command, run by
+/// backshift in a fresh sandbox made from the attempt's commit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VerificationResult {
+    /// Which verification of the attempt, from 1.
+    pub iteration: u32,
+    /// The commit tested.
+    pub commit: String,
+    /// The command run.
+    pub command: String,
+    /// Whether it passed: exit code 0 and no failed test in the report.
+    pub passed: bool,
+    /// The command's exit code (absent when it did not end by itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    /// How long it ran.
+    pub duration_ms: u64,
+    /// The tests, as far as a report says.
+    pub report: TestReport,
+    /// The end of its output (stdout and stderr as they came).
+    pub output_tail: String,
+    /// What kept it from ending by itself (a timeout), when something did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Tests passed, failed and skipped, from a JUnit XML or TAP report; or,
+/// without one, only the exit code.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TestReport {
+    /// `junit`, `tap`, or `exit_code` (no report was read).
+    pub format: String,
+    /// Tests passed.
+    pub passed: u64,
+    /// Tests failed (errors included).
+    pub failed: u64,
+    /// Tests skipped (TAP's `SKIP` and `TODO` included).
+    pub skipped: u64,
+    /// Each failed test with what it said.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<TestFailure>,
+    /// Why a configured report could not be read, when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A failed test.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TestFailure {
+    /// Its name (with its class or suite when the report gives one).
+    pub name: String,
+    /// Its failure message and details, shortened.
+    pub message: String,
+}
+
 impl EventKind {
     /// The `type` name of the variant, as serialized.
     pub fn type_name(&self) -> &'static str {
@@ -420,6 +495,8 @@ impl EventKind {
             EventKind::PermissionDecision { .. } => "permission_decision",
             EventKind::Egress { .. } => "egress",
             EventKind::GitPush { .. } => "git_push",
+            EventKind::VerificationStarted { .. } => "verification_started",
+            EventKind::Verification { .. } => "verification",
             EventKind::Warning { .. } => "warning",
             EventKind::ApprovalRequested { .. } => "approval_requested",
             EventKind::ApprovalAnswered { .. } => "approval_answered",

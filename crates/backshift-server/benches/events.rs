@@ -169,6 +169,7 @@ async fn setup(url: &str, attempts: usize) -> BenchResult<(Store, Vec<String>)> 
         .create_task(
             &NewTask {
                 command: None,
+                verify: None,
                 id: "benchmrk".into(),
                 project_id: project,
                 prompt: "bench".into(),

@@ -8,8 +8,8 @@ use crate::serve::App;
 use crate::supervisor::{Stop, StopReason};
 use async_trait::async_trait;
 use backshift_agent::{
-    AcpLaunch, AcpResume, AgentOutcome, Conversation, EventSink, ModelClient, PermissionPolicy,
-    Replay, SandboxTools, run_acp_agent, run_agent, run_command_agent,
+    AcpLaunch, AcpResume, AgentOutcome, CommandRun, Conversation, EventSink, ModelClient,
+    PermissionPolicy, Replay, SandboxTools, run_acp_agent, run_agent, run_command_agent,
 };
 use backshift_core::{AttemptState, FailureReason, Transition};
 use backshift_protocol::EventKind;
@@ -26,6 +26,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+mod verify;
+
+pub use verify::verifications;
 
 const WORKDIR: &str = "/workspace";
 
@@ -96,6 +100,14 @@ struct Run {
     endpoints: Option<Endpoints>,
     /// The repository's environment (devcontainer.json), once resolved.
     env: Option<crate::environment::Environment>,
+    /// The sandbox of the verification under way.
+    verifier: Option<verify::Verifier>,
+    /// Which time the agent works on the task (from 1; each failed
+    /// verification starts another).
+    iteration: u32,
+    /// What the last failed verification found, for the agent's next
+    /// iteration.
+    feedback: Option<String>,
 }
 
 impl Run {
@@ -135,6 +147,9 @@ impl Run {
 
     /// Removes the sandbox (if any) and its shim directory.
     async fn discard_sandbox(&mut self) {
+        if let Some(v) = self.verifier.take() {
+            v.discard().await;
+        }
         self.endpoints = None;
         if let Some((driver, id)) = self.sandbox.take()
             && let Err(e) = driver.destroy(&id).await
@@ -208,6 +223,9 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         shim_dir: None,
         endpoints: None,
         env: None,
+        verifier: None,
+        iteration: 1,
+        feedback: None,
     };
     let begun = if run.state == AttemptState::Queued {
         run.step(Transition::Start, None).await
@@ -730,10 +748,13 @@ fn completed_turns(messages: &[serde_json::Value]) -> u32 {
 
 /// What the log already holds of the calls of the interrupted turn.
 async fn replay(app: &App, attempt: &str) -> Result<Replay, backshift_store::StoreError> {
+    // The interrupted turn began after the last model response; an
+    // iteration after a failed verification began after that.
     let since = app
         .store
         .last_seq_of_kind(attempt, "model_response")
-        .await?;
+        .await?
+        .max(app.store.last_seq_of_kind(attempt, "verification").await?);
     let events = app
         .store
         .events_of_kinds(
@@ -771,42 +792,94 @@ async fn replay(app: &App, attempt: &str) -> Result<Replay, backshift_store::Sto
     Ok(replay)
 }
 
-/// The agent (unless it already finished: its summary is stored), then
-/// publishing.
+/// The agent (unless it already finished: its summary is stored), then,
+/// when the project has a verify command, verification in a fresh
+/// sandbox: a failure gives the agent the report and another iteration
+/// while `limits.max_iterations` allows. Then publishing.
 async fn finish(
     run: &mut Run,
     checkpoint: Option<&CheckpointRow>,
     saved: u32,
     conversation: Conversation,
 ) -> Result<(), Halt> {
-    let summary = match run.attempt.summary.clone() {
-        Some(s) => {
-            run.progress("the agent had finished before the interruption; publishing again")
-                .await;
-            s
+    let internal = |e: &dyn std::fmt::Display| Failure(FailureReason::Internal, e.to_string());
+    let plan = verify::plan(run).await?;
+    if plan.is_some() {
+        verify::resume_iteration(run)
+            .await
+            .map_err(|e| internal(&e))?;
+    }
+    let conversation = verify::with_feedback(run, conversation);
+    let mut next = Some((checkpoint.cloned(), saved, conversation));
+    loop {
+        let summary = match run.attempt.summary.clone() {
+            Some(s) => {
+                run.progress("the agent had finished before the interruption; going on from there")
+                    .await;
+                s
+            }
+            None => {
+                let (checkpoint, saved, conversation) = match next.take() {
+                    Some(n) => n,
+                    None => verify::next_conversation(run)
+                        .await
+                        .map_err(|e| internal(&e))?,
+                };
+                let s = work(run, checkpoint.as_ref(), saved, conversation).await?;
+                run.app
+                    .store
+                    .update_attempt(
+                        &run.attempt.id,
+                        &AttemptUpdate {
+                            summary: Some(&s),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(|e| internal(&e))?;
+                run.attempt.summary = Some(s.clone());
+                s
+            }
+        };
+        next = None;
+        let Some(plan) = &plan else {
+            run.step(Transition::AgentFinished { verify: false }, None)
+                .await?;
+            let head = commit_work(run, &summary).await?;
+            publish(run, &summary, &head).await?;
+            run.step(Transition::Published, None).await?;
+            return Ok(());
+        };
+        run.step(Transition::AgentFinished { verify: true }, None)
+            .await?;
+        let head = commit_work(run, &summary).await?;
+        let result = verify::verify(run, plan, &head).await?;
+        if result.passed {
+            run.step(Transition::VerificationPassed, None).await?;
+            publish(run, &summary, &head).await?;
+            run.step(Transition::Published, None).await?;
+            return Ok(());
         }
-        None => {
-            let s = work(run, checkpoint, saved, conversation).await?;
-            run.app
-                .store
-                .update_attempt(
-                    &run.attempt.id,
-                    &AttemptUpdate {
-                        summary: Some(&s),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
-            run.attempt.summary = Some(s.clone());
-            s
+        let max = run.task.limits.max_iterations;
+        if result.iteration >= max {
+            return Err(Failure(
+                FailureReason::VerificationFailed,
+                verify::final_failure(&result, max, &plan.command),
+            )
+            .into());
         }
-    };
-    run.step(Transition::AgentFinished { verify: false }, None)
+        verify::begin_iteration(run, &result)
+            .await
+            .map_err(|e| internal(&e))?;
+        run.step(
+            Transition::VerificationFailed,
+            Some(format!(
+                "verification {} of {max} failed; the agent gets the report and works on (limits.max_iterations = {max})",
+                result.iteration
+            )),
+        )
         .await?;
-    publish(run, &summary).await?;
-    run.step(Transition::Published, None).await?;
-    Ok(())
+    }
 }
 
 /// Adopts the attempt's surviving sandbox when its checkout was complete
@@ -942,7 +1015,6 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
     if pull {
         ensure_pulled(run, &driver, &image).await?;
     }
-    let devcontainer_env = run.env.as_ref().map(|e| e.env.clone()).unwrap_or_default();
     // The project's granted secrets, as the variables its grants name.
     let secrets = crate::secrets::sandbox_env(&app, &run.task.project_id, false)
         .await
@@ -967,15 +1039,104 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
         .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
     let gateway = crate::gateway::base_url_in_sandbox();
     let git_token = token.clone();
-    let spec = SandboxSpec {
-        image: image.clone(),
-        name: format!("backshift-{}", run.attempt.id),
+    let mut spec = sandbox_spec(run, &image, &shim_dir, "agent");
+    spec.env.extend(
+        [
+            // The model, through the gateway: this token is the sandbox's
+            // own; the provider's key never enters it.
+            ("OPENAI_BASE_URL".into(), gateway.clone()),
+            ("OPENAI_API_KEY".into(), token.clone()),
+            // Anthropic's SDKs add `/v1/messages` themselves.
+            (
+                "ANTHROPIC_BASE_URL".into(),
+                gateway.trim_end_matches("/v1").to_owned(),
+            ),
+            ("ANTHROPIC_API_KEY".into(), token.clone()),
+            // Gemini's SDK adds `/v1beta/models/...` itself.
+            (
+                "GOOGLE_GEMINI_BASE_URL".into(),
+                gateway.trim_end_matches("/v1").to_owned(),
+            ),
+            ("GEMINI_API_KEY".into(), token.clone()),
+            ("BACKSHIFT_MODEL_URL".into(), gateway),
+            ("BACKSHIFT_MODEL_TOKEN".into(), token.clone()),
+            ("BACKSHIFT_MODEL".into(), app.config.model.model.clone()),
+        ]
+        .into_iter()
+        // Its own branch, through its git endpoint.
+        .chain(crate::sandbox_git::sandbox_env(
+            &run.task.project_id,
+            &run.attempt.branch,
+            &git_token,
+        ))
+        .chain(secrets),
+    );
+    // Installed agents, read-only: installed once per host.
+    spec.mounts.extend(
+        crate::agents::installed(&app.config.agents_dir())
+            .into_iter()
+            .map(|a| Mount {
+                target: a.sandbox_dir(),
+                host: a.dir,
+                read_only: true,
+            }),
+    );
+    let (driver, id) = create_sandbox(run, &spec, &shim_dir, true).await?;
+    let _ = app
+        .store
+        .update_attempt(
+            &run.attempt.id,
+            &AttemptUpdate {
+                sandbox_id: Some(&id.0),
+                ..Default::default()
+            },
+        )
+        .await;
+    run.sandbox = Some((driver, id.clone()));
+    run.shim_dir = Some(shim_dir.clone());
+    run.endpoints = Some(Endpoints::start(&app, &run.attempt.id, &shim_dir)?);
+    shim_ready(&shim_dir).await?;
+    run.progress(format!("sandbox {} is up", &id.0[..12.min(id.0.len())]))
+        .await;
+    Ok(())
+}
+
+/// Waits for a new sandbox's shim to answer.
+async fn shim_ready(shim_dir: &Path) -> Result<(), Failure> {
+    ShimClient::new(shim_dir)
+        .wait_ready(Duration::from_secs(15))
+        .await
+        .map(|_| ())
+        .map_err(|e| Failure(
+            FailureReason::SandboxFailed,
+            format!(
+                "the sandbox started but its shim ({SANDBOX_BINARY} shim, backshift's own binary mounted read-only) did not answer: {e}. The binary must be statically linked (build backshift from its repository, whose cargo config does that) and the image must let user {SANDBOX_UID} run it."
+            ),
+        ))
+}
+
+/// What every sandbox of the attempt has, whatever it is for (`role`:
+/// `agent` or `verify`): its labels and limits, the non-root user, the
+/// devcontainer's variables, the egress proxy, the custom CAs, and the
+/// shim (backshift's binary, read-only, and its directory). The agent's
+/// sandbox adds the model, its git endpoint, secrets and installed agents.
+fn sandbox_spec(run: &Run, image: &str, shim_dir: &Path, role: &str) -> SandboxSpec {
+    let app = &run.app;
+    let devcontainer_env = run.env.as_ref().map(|e| e.env.clone()).unwrap_or_default();
+    SandboxSpec {
+        image: image.to_owned(),
+        name: if role == "agent" {
+            format!("backshift-{}", run.attempt.id)
+        } else {
+            format!("backshift-{}-{role}", run.attempt.id)
+        },
         labels: BTreeMap::from([
             (labels::MANAGED.to_owned(), "true".to_owned()),
             (labels::INSTANCE.to_owned(), app.instance.clone()),
             (labels::TASK.to_owned(), run.task.id.clone()),
             (labels::ATTEMPT.to_owned(), run.attempt.id.clone()),
             (labels::SHIM_DIR.to_owned(), shim_dir.display().to_string()),
+            (ROLE_LABEL.to_owned(), role.to_owned()),
         ]),
         limits: ResourceLimits {
             memory_bytes: app.config.sandbox.memory_mb * 1024 * 1024,
@@ -997,35 +1158,9 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
             .chain([
                 ("HOME".into(), "/home/agent".into()),
                 ("LANG".into(), "C.UTF-8".into()),
-                // The model, through the gateway: this token is the sandbox's
-                // own; the provider's key never enters it.
-                ("OPENAI_BASE_URL".into(), gateway.clone()),
-                ("OPENAI_API_KEY".into(), token.clone()),
-                // Anthropic's SDKs add `/v1/messages` themselves.
-                (
-                    "ANTHROPIC_BASE_URL".into(),
-                    gateway.trim_end_matches("/v1").to_owned(),
-                ),
-                ("ANTHROPIC_API_KEY".into(), token.clone()),
-                // Gemini's SDK adds `/v1beta/models/...` itself.
-                (
-                    "GOOGLE_GEMINI_BASE_URL".into(),
-                    gateway.trim_end_matches("/v1").to_owned(),
-                ),
-                ("GEMINI_API_KEY".into(), token.clone()),
-                ("BACKSHIFT_MODEL_URL".into(), gateway),
-                ("BACKSHIFT_MODEL_TOKEN".into(), token.clone()),
-                ("BACKSHIFT_MODEL".into(), app.config.model.model.clone()),
             ])
             // The network, through the egress proxy.
             .chain(crate::egress::sandbox_env())
-            // Its own branch, through its git endpoint.
-            .chain(crate::sandbox_git::sandbox_env(
-                &run.task.project_id,
-                &run.attempt.branch,
-                &git_token,
-            ))
-            .chain(secrets)
             // Custom CA certificates, where tools look for them.
             .chain(app.ca.iter().flat_map(crate::certs::CaFiles::env))
             .collect(),
@@ -1036,7 +1171,7 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
                 read_only: true,
             },
             Mount {
-                host: shim_dir.clone(),
+                host: shim_dir.to_owned(),
                 target: SANDBOX_DIR.into(),
                 read_only: false,
             },
@@ -1056,21 +1191,34 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
                 read_only: true,
             })
         }))
-        // Installed agents, read-only: installed once per host.
-        .chain(
-            crate::agents::installed(&app.config.agents_dir())
-                .into_iter()
-                .map(|a| Mount {
-                    target: a.sandbox_dir(),
-                    host: a.dir,
-                    read_only: true,
-                }),
-        )
         .collect(),
         command: Some(vec![SANDBOX_BINARY.into(), "shim".into()]),
-    };
+    }
+}
+
+/// The label saying what a sandbox is for: `agent` or `verify`.
+pub const ROLE_LABEL: &str = "dev.backshift.role";
+
+/// Creates a sandbox from `spec` (without the disk limit when the
+/// storage driver cannot apply one; `warn`: say so on the attempt's log).
+/// Removes the shim directory when it fails.
+async fn create_sandbox(
+    run: &Run,
+    spec: &SandboxSpec,
+    shim_dir: &Path,
+    warn: bool,
+) -> Result<(Arc<dyn SandboxDriver>, SandboxId), Failure> {
+    let app = run.app.clone();
+    let driver = app.docker().await.map_err(|e| {
+        Failure(
+            FailureReason::SandboxFailed,
+            format!(
+                "{e}. Start the Docker daemon (`cargo xtask up` does), then submit the task again."
+            ),
+        )
+    })?;
     let driver: Arc<dyn SandboxDriver> = driver;
-    let mut created = driver.create(&spec).await;
+    let mut created = driver.create(spec).await;
     if let Err(SandboxError::DiskLimitUnsupported(why)) = &created {
         // Later sandboxes do not ask again.
         let _ = app.disk_limit_unsupported.set(why.clone());
@@ -1078,7 +1226,11 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
         unlimited.limits.disk_bytes = None;
         created = driver.create(&unlimited).await;
     }
-    if let (Some(_), Some(why)) = (app.config.sandbox.disk_mb, app.disk_limit_unsupported.get()) {
+    if let (true, Some(_), Some(why)) = (
+        warn,
+        app.config.sandbox.disk_mb,
+        app.disk_limit_unsupported.get(),
+    ) {
         let _ = app
             .hub
             .emit(
@@ -1092,7 +1244,7 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
             .await;
     }
     if created.is_err() {
-        remove_shim_dir(&shim_dir).await;
+        remove_shim_dir(shim_dir).await;
     }
     let id = created.map_err(|e| match e {
         SandboxError::ImageMissing(image) => Failure(
@@ -1104,33 +1256,7 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
         ),
         other => Failure(FailureReason::SandboxFailed, format!("cannot create the sandbox: {other}")),
     })?;
-    let _ = app
-        .store
-        .update_attempt(
-            &run.attempt.id,
-            &AttemptUpdate {
-                sandbox_id: Some(&id.0),
-                ..Default::default()
-            },
-        )
-        .await;
-    run.sandbox = Some((driver, id.clone()));
-    run.shim_dir = Some(shim_dir.clone());
-    run.endpoints = Some(Endpoints::start(&app, &run.attempt.id, &shim_dir)?);
-    if let Err(e) = ShimClient::new(&shim_dir)
-        .wait_ready(Duration::from_secs(15))
-        .await
-    {
-        return Err(Failure(
-            FailureReason::SandboxFailed,
-            format!(
-                "the sandbox started but its shim ({SANDBOX_BINARY} shim, backshift's own binary mounted read-only) did not answer: {e}. The binary must be statically linked (build backshift from its repository, whose cargo config does that) and the image must let user {SANDBOX_UID} run it."
-            ),
-        ));
-    }
-    run.progress(format!("sandbox {} is up", &id.0[..12.min(id.0.len())]))
-        .await;
-    Ok(())
+    Ok((driver, id))
 }
 
 /// A new, empty shim directory for a sandbox of `attempt`, owned by the
@@ -1322,8 +1448,21 @@ async fn lifecycle(
     let Some(dir) = run.shim_dir.clone() else {
         return Err(Failure(FailureReason::Internal, "no shim directory at setup".into()).into());
     };
+    run_lifecycle(run, &dir, &format!("setup:{name}"), name, command, env).await
+}
+
+/// Runs a devcontainer lifecycle command in the checkout of the sandbox
+/// whose shim directory is `dir`, as the events of call `call_id`.
+async fn run_lifecycle(
+    run: &Run,
+    dir: &Path,
+    call_id: &str,
+    name: &str,
+    command: &crate::devcontainer::Lifecycle,
+    env: Vec<(String, String)>,
+) -> Result<(), Halt> {
     let script = command.script();
-    let call_id = format!("setup:{name}");
+    let call_id = call_id.to_owned();
     let sink = AttemptSink {
         app: run.app.clone(),
         attempt: run.attempt.id.clone(),
@@ -1337,7 +1476,7 @@ async fn lifecycle(
     })
     .await;
     let tools = SandboxTools::new(
-        ShimClient::new(&dir),
+        ShimClient::new(dir),
         WORKDIR,
         Duration::from_secs(run.task.limits.command_timeout_secs),
     );
@@ -1426,14 +1565,7 @@ async fn prepare(
             .await
             .map_err(|e| clone_failed("cannot restore the checkpoint", &e))?;
     }
-    let owner = Owner {
-        uid: SANDBOX_UID,
-        gid: SANDBOX_UID,
-    };
-    let tar = tokio::task::spawn_blocking(move || archive_dir(&tree, "workspace", owner))
-        .await
-        .map_err(|e| clone_failed("archiving failed", &e))?
-        .map_err(|e| clone_failed("cannot archive the checkout", &e))?;
+    let tar = workspace_tar(tree).await?;
     let size = tar.len();
     if on_snapshot {
         // The snapshot's checkout is older than the checkpoint: its files
@@ -1482,6 +1614,22 @@ async fn prepare(
     Ok(())
 }
 
+/// A checkout directory as a tar of `workspace/`, owned by the sandbox's
+/// user, for copying into a sandbox at `/`.
+async fn workspace_tar(tree: PathBuf) -> Result<Vec<u8>, Failure> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        Failure(FailureReason::CloneFailed, format!("{what}: {e}"))
+    };
+    let owner = Owner {
+        uid: SANDBOX_UID,
+        gid: SANDBOX_UID,
+    };
+    tokio::task::spawn_blocking(move || archive_dir(&tree, "workspace", owner))
+        .await
+        .map_err(|e| failed("archiving failed", &e))?
+        .map_err(|e| failed("cannot archive the checkout", &e))
+}
+
 /// Runs the agent from `conversation`, checkpointing each turn, while
 /// watching that the sandbox lives.
 async fn work(
@@ -1522,8 +1670,12 @@ async fn work(
         match (run.task.agent.as_str(), run.task.command.as_deref()) {
             ("command", Some(script)) => Box::pin(run_command_agent(
                 &tools,
-                script,
-                &run.task.prompt,
+                CommandRun {
+                    script,
+                    prompt: &run.task.prompt,
+                    iteration: run.iteration,
+                    feedback: run.feedback.as_deref(),
+                },
                 crate::agents::installed(&app.config.agents_dir())
                     .iter()
                     .map(|a| a.sandbox_bin_dir())
@@ -1664,12 +1816,17 @@ async fn acp_setup(
     let internal = |e: backshift_store::StoreError| Failure(FailureReason::Internal, e.to_string());
     let events = app
         .store
-        .events_of_kinds(&run.attempt.id, &["agent_session", "tool_call"], 0)
+        .events_of_kinds(
+            &run.attempt.id,
+            &["agent_session", "tool_call", "verification"],
+            0,
+        )
         .await
         .map_err(internal)?;
     let mut resume = AcpResume {
         generation: 1,
         finished: conversation.replay.finished,
+        feedback: run.feedback.clone(),
         ..Default::default()
     };
     for e in events {
@@ -1688,13 +1845,27 @@ async fn acp_setup(
                 resume.why = Some("the control plane restarted or the sandbox was lost".into());
             }
             EventKind::ToolCall { .. } => resume.tool_calls += 1,
+            // A session before a verification ended its turn: reopening
+            // it starts another iteration, not a recovery.
+            EventKind::Verification { .. } => resume.why = None,
             _ => {}
         }
     }
     Ok((launch, resume))
 }
 
-async fn publish(run: &mut Run, summary: &str) -> Result<(), Halt> {
+/// Where the attempt's committed work is kept in the git store until it
+/// is published on its branch (verification checks it out from there).
+fn work_ref(run: &Run) -> String {
+    format!("refs/backshift/work/{}", run.attempt.id)
+}
+
+/// Commits what the agent left in its sandbox (as backshift, hooks
+/// disabled) and brings the branch back into the git store under
+/// [`work_ref`]. Returns the commit: the base when nothing changed.
+/// Idempotent: run again after an interruption, it finds nothing left
+/// to commit and brings the same branch back.
+async fn commit_work(run: &mut Run, summary: &str) -> Result<String, Halt> {
     let app = run.app.clone();
     let (driver, id) = run.sandbox()?;
     let failed = |what: &str, e: &dyn std::fmt::Display| {
@@ -1745,13 +1916,14 @@ async fn publish(run: &mut Run, summary: &str) -> Result<(), Halt> {
         )
         .into());
     }
+    let work = work_ref(run);
     let head = if String::from_utf8_lossy(&out.stdout).contains("NO_CHANGES") {
         run.progress("the agent made no changes; the branch points at the base commit")
             .await;
         app.git
-            .set_branch(&run.task.project_id, &branch, &base)
+            .set_ref(&run.task.project_id, &work, &base)
             .await
-            .map_err(|e| failed("cannot create the branch", &e))?;
+            .map_err(|e| failed("cannot record the work", &e))?;
         base.clone()
     } else {
         let tar = driver
@@ -1766,10 +1938,36 @@ async fn publish(run: &mut Run, summary: &str) -> Result<(), Halt> {
             .await
             .map_err(|e| failed("scratch file", &e))?;
         app.git
-            .import_bundle(&run.task.project_id, file.path(), &branch)
+            .import_bundle_ref(
+                &run.task.project_id,
+                file.path(),
+                &format!("refs/heads/{branch}"),
+                &work,
+            )
             .await
             .map_err(|e| failed("cannot import the branch into the git store", &e))?
     };
+    Ok(head)
+}
+
+/// Points the attempt's branch in the git store at `head` (its committed
+/// work, verified when verification is on) and records the diff.
+async fn publish(run: &mut Run, summary: &str, head: &str) -> Result<(), Halt> {
+    let app = run.app.clone();
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        Failure(FailureReason::PublishFailed, format!("{what}: {e}"))
+    };
+    let base = run
+        .attempt
+        .base_commit
+        .clone()
+        .ok_or_else(|| Failure(FailureReason::Internal, "no base commit".into()))?;
+    let branch = run.attempt.branch.clone();
+    let head = head.to_owned();
+    app.git
+        .set_branch(&run.task.project_id, &branch, &head)
+        .await
+        .map_err(|e| failed("cannot set the branch", &e))?;
     let stat = app
         .git
         .diff_stat(&run.task.project_id, &base, &head)

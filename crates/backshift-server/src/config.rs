@@ -56,6 +56,35 @@ pub struct Config {
     pub approvals: ApprovalsSection,
     /// How secrets are sealed.
     pub secrets: SecretsSection,
+    /// How backshift verifies an agent's work.
+    pub verify: VerifySection,
+}
+
+/// `[verify]`: the verify command of projects whose repository names none
+/// (a `[verify]` table in `backshift.toml` at its root) and tasks that
+/// give none. It runs in a fresh sandbox made from the attempt's commit;
+/// a failure goes back to the agent while `limits.max_iterations` allows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifySection {
+    /// The command (bash), run in the checkout; no verification when
+    /// absent.
+    pub command: Option<String>,
+    /// A JUnit XML or TAP file the command writes, relative to the
+    /// checkout; without one, TAP on its standard output is read.
+    pub report: Option<String>,
+    /// Longest run of the verify command.
+    pub timeout_secs: u64,
+}
+
+impl Default for VerifySection {
+    fn default() -> Self {
+        VerifySection {
+            command: None,
+            report: None,
+            timeout_secs: 1800,
+        }
+    }
 }
 
 /// `[secrets]`: the key secrets are sealed with. Without `key_file` or
@@ -312,6 +341,7 @@ impl Default for Config {
             egress: EgressSection::default(),
             approvals: ApprovalsSection::default(),
             secrets: SecretsSection::default(),
+            verify: VerifySection::default(),
         }
     }
 }

@@ -336,6 +336,7 @@ mod tests {
             .create_task(
                 &NewTask {
                     command: None,
+                    verify: None,
                     id: "hubtest0".into(),
                     project_id: project,
                     prompt: "p".into(),

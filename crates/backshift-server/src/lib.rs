@@ -20,6 +20,7 @@ pub mod egress;
 pub mod environment;
 pub mod events;
 pub mod gateway;
+pub mod report;
 pub mod sandbox_git;
 pub mod secrets;
 pub mod serve;

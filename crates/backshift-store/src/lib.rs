@@ -228,8 +228,8 @@ impl Store {
     pub async fn create_task(&self, task: &NewTask, attempts: &[NewAttempt]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO tasks (id, project_id, prompt, repo, base_ref, agent, limits, created_at, command) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO tasks (id, project_id, prompt, repo, base_ref, agent, limits, created_at, command, verify) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&task.id)
         .bind(&task.project_id)
@@ -240,6 +240,7 @@ impl Store {
         .bind(serde_json::to_string(&task.limits).map_err(|e| StoreError::Corrupt(e.to_string()))?)
         .bind(task.created_at)
         .bind(&task.command)
+        .bind(&task.verify)
         .execute(&mut *tx)
         .await?;
         for a in attempts {
@@ -468,6 +469,38 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         upsert_messages(&mut tx, attempt_id, first, messages, &self.redactor).await?;
         set_conversation_len(&mut *tx, attempt_id, len).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Starts another iteration of the agent after a failed verification,
+    /// in one transaction: the message telling it what failed is stored
+    /// at index `first` of the conversation (whose length becomes
+    /// `first + 1`; `None`: an agent without a stored conversation), and
+    /// the summary of its previous finish is cleared (it has not finished
+    /// this iteration).
+    pub async fn begin_iteration(
+        &self,
+        attempt_id: &str,
+        first: u32,
+        message: Option<&str>,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(message) = message {
+            upsert_messages(
+                &mut tx,
+                attempt_id,
+                first,
+                &[message.to_owned()],
+                &self.redactor,
+            )
+            .await?;
+            set_conversation_len(&mut *tx, attempt_id, first + 1).await?;
+        }
+        sqlx::query("UPDATE attempts SET summary = NULL WHERE id = $1")
+            .bind(attempt_id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }

@@ -7,7 +7,7 @@ use sqlx::any::AnyRow;
 
 macro_rules! task_select {
     () => {
-        "SELECT t.id, t.project_id, t.prompt, t.repo, t.base_ref, t.agent, t.limits, t.created_at, t.command FROM tasks t"
+        "SELECT t.id, t.project_id, t.prompt, t.repo, t.base_ref, t.agent, t.limits, t.created_at, t.command, t.verify FROM tasks t"
     };
 }
 pub(crate) use task_select;
@@ -38,6 +38,8 @@ pub struct NewTask {
     pub agent: String,
     /// The `command` agent's script.
     pub command: Option<String>,
+    /// The verify command given with the task.
+    pub verify: Option<String>,
     /// Effective limits.
     pub limits: Limits,
     /// Creation time, unix ms.
@@ -72,6 +74,8 @@ pub struct TaskRow {
     pub agent: String,
     /// The `command` agent's script.
     pub command: Option<String>,
+    /// The verify command given with the task.
+    pub verify: Option<String>,
     /// Effective limits.
     pub limits: Limits,
     /// Creation time, unix ms.
@@ -92,6 +96,7 @@ impl TaskRow {
                 .map_err(|e| StoreError::Corrupt(format!("task limits: {e}")))?,
             created_at: r.get(7),
             command: r.get(8),
+            verify: r.get(9),
         })
     }
 }

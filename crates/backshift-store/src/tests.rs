@@ -38,6 +38,7 @@ async fn one_task(store: &Store) -> String {
         .create_task(
             &NewTask {
                 command: None,
+                verify: Some("make test".into()),
                 id: "aaaaaaaa".into(),
                 project_id: project,
                 prompt: "do it".into(),
@@ -85,6 +86,7 @@ async fn a_created_task_reads_back_with_a_queued_attempt(store: Store) {
     let attempt = one_task(&store).await;
     let task = store.task("aaaaaaaa").await.unwrap().unwrap();
     assert_eq!(task.prompt, "do it");
+    assert_eq!(task.verify.as_deref(), Some("make test"));
     assert_eq!(task.limits, Limits::default());
     let attempts = store.attempts_of("aaaaaaaa").await.unwrap();
     assert_eq!(attempts.len(), 1);
@@ -286,6 +288,31 @@ async fn the_live_conversation_runs_ahead_of_checkpoints(store: Store) {
         store.live_messages(&attempt).await.unwrap(),
         ["sys", "user"]
     );
+    // Another iteration after a failed verification: the report is the
+    // next message and the summary of the last finish is gone.
+    store
+        .update_attempt(
+            &attempt,
+            &AttemptUpdate {
+                summary: Some("done"),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .begin_iteration(&attempt, 2, Some("report"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.live_messages(&attempt).await.unwrap(),
+        ["sys", "user", "report"]
+    );
+    assert_eq!(
+        store.attempt(&attempt).await.unwrap().unwrap().summary,
+        None
+    );
+    store.set_conversation_len(&attempt, 2).await.unwrap();
     // Events by kind, after a seq.
     let out = |seq, text: &str| {
         event(

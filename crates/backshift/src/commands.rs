@@ -50,6 +50,8 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             max_turns,
             timeout,
             max_tokens,
+            verify,
+            max_iterations,
             follow,
         } => {
             let repo = if backshift_git::is_url(&repo) {
@@ -60,13 +62,17 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                     .to_string_lossy()
                     .into_owned()
             };
-            let limits = (max_turns.is_some() || timeout.is_some() || max_tokens.is_some())
-                .then_some(LimitsRequest {
-                    max_turns,
-                    wall_time_secs: timeout,
-                    command_timeout_secs: None,
-                    max_tokens,
-                });
+            let limits = (max_turns.is_some()
+                || timeout.is_some()
+                || max_tokens.is_some()
+                || max_iterations.is_some())
+            .then_some(LimitsRequest {
+                max_turns,
+                wall_time_secs: timeout,
+                command_timeout_secs: None,
+                max_tokens,
+                max_iterations,
+            });
             let req = CreateTaskRequest {
                 prompt,
                 repo,
@@ -74,6 +80,7 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                 agent,
                 command,
                 limits,
+                verify,
             };
             let created: TaskCreated = client
                 .send(client.request(Method::POST, "/api/v1/tasks").json(&req))
@@ -185,6 +192,28 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                     println!("log tail (the end of `backshift logs {}`):", a.id);
                     for l in &a.log_tail {
                         println!("  | {l}");
+                    }
+                }
+                if let Some(v) = &a.verification {
+                    println!(
+                        "verified {} ({} run(s); `{}`)",
+                        crate::render::verification_line(v),
+                        a.verifications,
+                        v.command.lines().next().unwrap_or_default()
+                    );
+                    for f in &v.report.failures {
+                        println!("  ✗ {}", f.name);
+                        for l in f.message.lines().take(8) {
+                            println!("    {l}");
+                        }
+                    }
+                    if !v.passed && v.report.failures.is_empty() && !v.output_tail.trim().is_empty()
+                    {
+                        println!("  the end of its output:");
+                        let lines: Vec<&str> = v.output_tail.lines().collect();
+                        for l in &lines[lines.len().saturating_sub(15)..] {
+                            println!("  | {l}");
+                        }
                     }
                 }
                 if let Some(h) = &a.head_commit {

@@ -69,6 +69,15 @@ enum Command {
         /// Model tokens (input + output) before the agent is stopped.
         #[arg(long)]
         max_tokens: Option<u64>,
+        /// The command that verifies the work (e.g. "pytest -q"), run by
+        /// backshift in a fresh sandbox on the agent's commit; overrides
+        /// the repository's backshift.toml and the server's [verify].
+        #[arg(long)]
+        verify: Option<String>,
+        /// Times the agent may work on the task when verification fails
+        /// (each failure gives it the report and another iteration).
+        #[arg(long)]
+        max_iterations: Option<u32>,
         /// Follow the events until the task ends; exit 0 only if it succeeded.
         #[arg(long, short)]
         follow: bool,

@@ -235,6 +235,31 @@ pub fn event_lines(e: &Event) -> String {
             line(format!("⇄ egress {what}: {decision}{by} ({reason})"))
         }
         EventKind::Warning { message } => line(format!("⚠ {message}")),
+        EventKind::VerificationStarted {
+            iteration,
+            commit,
+            command,
+            source,
+        } => line(format!(
+            "▶ verification {iteration} of {}: {} (from the {source}) in a fresh sandbox",
+            &commit[..12.min(commit.len())],
+            command.lines().next().unwrap_or_default()
+        )),
+        EventKind::Verification { result } => {
+            let mut s = line(verification_line(result));
+            for f in result.report.failures.iter().take(10) {
+                s.push_str(&format!(
+                    "\n         ✗ {}{}",
+                    f.name,
+                    f.message
+                        .lines()
+                        .next()
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default()
+                ));
+            }
+            s
+        }
         EventKind::GitPush {
             refs,
             decision,
@@ -271,6 +296,41 @@ pub fn event_lines(e: &Event) -> String {
             ))
         }
     }
+}
+
+/// One line on a verification's outcome: passed or failed, the exit
+/// code and the report's counts.
+pub fn verification_line(r: &backshift_protocol::VerificationResult) -> String {
+    let mark = if r.passed {
+        "✔ verification passed"
+    } else {
+        "✗ verification failed"
+    };
+    let exit = match (&r.exit_code, &r.error) {
+        (_, Some(e)) => e.clone(),
+        (Some(c), None) => format!("exit {c}"),
+        (None, None) => "no exit code".into(),
+    };
+    let counts = if r.report.format == "exit_code" {
+        String::new()
+    } else {
+        format!(
+            ", {} passed, {} failed, {} skipped ({})",
+            r.report.passed, r.report.failed, r.report.skipped, r.report.format
+        )
+    };
+    let note = r
+        .report
+        .note
+        .as_deref()
+        .map(|n| format!("; {n}"))
+        .unwrap_or_default();
+    format!(
+        "{mark} ({}, iteration {}): {exit}{counts}{note}, {} ms",
+        &r.commit[..12.min(r.commit.len())],
+        r.iteration,
+        r.duration_ms
+    )
 }
 
 fn short_args(name: &str, args: &serde_json::Value) -> String {

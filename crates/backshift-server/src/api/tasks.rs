@@ -47,6 +47,28 @@ pub async fn create_task(
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .map(str::to_owned);
+    let verify = match req.verify.as_deref().map(str::trim) {
+        None => None,
+        Some("") => {
+            return Err(ApiError::bad_request(
+                "verify_empty",
+                "`verify` is empty",
+                Some(
+                    "give the command that runs the tests (e.g. \"pytest -q\"), or leave `verify` out to use the repository's backshift.toml or the server's [verify] command",
+                ),
+            ));
+        }
+        Some(v) if v.len() > 10_000 => {
+            return Err(ApiError::bad_request(
+                "verify_too_long",
+                format!("`verify` is {} bytes; at most 10000", v.len()),
+                Some(
+                    "put a long verify script in the repository and give the command that runs it",
+                ),
+            ));
+        }
+        Some(v) => Some(v.to_owned()),
+    };
     let default_agent = if command.is_some() {
         "command"
     } else {
@@ -116,6 +138,7 @@ pub async fn create_task(
         "agent": agent,
         "prompt": prompt.chars().take(500).collect::<String>(),
         "command": command,
+        "verify": verify,
         "limits": limits,
     });
     app.store
@@ -128,6 +151,7 @@ pub async fn create_task(
                 base_ref: req.base_ref.clone(),
                 agent,
                 command,
+                verify,
                 limits,
                 created_at: now,
             },
@@ -300,6 +324,7 @@ pub(super) async fn task_view(app: &App, t: TaskRow) -> Result<TaskView, ApiErro
             .command
             .map(|c| app.store.redactor().text(&c).into_owned()),
         limits: t.limits,
+        verify: t.verify,
         created_at: format_ts(t.created_at),
         attempts,
     })
@@ -319,6 +344,7 @@ pub(super) async fn attempt_view(
     };
     let driver = if a.state.is_terminal() { None } else { a.owner };
     let usage = app.store.model_usage(&a.id).await?;
+    let verifications = crate::attempt::verifications(app, &a.id).await?;
     Ok(AttemptView {
         id: a.id,
         task_id: a.task_id,
@@ -337,6 +363,8 @@ pub(super) async fn attempt_view(
         driver,
         log_tail,
         usage,
+        verifications: verifications.len() as u32,
+        verification: verifications.into_iter().last(),
     })
 }
 
