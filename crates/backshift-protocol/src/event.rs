@@ -364,7 +364,7 @@ pub enum EventKind {
     Verification {
         /// What was found.
         #[serde(flatten)]
-        result: VerificationResult,
+        result: Box<VerificationResult>,
     },
     /// The sandbox pushed to its git endpoint.
     GitPush {

@@ -856,3 +856,66 @@ async fn an_agent_over_its_token_budget_is_stopped_budget_exhausted() {
     );
     assert_eq!(of_type(&evs, "agent_finished").len(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_verification_reopens_the_agents_session_with_the_report() {
+    let w = with_opencode(json!({
+        "untooled": {"content": "State file"},
+        "steps": [
+            {"expect": {"user_contains": "Write the state"},
+             "reply": {"tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/state.txt", "content": "one\n"}}]}},
+            {"reply": {"content": "Wrote it."}},
+            {"expect": {"user_contains": "Verification 1 of 2 failed"},
+             "reply": {"tool_calls": [{"name": "write", "arguments": {"filePath": "/workspace/state.txt", "content": "two\n"}}]}},
+            {"reply": {"content": "Now it says two."}}
+        ]
+    }))
+    .await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, out, err) = w
+        .cli(&[
+            "run",
+            "Write the state file",
+            "--repo",
+            &repo,
+            "--agent",
+            "opencode",
+            "--verify",
+            "grep -qx two state.txt || { echo \"state.txt says $(cat state.txt)\"; exit 1; }",
+            "--max-iterations",
+            "2",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let task = out.split_whitespace().nth(1).unwrap().to_owned();
+    let view = w.wait(&task).await;
+    let evs = w.events(&format!("{task}-1")).await;
+    let fake = w.fake.as_ref().unwrap();
+    assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+    assert_eq!(view["state"], "succeeded", "{view}\n{evs:#?}");
+    let verifications = of_type(&evs, "verification");
+    assert_eq!(verifications.len(), 2);
+    assert_eq!(verifications[0]["passed"], false);
+    assert!(
+        verifications[0]["output_tail"]
+            .as_str()
+            .unwrap()
+            .contains("state.txt says one")
+    );
+    assert_eq!(verifications[1]["passed"], true);
+    // The same session, reopened by a new process, was told the report.
+    let sessions = of_type(&evs, "agent_session");
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    assert_eq!(sessions[1]["process"], "acp:2");
+    assert_eq!(sessions[1]["loaded"], true, "{sessions:?}");
+    assert_eq!(sessions[0]["session_id"], sessions[1]["session_id"]);
+    assert!(
+        !fake
+            .requests()
+            .iter()
+            .any(|r| r.to_string().contains("This session was interrupted")),
+        "an iteration is not an interruption"
+    );
+    let (_, diff, _) = w.cli(&["diff", &task]).await;
+    assert!(diff.contains("+two"), "{diff}");
+}

@@ -42,6 +42,7 @@ use utoipa::OpenApi;
         backshift_protocol::CreateTaskRequest, backshift_protocol::TaskView, backshift_protocol::AttemptView,
         backshift_protocol::TaskCreated, backshift_protocol::ErrorBody, backshift_protocol::ReadyView,
         backshift_protocol::Event, backshift_protocol::EventKind,
+        backshift_protocol::VerificationResult, backshift_protocol::TestReport, backshift_protocol::TestFailure,
         backshift_protocol::ApprovalView, backshift_protocol::AnswerApproval,
         backshift_protocol::Decision, backshift_protocol::Scope,
         backshift_protocol::AuditEntry, backshift_protocol::AuditVerification,

@@ -170,7 +170,7 @@ pub async fn verifications(
         .await?
         .into_iter()
         .filter_map(|e| match e.kind {
-            EventKind::Verification { result } => Some(result),
+            EventKind::Verification { result } => Some(*result),
             _ => None,
         })
         .collect())
@@ -294,7 +294,7 @@ pub(super) async fn verify(
             &head[..12.min(head.len())]
         ))
         .await;
-        return Ok(result.clone());
+        return Ok((**result).clone());
     }
     let iteration = past
         .iter()
@@ -348,7 +348,7 @@ pub(super) async fn verify(
         .emit(
             &run.attempt.id,
             EventKind::Verification {
-                result: result.clone(),
+                result: Box::new(result.clone()),
             },
         )
         .await;
