@@ -434,3 +434,57 @@ async fn bad_verify_settings_are_refused_with_reasons() {
         "the agent never ran"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_during_verification_verifies_once_more_and_publishes() {
+    let good = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n    return a * b\n";
+    let s = script(json!({"steps": [
+        {"reply": {"tool_calls": [{"name": "write_file", "arguments": {"path": "calc.py", "content": good}}]}},
+        {"reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Add mul"}}]}}
+    ]}));
+    let mut w = World::start(Some(s), "").await;
+    add_calc_project(&w.repo).await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (code, out, err) = w.cli(&["run", "Add mul", "--repo", &repo]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let task = out.split_whitespace().nth(1).unwrap().to_owned();
+    let id = format!("{task}-1");
+    wait_for_state(&w, &id, "verifying").await;
+    // Mid-run: its verification sandbox exists.
+    for _ in 0..100 {
+        let verifier = common::docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=dev.backshift.attempt={id}"),
+            "--filter",
+            "label=dev.backshift.role=verify",
+        ]);
+        if !verifier.trim().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w.kill_server().await;
+    w.restart_server().await;
+    let view = w.wait(&task).await;
+    let events = w.events(&id).await;
+    assert_eq!(view["state"], "succeeded", "{view:#}\n{events:#?}");
+    let attempt = &view["attempts"][0];
+    assert_eq!(attempt["verification"]["passed"], true);
+    assert_eq!(attempt["verification"]["commit"], attempt["head_commit"]);
+    // One agent finish, verified to the end once; the interrupted run left
+    // no verdict.
+    assert_eq!(of_type(&events, "agent_finished").len(), 1);
+    assert_eq!(of_type(&events, "verification_started").len(), 2);
+    assert_eq!(of_type(&events, "verification").len(), 1);
+    assert_eq!(of_type(&events, "restored").len(), 1);
+    assert_eq!(attempt["verifications"], 1);
+    let left = common::docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=dev.backshift.attempt={id}"),
+    ]);
+    assert!(left.trim().is_empty(), "sandboxes left: {left}");
+}
