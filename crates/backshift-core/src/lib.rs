@@ -9,6 +9,7 @@ pub mod deadlines;
 pub mod ids;
 pub mod limits;
 pub mod policy;
+pub mod rank;
 pub mod slug;
 pub mod state;
 

@@ -33,6 +33,14 @@ pub struct CreateTaskRequest {
     /// `backshift.toml` and the server's `[verify] command`.
     #[serde(default)]
     pub verify: Option<String>,
+    /// Attempts to run side by side, each in its own sandbox on its own
+    /// branch (1 to 10; default 1, or one per agent in `agents`).
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// One agent per attempt, in turn (`["builtin", "opencode"]`);
+    /// overrides `agent`.
+    #[serde(default)]
+    pub agents: Option<Vec<String>>,
 }
 
 /// A task and its attempts.
@@ -64,6 +72,36 @@ pub struct TaskView {
     pub state: AttemptState,
     /// Attempts, first to last.
     pub attempts: Vec<AttemptView>,
+    /// Attempt ids, best first (see `AttemptView::rank`).
+    #[serde(default)]
+    pub ranking: Vec<String>,
+    /// The attempt chosen as the task's result: the best ranked once all
+    /// ended (`winner_by`: `auto`), or the one a person picked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub winner: Option<String>,
+    /// Who chose the winner: `auto`, or the picking token's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub winner_by: Option<String>,
+}
+
+/// `POST /api/v1/tasks/{id}/pick`: choose the attempt that is the task's
+/// result.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PickAttempt {
+    /// The attempt: its id (`TASK-2`) or number (`2`).
+    pub attempt: String,
+}
+
+/// The size of an attempt's change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiffSummary {
+    /// Files changed.
+    pub files_changed: u64,
+    /// Lines added.
+    pub insertions: u64,
+    /// Lines removed.
+    pub deletions: u64,
 }
 
 /// One attempt.
@@ -75,6 +113,9 @@ pub struct AttemptView {
     pub task_id: String,
     /// Attempt number, from 1.
     pub n: u32,
+    /// The agent it runs.
+    #[serde(default)]
+    pub agent: String,
     /// Lifecycle state.
     pub state: AttemptState,
     /// Why it failed, when `state` is `failed`.
@@ -116,6 +157,17 @@ pub struct AttemptView {
     /// iteration, up to `limits.max_iterations`).
     #[serde(default)]
     pub verifications: u32,
+    /// Its place among the task's attempts, from 1: succeeded first, then
+    /// verification passed, fewer failing tests, a smaller (non-empty)
+    /// change, lower cost, less time.
+    #[serde(default)]
+    pub rank: u32,
+    /// Its change, once published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<DiffSummary>,
+    /// From its start to its end (or now), once started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 /// Model tokens used and what they cost.

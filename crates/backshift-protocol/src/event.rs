@@ -366,6 +366,18 @@ pub enum EventKind {
         #[serde(flatten)]
         result: Box<VerificationResult>,
     },
+    /// This attempt was chosen as its task's result.
+    Winner {
+        /// `auto` (the best ranked once every attempt ended), or the
+        /// name of the token that picked it.
+        by: String,
+        /// Its rank among the task's attempts.
+        rank: u32,
+        /// How many attempts the task has.
+        of: u32,
+        /// Why it ranks first, or what the person said.
+        why: String,
+    },
     /// The sandbox pushed to its git endpoint.
     GitPush {
         /// The refs it asked to update.
@@ -497,6 +509,7 @@ impl EventKind {
             EventKind::GitPush { .. } => "git_push",
             EventKind::VerificationStarted { .. } => "verification_started",
             EventKind::Verification { .. } => "verification",
+            EventKind::Winner { .. } => "winner",
             EventKind::Warning { .. } => "warning",
             EventKind::ApprovalRequested { .. } => "approval_requested",
             EventKind::ApprovalAnswered { .. } => "approval_answered",

@@ -160,6 +160,7 @@ async fn setup(url: &str, attempts: usize) -> BenchResult<(Store, Vec<String>)> 
     let project = store.project_for_source("/bench", "bench", 1).await?;
     let new_attempts: Vec<NewAttempt> = (1..=attempts)
         .map(|n| NewAttempt {
+            agent: None,
             id: format!("benchmrk-{n}"),
             n: n as u32,
             branch: format!("backshift/bench-{n}"),

@@ -214,6 +214,11 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         }
     };
     let wall = Duration::from_secs(task.limits.wall_time_secs);
+    // One of several attempts may run an agent of its own.
+    let task = TaskRow {
+        agent: attempt.agent.clone().unwrap_or(task.agent),
+        ..task
+    };
     let mut run = Run {
         app: app.clone(),
         state: attempt.state,
@@ -316,6 +321,10 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
             transition_following_approvals(&app, &run.attempt.id, run.state, t, detail).await
     {
         tracing::error!(attempt = %run.attempt.id, "cannot record the end of the attempt: {e}");
+    }
+    // The last of the task's attempts to end chooses its result.
+    if let Err(e) = crate::results::choose_winner(&app, &run.task.id).await {
+        tracing::warn!(task = %run.task.id, "cannot choose the task's result: {e}");
     }
 }
 

@@ -327,6 +327,7 @@ mod tests {
         let project = store.project_for_source("/r", "p", 1).await.unwrap();
         let attempts: Vec<NewAttempt> = (1..=n)
             .map(|i| NewAttempt {
+                agent: None,
                 id: format!("hubtest0-{i}"),
                 n: i as u32,
                 branch: format!("b{i}"),

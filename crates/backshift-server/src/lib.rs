@@ -21,6 +21,7 @@ pub mod environment;
 pub mod events;
 pub mod gateway;
 pub mod report;
+pub mod results;
 pub mod sandbox_git;
 pub mod secrets;
 pub mod serve;

@@ -245,8 +245,8 @@ impl Store {
         .await?;
         for a in attempts {
             sqlx::query(
-                "INSERT INTO attempts (id, task_id, n, state, branch, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO attempts (id, task_id, n, state, branch, created_at, updated_at, agent) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(&a.id)
             .bind(&task.id)
@@ -255,11 +255,37 @@ impl Store {
             .bind(&a.branch)
             .bind(task.created_at)
             .bind(task.created_at)
+            .bind(&a.agent)
             .execute(&mut *tx)
             .await?;
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Records `attempt` as the task's result, chosen `by` (`auto`, or a
+    /// token's name). With `only_if_unset`, a winner already chosen stays
+    /// (an automatic choice never overrides a person's). Returns whether
+    /// it was recorded.
+    pub async fn set_winner(
+        &self,
+        task_id: &str,
+        attempt_id: &str,
+        by: &str,
+        only_if_unset: bool,
+    ) -> Result<bool> {
+        let sql = if only_if_unset {
+            "UPDATE tasks SET winner = $1, winner_by = $2 WHERE id = $3 AND winner IS NULL"
+        } else {
+            "UPDATE tasks SET winner = $1, winner_by = $2 WHERE id = $3"
+        };
+        let done = sqlx::query(sql)
+            .bind(attempt_id)
+            .bind(by)
+            .bind(task_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Tasks, newest first.

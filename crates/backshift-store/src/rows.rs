@@ -7,7 +7,7 @@ use sqlx::any::AnyRow;
 
 macro_rules! task_select {
     () => {
-        "SELECT t.id, t.project_id, t.prompt, t.repo, t.base_ref, t.agent, t.limits, t.created_at, t.command, t.verify FROM tasks t"
+        "SELECT t.id, t.project_id, t.prompt, t.repo, t.base_ref, t.agent, t.limits, t.created_at, t.command, t.verify, t.winner, t.winner_by FROM tasks t"
     };
 }
 pub(crate) use task_select;
@@ -16,7 +16,7 @@ macro_rules! attempt_select {
     () => {
         "SELECT id, task_id, n, state, reason, detail, branch, base_commit, head_commit, summary, \
          sandbox_id, created_at, updated_at, started_at, owner, lease_until, \
-         cancel_requested, held_ms, snapshot_image, prepared_sandbox, gateway_token_sha256 FROM attempts"
+         cancel_requested, held_ms, snapshot_image, prepared_sandbox, gateway_token_sha256, agent FROM attempts"
     };
 }
 pub(crate) use attempt_select;
@@ -55,6 +55,8 @@ pub struct NewAttempt {
     pub n: u32,
     /// Branch name.
     pub branch: String,
+    /// Its own agent, when not the task's.
+    pub agent: Option<String>,
 }
 
 /// A stored task.
@@ -80,6 +82,10 @@ pub struct TaskRow {
     pub limits: Limits,
     /// Creation time, unix ms.
     pub created_at: i64,
+    /// The attempt chosen as the task's result.
+    pub winner: Option<String>,
+    /// Who chose it: `auto`, or a token's name.
+    pub winner_by: Option<String>,
 }
 
 impl TaskRow {
@@ -97,6 +103,8 @@ impl TaskRow {
             created_at: r.get(7),
             command: r.get(8),
             verify: r.get(9),
+            winner: r.get(10),
+            winner_by: r.get(11),
         })
     }
 }
@@ -147,6 +155,8 @@ pub struct AttemptRow {
     pub prepared_sandbox: Option<String>,
     /// SHA-256 of its model-gateway token.
     pub gateway_token_sha256: Option<String>,
+    /// Its own agent, when not the task's.
+    pub agent: Option<String>,
 }
 
 /// A checkpoint: the working tree at the end of a turn, tied to the event
@@ -201,6 +211,7 @@ impl AttemptRow {
             snapshot_image: r.get(18),
             prepared_sandbox: r.get(19),
             gateway_token_sha256: r.get(20),
+            agent: r.get(21),
         })
     }
 }

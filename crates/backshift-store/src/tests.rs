@@ -49,6 +49,7 @@ async fn one_task(store: &Store) -> String {
                 created_at: 10,
             },
             &[NewAttempt {
+                agent: None,
                 id: "aaaaaaaa-1".into(),
                 n: 1,
                 branch: "backshift/aaaaaaaa-do-it".into(),
@@ -94,6 +95,30 @@ async fn a_created_task_reads_back_with_a_queued_attempt(store: Store) {
     assert_eq!(attempts[0].state, AttemptState::Queued);
     assert_eq!(store.list_tasks(10).await.unwrap().len(), 1);
     assert!(store.task("bbbbbbbb").await.unwrap().is_none());
+    // The winner: chosen automatically once, then only by a person.
+    assert_eq!(task.winner, None);
+    assert!(
+        store
+            .set_winner("aaaaaaaa", &attempt, "auto", true)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .set_winner("aaaaaaaa", "other", "auto", true)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .set_winner("aaaaaaaa", "aaaaaaaa-2", "alice", false)
+            .await
+            .unwrap()
+    );
+    let task = store.task("aaaaaaaa").await.unwrap().unwrap();
+    assert_eq!(task.winner.as_deref(), Some("aaaaaaaa-2"));
+    assert_eq!(task.winner_by.as_deref(), Some("alice"));
+    assert_eq!(attempts[0].agent, None);
 }
 
 async fn projects_are_one_per_source(store: Store) {

@@ -52,6 +52,8 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             max_tokens,
             verify,
             max_iterations,
+            attempts,
+            agents,
             follow,
         } => {
             let repo = if backshift_git::is_url(&repo) {
@@ -81,6 +83,8 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                 command,
                 limits,
                 verify,
+                attempts,
+                agents,
             };
             let created: TaskCreated = client
                 .send(client.request(Method::POST, "/api/v1/tasks").json(&req))
@@ -162,8 +166,22 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             } else {
                 Vec::new()
             };
+            if let Some(w) = &task.winner {
+                println!(
+                    "result   {w} (chosen by {})",
+                    task.winner_by.as_deref().unwrap_or("?")
+                );
+            }
             for a in &task.attempts {
                 println!("\nattempt  {} ({})\nbranch   {}", a.id, a.state, a.branch);
+                if task.attempts.len() > 1 {
+                    println!(
+                        "agent    {}\nrank     {} of {}",
+                        a.agent,
+                        a.rank,
+                        task.attempts.len()
+                    );
+                }
                 for p in pending.iter().filter(|p| p.attempt_id == a.id) {
                     println!(
                         "waiting  {}: {} (backshift approve {} | backshift deny {}; denied at {} unless answered)",
@@ -226,6 +244,34 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                     );
                 }
             }
+            Ok(0)
+        }
+        Command::Compare { id } => {
+            let task: TaskView = client
+                .send(client.request(Method::GET, &format!("/api/v1/tasks/{id}")))
+                .await?;
+            print!("{}", crate::render::comparison(&task));
+            Ok(0)
+        }
+        Command::Pick { id, attempt } => {
+            let task: TaskView = client
+                .send(
+                    client
+                        .request(Method::POST, &format!("/api/v1/tasks/{id}/pick"))
+                        .json(&backshift_protocol::PickAttempt { attempt }),
+                )
+                .await?;
+            let winner = task.winner.as_deref().unwrap_or("none");
+            let branch = task
+                .attempts
+                .iter()
+                .find(|a| a.id == winner)
+                .map(|a| a.branch.as_str())
+                .unwrap_or("");
+            println!(
+                "task {} delivers attempt {winner} (branch {branch}); `backshift checkout {}` fetches it",
+                task.id, task.id
+            );
             Ok(0)
         }
         Command::Logs { id, follow, json } => {
@@ -701,10 +747,15 @@ async fn resolve_attempt(client: &Client, id: &str) -> anyhow::Result<AttemptVie
     let task: TaskView = client
         .send(client.request(Method::GET, &format!("/api/v1/tasks/{id}")))
         .await?;
-    task.attempts
-        .into_iter()
-        .last()
-        .context("the task has no attempts")
+    // The task's result when one is chosen, else its last attempt.
+    let winner = task.winner.clone();
+    let mut attempts = task.attempts;
+    if let Some(w) = winner
+        && let Some(i) = attempts.iter().position(|a| a.id == w)
+    {
+        return Ok(attempts.swap_remove(i));
+    }
+    attempts.pop().context("the task has no attempts")
 }
 
 fn print_event(e: &Event, json: bool) {

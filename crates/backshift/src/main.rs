@@ -78,6 +78,14 @@ enum Command {
         /// (each failure gives it the report and another iteration).
         #[arg(long)]
         max_iterations: Option<u32>,
+        /// Attempts to run side by side, each in its own sandbox on its
+        /// own branch; the best is chosen when all have ended
+        /// (`backshift compare`, `backshift pick`).
+        #[arg(long)]
+        attempts: Option<u32>,
+        /// One agent per attempt, in turn (e.g. builtin,opencode).
+        #[arg(long, value_delimiter = ',')]
+        agents: Option<Vec<String>>,
         /// Follow the events until the task ends; exit 0 only if it succeeded.
         #[arg(long, short)]
         follow: bool,
@@ -91,6 +99,20 @@ enum Command {
         /// Print the API's JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// A task's attempts side by side, best first, with the evidence
+    /// they are ranked by.
+    Compare {
+        /// Task id.
+        id: String,
+    },
+    /// Choose the attempt that is the task's result (over the automatic
+    /// choice).
+    Pick {
+        /// Task id.
+        id: String,
+        /// The attempt: its number (2) or id (TASK-2).
+        attempt: String,
     },
     /// Show a task's events.
     Logs {

@@ -235,6 +235,9 @@ pub fn event_lines(e: &Event) -> String {
             line(format!("⇄ egress {what}: {decision}{by} ({reason})"))
         }
         EventKind::Warning { message } => line(format!("⚠ {message}")),
+        EventKind::Winner { by, rank, of, why } => line(format!(
+            "★ chosen as the task's result (rank {rank} of {of}, by {by}): {why}"
+        )),
         EventKind::VerificationStarted {
             iteration,
             commit,
@@ -296,6 +299,72 @@ pub fn event_lines(e: &Event) -> String {
             ))
         }
     }
+}
+
+/// A task's attempts side by side, best first.
+pub fn comparison(task: &backshift_protocol::TaskView) -> String {
+    let mut out = format!(
+        "{:<4} {:<12} {:<12} {:<13} {:<16} {:<10} {:>9} {:>9}  BRANCH\n",
+        "RANK", "ATTEMPT", "AGENT", "STATE", "TESTS", "CHANGE", "TOKENS", "TIME"
+    );
+    for id in &task.ranking {
+        let Some(a) = task.attempts.iter().find(|a| &a.id == id) else {
+            continue;
+        };
+        let tests = match &a.verification {
+            None => "-".to_owned(),
+            Some(v) if v.report.format == "exit_code" => {
+                if v.passed {
+                    "passed".into()
+                } else {
+                    "failed".into()
+                }
+            }
+            Some(v) => format!(
+                "{} {}/{}",
+                if v.passed { "passed" } else { "failed" },
+                v.report.passed,
+                v.report.passed + v.report.failed
+            ),
+        };
+        let change = a
+            .diff
+            .map(|d| format!("+{} -{}", d.insertions, d.deletions))
+            .unwrap_or_else(|| "-".into());
+        let tokens = a
+            .usage
+            .map(|u| (u.input_tokens + u.output_tokens).to_string())
+            .unwrap_or_else(|| "-".into());
+        let time = a
+            .duration_ms
+            .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        let mark = if task.winner.as_deref() == Some(a.id.as_str()) {
+            "★"
+        } else {
+            " "
+        };
+        out.push_str(&format!(
+            "{mark}{:<3} {:<12} {:<12} {:<13} {:<16} {:<10} {:>9} {:>9}  {}\n",
+            a.rank,
+            a.id,
+            a.agent,
+            a.state.as_str(),
+            tests,
+            change,
+            tokens,
+            time,
+            a.branch
+        ));
+    }
+    match (&task.winner, &task.winner_by) {
+        (Some(w), Some(by)) => out.push_str(&format!("★ the task's result: {w} (chosen by {by})\n")),
+        _ if task.attempts.iter().any(|a| !a.state.is_terminal()) => {
+            out.push_str("the result is chosen when every attempt has ended (or pick one: backshift pick TASK N)\n")
+        }
+        _ => out.push_str("no attempt succeeded: there is no result to deliver\n"),
+    }
+    out
 }
 
 /// One line on a verification's outcome: passed or failed, the exit

@@ -1,7 +1,6 @@
 //! Attempts: show, events (a page, or a live SSE stream), diff.
 
 use super::ApiError;
-use super::tasks::attempt_view;
 use crate::serve::App;
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -39,7 +38,13 @@ pub async fn get_attempt(
     Path(id): Path<String>,
 ) -> Result<Json<AttemptView>, ApiError> {
     let (t, a) = load(&app, &id).await?;
-    Ok(Json(attempt_view(&app, &t, a).await?))
+    // Its rank needs its siblings: the task's view has it.
+    let view = crate::results::task_view(&app, t).await?;
+    view.attempts
+        .into_iter()
+        .find(|v| v.id == a.id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("attempt", &id))
 }
 
 /// A page of an attempt's events, in order.

@@ -9,10 +9,8 @@ use axum::http::StatusCode;
 use backshift_core::limits::LimitsRequest;
 use backshift_core::slug::branch_name;
 use backshift_core::{AttemptId, AttemptState, TaskId, Transition};
-use backshift_protocol::{
-    AttemptView, CreateTaskRequest, TaskCreated, TaskView, format_ts, now_ms,
-};
-use backshift_store::{AttemptRow, NewAttempt, NewTask, TaskRow};
+use backshift_protocol::{CreateTaskRequest, PickAttempt, TaskCreated, TaskView, now_ms};
+use backshift_store::{NewAttempt, NewTask, TaskRow};
 use std::sync::Arc;
 
 const AGENTS: &[&str] = &["builtin", "command"];
@@ -74,46 +72,54 @@ pub async fn create_task(
     } else {
         "builtin"
     };
-    let agent = req.agent.clone().unwrap_or_else(|| default_agent.into());
-    let installable = crate::agents::recipe(&agent).is_some();
-    if !AGENTS.contains(&agent.as_str()) && !installable {
-        let known: Vec<&str> = AGENTS
-            .iter()
-            .copied()
-            .chain(crate::agents::RECIPES.iter().map(|r| r.name))
-            .collect();
+    // One agent per attempt, in turn.
+    let agents: Vec<String> = match (&req.agents, &req.agent) {
+        (Some(list), _) if list.is_empty() => {
+            return Err(ApiError::bad_request(
+                "agents_empty",
+                "`agents` is empty",
+                Some("name at least one agent, or leave `agents` out"),
+            ));
+        }
+        (Some(list), _) => list.iter().map(|a| a.trim().to_owned()).collect(),
+        (None, Some(a)) => vec![a.clone()],
+        (None, None) => vec![default_agent.to_owned()],
+    };
+    let count = req.attempts.unwrap_or(agents.len() as u32);
+    if !(1..=MAX_ATTEMPTS).contains(&count) {
         return Err(ApiError::bad_request(
-            "unknown_agent",
-            format!("unknown agent {agent:?}; available: {}", known.join(", ")),
-            Some("omit `agent` for the built-in agent"),
+            "invalid_attempts",
+            format!("`attempts` must be between 1 and {MAX_ATTEMPTS}, got {count}"),
+            Some("each attempt is a sandbox of its own; ask for fewer"),
         ));
     }
-    if let Some((why, fix)) = crate::agents::not_runnable(&app.config, &agent) {
-        return Err(ApiError::bad_request("agent_unavailable", why, Some(&fix)));
+    if (agents.len() as u32) > count {
+        return Err(ApiError::bad_request(
+            "invalid_attempts",
+            format!(
+                "{} agents for {count} attempt(s): every agent needs an attempt",
+                agents.len()
+            ),
+            Some("leave `attempts` out (one per agent) or raise it"),
+        ));
     }
-    match (agent.as_str(), &command) {
-        ("command", None) => {
-            return Err(ApiError::bad_request(
-                "command_missing",
-                "the command agent needs a `command`: the script to run in the checkout",
-                Some("send `command`, e.g. \"npx prettier --write .\" (CLI: --command)"),
-            ));
-        }
-        ("command", Some(_)) | (_, None) => {}
-        (other, Some(_)) => {
-            return Err(ApiError::bad_request(
-                "command_not_allowed",
-                format!("`command` is only for the command agent, not {other:?}"),
-                Some("omit `agent` (a command implies the command agent) or `command`"),
-            ));
+    let mut distinct: Vec<&str> = Vec::new();
+    for agent in &agents {
+        if !distinct.contains(&agent.as_str()) {
+            check_agent(&app, agent, command.as_deref())?;
+            distinct.push(agent);
         }
     }
+    let agent = agents[0].clone();
     let limits = req
         .limits
         .unwrap_or(LimitsRequest::default())
         .resolve(&app.config.limits)
         .map_err(|e| ApiError::bad_request("invalid_limits", e, None))?;
-    if agent == "builtin" || installable {
+    if distinct
+        .iter()
+        .any(|a| *a == "builtin" || crate::agents::recipe(a).is_some())
+    {
         app.model_config().map_err(|e| {
             ApiError::bad_request(
                 "model_not_configured",
@@ -130,12 +136,24 @@ pub async fn create_task(
         .project_for_source(&repo, TaskId::generate().as_str(), now)
         .await?;
     let id = TaskId::generate();
-    let attempt = AttemptId::new(&id, 1);
+    let attempts: Vec<NewAttempt> = (1..=count)
+        .map(|n| {
+            let own = &agents[(n as usize - 1) % agents.len()];
+            NewAttempt {
+                id: AttemptId::new(&id, n).to_string(),
+                n,
+                branch: branch_name(&id, prompt, n),
+                agent: (own != &agent).then(|| own.clone()),
+            }
+        })
+        .collect();
     let detail = serde_json::json!({
         "project": project,
         "repo": repo,
         "base_ref": req.base_ref,
         "agent": agent,
+        "agents": agents,
+        "attempts": count,
         "prompt": prompt.chars().take(500).collect::<String>(),
         "command": command,
         "verify": verify,
@@ -155,11 +173,7 @@ pub async fn create_task(
                 limits,
                 created_at: now,
             },
-            &[NewAttempt {
-                id: attempt.to_string(),
-                n: 1,
-                branch: branch_name(&id, prompt, 1),
-            }],
+            &attempts,
         )
         .await?;
     app.audit(&caller.actor(), "task.create", id.as_str(), detail)
@@ -169,9 +183,45 @@ pub async fn create_task(
         StatusCode::CREATED,
         Json(TaskCreated {
             id: id.to_string(),
-            attempts: vec![attempt.to_string()],
+            attempts: attempts.into_iter().map(|a| a.id).collect(),
         }),
     ))
+}
+
+/// Most attempts one task may run side by side.
+const MAX_ATTEMPTS: u32 = 10;
+
+/// Whether `agent` can run this task (with the command agent's `command`).
+fn check_agent(app: &App, agent: &str, command: Option<&str>) -> Result<(), ApiError> {
+    let installable = crate::agents::recipe(agent).is_some();
+    if !AGENTS.contains(&agent) && !installable {
+        let known: Vec<&str> = AGENTS
+            .iter()
+            .copied()
+            .chain(crate::agents::RECIPES.iter().map(|r| r.name))
+            .collect();
+        return Err(ApiError::bad_request(
+            "unknown_agent",
+            format!("unknown agent {agent:?}; available: {}", known.join(", ")),
+            Some("omit `agent` for the built-in agent"),
+        ));
+    }
+    if let Some((why, fix)) = crate::agents::not_runnable(&app.config, agent) {
+        return Err(ApiError::bad_request("agent_unavailable", why, Some(&fix)));
+    }
+    match (agent, command) {
+        ("command", None) => Err(ApiError::bad_request(
+            "command_missing",
+            "the command agent needs a `command`: the script to run in the checkout",
+            Some("send `command`, e.g. \"npx prettier --write .\" (CLI: --command)"),
+        )),
+        ("command", Some(_)) | (_, None) => Ok(()),
+        (other, Some(_)) => Err(ApiError::bad_request(
+            "command_not_allowed",
+            format!("`command` is only for the command agent, not {other:?}"),
+            Some("omit `agent` (a command implies the command agent) or `command`"),
+        )),
+    }
 }
 
 /// A local path must be an absolute path to a git repository holding the
@@ -248,7 +298,7 @@ pub async fn cancel_task(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    let task = find_task(&app, &id).await?;
+    find_task(&app, &id).await?;
     let active: Vec<String> = app
         .store
         .attempts_of(&id)
@@ -301,118 +351,86 @@ pub async fn cancel_task(
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    // Attempts cancelled in place end no runner that would choose.
+    crate::results::choose_winner(&app, &id).await?;
+    let task = find_task(&app, &id).await?;
+    Ok(Json(task_view(&app, task).await?))
+}
+
+/// Choose the attempt that is the task's result (over the automatic
+/// choice, or before every attempt ended).
+#[utoipa::path(post, path = "/api/v1/tasks/{id}/pick", request_body = PickAttempt,
+    params(("id" = String, Path, description = "Task id")),
+    responses((status = 200, body = TaskView), (status = 400, body = backshift_protocol::ErrorBody),
+        (status = 404, body = backshift_protocol::ErrorBody), (status = 409, description = "The attempt did not succeed: it has no published branch", body = backshift_protocol::ErrorBody)))]
+pub async fn pick(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<PickAttempt>, JsonRejection>,
+) -> Result<Json<TaskView>, ApiError> {
+    let Json(req) = body.map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!("the request body is not a pick: {}", e.body_text()),
+            Some("send JSON like {\"attempt\": \"2\"}"),
+        )
+    })?;
+    let task = find_task(&app, &id).await?;
+    let wanted = req.attempt.trim();
+    let attempts = app.store.attempts_of(&id).await?;
+    let Some(a) = attempts
+        .iter()
+        .find(|a| a.id == wanted || a.n.to_string() == wanted)
+    else {
+        let known: Vec<String> = attempts.iter().map(|a| a.n.to_string()).collect();
+        return Err(ApiError::bad_request(
+            "unknown_attempt",
+            format!("task {id} has no attempt {wanted:?}"),
+            Some(&format!(
+                "give an attempt number ({}) or id",
+                known.join(", ")
+            )),
+        ));
+    };
+    if a.state != AttemptState::Succeeded {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "attempt_not_succeeded",
+            format!(
+                "attempt {} is {}: only an attempt that succeeded has a branch to deliver",
+                a.id, a.state
+            ),
+            Some("see `backshift compare` for the attempts that succeeded"),
+        ));
+    }
+    let by = caller.actor();
+    app.store.set_winner(&id, &a.id, &by, false).await?;
+    let count = attempts.len() as u32;
+    let view = task_view(&app, task).await?;
+    let rank = view
+        .attempts
+        .iter()
+        .find(|v| v.id == a.id)
+        .map_or(0, |v| v.rank);
+    let _ = app
+        .hub
+        .emit(
+            &a.id,
+            backshift_protocol::EventKind::Winner {
+                by: by.clone(),
+                rank,
+                of: count,
+                why: format!("picked by {by}"),
+            },
+        )
+        .await;
+    app.audit(&by, "task.pick", &id, serde_json::json!({"attempt": a.id}))
+        .await;
+    let task = find_task(&app, &id).await?;
     Ok(Json(task_view(&app, task).await?))
 }
 
 pub(super) async fn task_view(app: &App, t: TaskRow) -> Result<TaskView, ApiError> {
-    let mut attempts = Vec::new();
-    for a in app.store.attempts_of(&t.id).await? {
-        attempts.push(attempt_view(app, &t, a).await?);
-    }
-    Ok(TaskView {
-        state: attempts
-            .last()
-            .map(|a| a.state)
-            .unwrap_or(AttemptState::Queued),
-        id: t.id,
-        project_id: t.project_id,
-        prompt: app.store.redactor().text(&t.prompt).into_owned(),
-        repo: t.repo,
-        base_ref: t.base_ref,
-        agent: t.agent,
-        command: t
-            .command
-            .map(|c| app.store.redactor().text(&c).into_owned()),
-        limits: t.limits,
-        verify: t.verify,
-        created_at: format_ts(t.created_at),
-        attempts,
-    })
-}
-
-pub(super) async fn attempt_view(
-    app: &App,
-    t: &TaskRow,
-    a: AttemptRow,
-) -> Result<AttemptView, ApiError> {
-    let last_seq = app.store.last_seq(&a.id).await?;
-    let ended_badly = a.state.is_terminal() && a.state != AttemptState::Succeeded;
-    let log_tail = if ended_badly {
-        log_tail(&app.store.last_events(&a.id, 40).await?)
-    } else {
-        Vec::new()
-    };
-    let driver = if a.state.is_terminal() { None } else { a.owner };
-    let usage = app.store.model_usage(&a.id).await?;
-    let verifications = crate::attempt::verifications(app, &a.id).await?;
-    Ok(AttemptView {
-        id: a.id,
-        task_id: a.task_id,
-        n: a.n,
-        state: a.state,
-        reason: a.reason,
-        detail: a.detail,
-        branch: a.branch,
-        base_commit: a.base_commit,
-        head_commit: a.head_commit,
-        summary: a.summary,
-        git_path: format!("/git/{}.git", t.project_id),
-        last_seq,
-        created_at: format_ts(a.created_at),
-        updated_at: format_ts(a.updated_at),
-        driver,
-        log_tail,
-        usage,
-        verifications: verifications.len() as u32,
-        verification: verifications.into_iter().last(),
-    })
-}
-
-/// The lines of the last events that explain how an attempt ended:
-/// progress, command output, tool results, model retries, state changes.
-/// At most 30 lines of at most 300 characters.
-fn log_tail(events: &[backshift_protocol::Event]) -> Vec<String> {
-    use backshift_protocol::EventKind as K;
-    let mut lines = Vec::new();
-    for e in events {
-        match &e.kind {
-            K::Progress { message } => lines.push(message.clone()),
-            K::CommandOutput { text, .. } => {
-                lines.extend(text.lines().map(str::to_owned));
-            }
-            K::ToolCall {
-                name, arguments, ..
-            } => lines.push(format!("→ {name} {}", arguments)),
-            K::ToolResult {
-                name,
-                ok,
-                exit_code,
-                ..
-            } => lines.push(format!(
-                "{} {name}{}",
-                if *ok { "✔" } else { "✗" },
-                exit_code.map(|c| format!(" exit {c}")).unwrap_or_default()
-            )),
-            K::ModelRetry { error, retry, .. } => {
-                lines.push(format!("model request failed (retry {retry}): {error}"))
-            }
-            K::StateChanged { to, detail, .. } => lines.push(match detail {
-                Some(d) => format!("state → {to}: {d}"),
-                None => format!("state → {to}"),
-            }),
-            _ => {}
-        }
-    }
-    let skip = lines.len().saturating_sub(30);
-    lines
-        .into_iter()
-        .skip(skip)
-        .map(|l| {
-            if l.chars().count() > 300 {
-                l.chars().take(299).chain(['…']).collect()
-            } else {
-                l
-            }
-        })
-        .collect()
+    Ok(crate::results::task_view(app, t).await?)
 }
