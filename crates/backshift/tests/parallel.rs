@@ -20,7 +20,7 @@ async fn add_calc_project(repo: &Path) {
     sh(repo, "git add -A && git commit -qm 'calc with tests'").await;
 }
 
-fn attempt<'a>(task: &'a Value, n: u64) -> &'a Value {
+fn attempt(task: &Value, n: u64) -> &Value {
     task["attempts"]
         .as_array()
         .unwrap()
