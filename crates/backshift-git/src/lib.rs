@@ -11,6 +11,7 @@
 //! explicit repository (`-C`/`--git-dir`), no terminal prompts and no
 //! hooks, and every failure carries git's own message.
 
+pub mod forge;
 pub mod http;
 
 use std::path::{Path, PathBuf};
@@ -248,6 +249,67 @@ impl GitStore {
         Ok(())
     }
 
+    /// Pushes `commit` of the project's repository to `url` as branch
+    /// `branch`, never forced: a remote branch holding other commits
+    /// refuses it (and an identical one is a no-op). `token`, when given,
+    /// goes as HTTP Basic credentials (`x-access-token:TOKEN`, what
+    /// GitHub and Gitea accept) in a header passed through git's
+    /// environment, so it appears in no argument list, URL or message.
+    pub async fn push_branch(
+        &self,
+        project: &str,
+        url: &str,
+        commit: &str,
+        branch: &str,
+        token: Option<&str>,
+    ) -> Result<()> {
+        use base64::Engine;
+        let repo = self.repo_path(project);
+        let refspec = format!("{commit}:refs/heads/{branch}");
+        let mut cmd = base_command(Some(&repo));
+        cmd.args(["push", "--porcelain", "--", url, &refspec]);
+        if let Some(token) = token {
+            let basic =
+                base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+            cmd.env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+                .env(
+                    "GIT_CONFIG_VALUE_0",
+                    format!("Authorization: Basic {basic}"),
+                );
+        }
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(GitError::Spawn)?;
+        if !out.status.success() {
+            let mut said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            let porcelain = String::from_utf8_lossy(&out.stdout);
+            if let Some(line) = porcelain.lines().find(|l| l.starts_with('!')) {
+                said = format!("{said} ({})", line.trim());
+            }
+            if let Some(token) = token {
+                said = said.replace(token, "[token]");
+            }
+            return Err(GitError::Failed {
+                args: format!("push {url} {refspec}"),
+                stderr: said,
+            });
+        }
+        Ok(())
+    }
+
+    /// The commit the full ref `name` points at, if it exists.
+    pub async fn ref_commit(&self, project: &str, name: &str) -> Result<Option<String>> {
+        let repo = self.repo_path(project);
+        match rev_parse(&repo, &format!("{name}^{{commit}}")).await {
+            Ok(c) => Ok(Some(c)),
+            Err(GitError::Failed { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Points `branch` at `commit`.
     pub async fn set_branch(&self, project: &str, branch: &str, commit: &str) -> Result<()> {
         self.set_ref(project, &format!("refs/heads/{branch}"), commit)
@@ -434,8 +496,6 @@ async fn rev_parse(repo: &Path, rev: &str) -> Result<String> {
         .to_owned())
 }
 
-/// Runs git in `cwd` (or with `--git-dir`), with an optional trailing path
-/// argument, and returns stdout.
 /// In checkout `dest` (from [`GitStore::export_checkout`]), puts `paths`
 /// back as they are at `commit` (an ancestor of its HEAD): changed files
 /// restored, added ones removed. Returns the paths under them that HEAD
@@ -475,6 +535,8 @@ pub async fn restore_paths(dest: &Path, commit: &str, paths: &[String]) -> Resul
     Ok(changed)
 }
 
+/// Runs git in `cwd` (or with `--git-dir`), with an optional trailing path
+/// argument, and returns stdout.
 pub(crate) async fn git(
     cwd: Option<&Path>,
     args: &[&str],

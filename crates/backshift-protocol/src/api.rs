@@ -82,6 +82,45 @@ pub struct TaskView {
     /// Who chose the winner: `auto`, or the picking token's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub winner_by: Option<String>,
+    /// Where the result went: its branch pushed upstream and the pull
+    /// request, once tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+    /// When every attempt ended and none succeeded: what was tried, the
+    /// last failing output and where the work stands (Markdown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<String>,
+}
+
+/// The delivery of a task's result to its repository's forge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Delivery {
+    /// `pushing` (under way), `pushed` (no pull request for this forge),
+    /// `opened` (the pull request is open), `failed`, or `kept` (no
+    /// `[[forges]]` entry matches the repository: the branch stays in
+    /// backshift's git store).
+    pub state: String,
+    /// The attempt delivered.
+    pub attempt: String,
+    /// Where it was pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
+    /// The branch.
+    pub branch: String,
+    /// The commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// The pull request's number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request: Option<u64>,
+    /// The pull request's page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request_url: Option<String>,
+    /// What went wrong, and what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When this state was reached (RFC 3339).
+    pub at: String,
 }
 
 /// `POST /api/v1/tasks/{id}/pick`: choose the attempt that is the task's

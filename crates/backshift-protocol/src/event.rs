@@ -378,6 +378,12 @@ pub enum EventKind {
         /// Why it ranks first, or what the person said.
         why: String,
     },
+    /// The task's result was delivered (or could not be).
+    Delivered {
+        /// How far it got.
+        #[serde(flatten)]
+        delivery: Box<crate::api::Delivery>,
+    },
     /// The sandbox pushed to its git endpoint.
     GitPush {
         /// The refs it asked to update.
@@ -510,6 +516,7 @@ impl EventKind {
             EventKind::VerificationStarted { .. } => "verification_started",
             EventKind::Verification { .. } => "verification",
             EventKind::Winner { .. } => "winner",
+            EventKind::Delivered { .. } => "delivered",
             EventKind::Warning { .. } => "warning",
             EventKind::ApprovalRequested { .. } => "approval_requested",
             EventKind::ApprovalAnswered { .. } => "approval_answered",

@@ -322,9 +322,45 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
     {
         tracing::error!(attempt = %run.attempt.id, "cannot record the end of the attempt: {e}");
     }
-    // The last of the task's attempts to end chooses its result.
-    if let Err(e) = crate::results::choose_winner(&app, &run.task.id).await {
-        tracing::warn!(task = %run.task.id, "cannot choose the task's result: {e}");
+    if run.state != AttemptState::Succeeded {
+        keep_work(&run).await;
+    }
+    // The last of the task's attempts to end chooses its result, which is
+    // then delivered.
+    match crate::results::choose_winner(&app, &run.task.id).await {
+        Ok(true) => {
+            if let Err(e) = crate::deliver::deliver(&app, &run.task.id).await {
+                tracing::warn!(task = %run.task.id, "cannot record the delivery: {e}");
+            }
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(task = %run.task.id, "cannot choose the task's result: {e}"),
+    }
+}
+
+/// An attempt that ended without success keeps its last work on its
+/// branch in the git store (its last commit for verification, else its
+/// newest checkpoint), so a person can take over from there.
+async fn keep_work(run: &Run) {
+    let app = &run.app;
+    let project = &run.task.project_id;
+    let work = match app.git.ref_commit(project, &work_ref(run)).await {
+        Ok(Some(c)) => Some(c),
+        _ => app
+            .store
+            .latest_checkpoint(&run.attempt.id)
+            .await
+            .ok()
+            .flatten()
+            .map(|cp| cp.commit_sha),
+    };
+    if let Some(commit) = work
+        && let Err(e) = app
+            .git
+            .set_branch(project, &run.attempt.branch, &commit)
+            .await
+    {
+        tracing::warn!(attempt = %run.attempt.id, "cannot keep the attempt's work on its branch: {e}");
     }
 }
 

@@ -58,6 +58,63 @@ pub struct Config {
     pub secrets: SecretsSection,
     /// How backshift verifies an agent's work.
     pub verify: VerifySection,
+    /// Where tasks' results are delivered (`[[forges]]`): their branch
+    /// pushed to the repository and a pull request opened.
+    pub forges: Vec<ForgeConfig>,
+}
+
+/// `[[forges]]`: a forge whose repositories get their tasks' results as
+/// a pushed `backshift/*` branch and (with `kind`) a pull request, with
+/// credentials only the control plane holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForgeConfig {
+    /// Repository URLs starting with this are its own
+    /// (`https://github.com/acme/`).
+    pub url: String,
+    /// `github` or `gitea` to open pull requests; absent: push only.
+    #[serde(default)]
+    pub kind: Option<backshift_git::forge::ForgeKind>,
+    /// Its REST API (`https://api.github.com`, `https://HOST/api/v3`,
+    /// `https://HOST/api/v1` for Gitea); needed with `kind`.
+    #[serde(default)]
+    pub api_url: Option<String>,
+    /// The environment variable holding its token (push and API).
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// A file holding its token (when `token_env` is not set).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Open pull requests as drafts.
+    #[serde(default)]
+    pub draft: bool,
+}
+
+impl ForgeConfig {
+    /// Its token, or why there is none.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        if let Some(var) = &self.token_env {
+            return match std::env::var(var) {
+                Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_owned())),
+                _ => Err(format!(
+                    "the forge token variable {var} ([[forges]] token_env for {}) is not set in the server's environment",
+                    self.url
+                )),
+            };
+        }
+        if let Some(file) = &self.token_file {
+            return std::fs::read_to_string(file)
+                .map(|t| Some(t.trim().to_owned()))
+                .map_err(|e| {
+                    format!(
+                        "cannot read the forge token file {} ([[forges]] token_file for {}): {e}",
+                        file.display(),
+                        self.url
+                    )
+                });
+        }
+        Ok(None)
+    }
 }
 
 /// `[verify]`: the verify command of projects whose repository names none
@@ -342,6 +399,7 @@ impl Default for Config {
             approvals: ApprovalsSection::default(),
             secrets: SecretsSection::default(),
             verify: VerifySection::default(),
+            forges: Vec::new(),
         }
     }
 }
@@ -426,7 +484,26 @@ impl Config {
                 })?;
             }
         }
+        for f in &config.forges {
+            if f.kind.is_some() && f.api_url.is_none() {
+                anyhow::bail!(
+                    "invalid configuration: [[forges]] {} has a `kind` but no `api_url` (e.g. https://api.github.com)",
+                    f.url
+                );
+            }
+            if f.url.trim().is_empty() {
+                anyhow::bail!("invalid configuration: a [[forges]] entry has an empty `url`");
+            }
+        }
         Ok(config)
+    }
+
+    /// The forge that serves `repo` (the longest matching `url`).
+    pub fn forge_for(&self, repo: &str) -> Option<&ForgeConfig> {
+        self.forges
+            .iter()
+            .filter(|f| repo.starts_with(f.url.as_str()))
+            .max_by_key(|f| f.url.len())
     }
 
     /// The data directory in effect.

@@ -20,11 +20,18 @@ pub async fn task_view(app: &App, t: TaskRow) -> Result<TaskView, StoreError> {
     for (place, &i) in order.iter().enumerate() {
         attempts[i].rank = place as u32 + 1;
     }
-    Ok(TaskView {
-        state: task_state(&attempts),
+    let state = task_state(&attempts);
+    let project = t.project_id.clone();
+    let mut view = TaskView {
+        state,
         ranking: order.iter().map(|&i| attempts[i].id.clone()).collect(),
         winner: t.winner,
         winner_by: t.winner_by,
+        delivery: t
+            .delivery
+            .as_deref()
+            .and_then(|d| serde_json::from_str(d).ok()),
+        handoff: None,
         id: t.id,
         project_id: t.project_id,
         prompt: app.store.redactor().text(&t.prompt).into_owned(),
@@ -38,7 +45,25 @@ pub async fn task_view(app: &App, t: TaskRow) -> Result<TaskView, StoreError> {
         verify: t.verify,
         created_at: format_ts(t.created_at),
         attempts,
-    })
+    };
+    // Every attempt ended and none succeeded: the handoff note.
+    if view.attempts.iter().all(|a| a.state.is_terminal())
+        && !view.attempts.is_empty()
+        && view.state != AttemptState::Succeeded
+    {
+        let mut work = Vec::new();
+        for a in &view.attempts {
+            let commit = app
+                .git
+                .ref_commit(&project, &format!("refs/heads/{}", a.branch))
+                .await
+                .ok()
+                .flatten();
+            work.push((a.id.clone(), commit));
+        }
+        view.handoff = Some(crate::notes::handoff(&view, &work));
+    }
+    Ok(view)
 }
 
 /// One attempt (`rank` 0: see [`task_view`]).
@@ -195,17 +220,18 @@ fn task_state(attempts: &[AttemptView]) -> AttemptState {
 /// Once every attempt of `task` has ended, the best ranked one that
 /// succeeded becomes the task's result (unless a person picked one),
 /// with a `winner` event on it saying why. Called when an attempt ends;
-/// safe to call twice (the choice is compare-and-set).
-pub async fn choose_winner(app: &App, task_id: &str) -> Result<(), StoreError> {
+/// safe to call twice (the choice is compare-and-set). Returns whether
+/// it chose (the result is then delivered).
+pub async fn choose_winner(app: &App, task_id: &str) -> Result<bool, StoreError> {
     let Some(task) = app.store.task(task_id).await? else {
-        return Ok(());
+        return Ok(false);
     };
     if task.winner.is_some() {
-        return Ok(());
+        return Ok(false);
     }
     let view = task_view(app, task).await?;
     if view.attempts.iter().any(|a| !a.state.is_terminal()) {
-        return Ok(());
+        return Ok(false);
     }
     let by_rank: Vec<&AttemptView> = view
         .ranking
@@ -216,14 +242,14 @@ pub async fn choose_winner(app: &App, task_id: &str) -> Result<(), StoreError> {
         .first()
         .filter(|a| a.state == AttemptState::Succeeded)
     else {
-        return Ok(());
+        return Ok(false);
     };
     if !app
         .store
         .set_winner(&view.id, &best.id, "auto", true)
         .await?
     {
-        return Ok(());
+        return Ok(false);
     }
     let next = by_rank.get(1).map(|a| candidate(a));
     let why = why_first(&candidate(best), next.as_ref());
@@ -246,5 +272,5 @@ pub async fn choose_winner(app: &App, task_id: &str) -> Result<(), StoreError> {
         serde_json::json!({"attempt": best.id, "why": why}),
     )
     .await;
-    Ok(())
+    Ok(true)
 }

@@ -300,6 +300,8 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(supervisor::run(app.clone(), shutdown.clone()));
     tasks.spawn(supervisor::watch_sandboxes(app.clone(), shutdown.clone()));
+    // Deliveries a stop cut short are done again.
+    tasks.spawn(crate::deliver::resume(app.clone()));
     let router = crate::api::router(app.clone());
     let stop = shutdown.clone();
     tasks.spawn(async move {

@@ -288,6 +288,28 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Records where the task's result was delivered (JSON).
+    pub async fn set_delivery(&self, task_id: &str, delivery: &str) -> Result<()> {
+        sqlx::query("UPDATE tasks SET delivery = $1 WHERE id = $2")
+            .bind(delivery)
+            .bind(task_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Tasks with a chosen result whose delivery is not settled (never
+    /// tried, or cut short): after a restart they are delivered again.
+    pub async fn undelivered_tasks(&self) -> Result<Vec<TaskRow>> {
+        let rows = sqlx::query(concat!(
+            rows::task_select!(),
+            " WHERE t.winner IS NOT NULL AND (t.delivery IS NULL OR t.delivery LIKE '%\"state\":\"pushing\"%')"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(TaskRow::from_row).collect()
+    }
+
     /// Tasks, newest first.
     pub async fn list_tasks(&self, limit: u32) -> Result<Vec<TaskRow>> {
         let rows = sqlx::query(concat!(

@@ -7,7 +7,7 @@ use sqlx::any::AnyRow;
 
 macro_rules! task_select {
     () => {
-        "SELECT t.id, t.project_id, t.prompt, t.repo, t.base_ref, t.agent, t.limits, t.created_at, t.command, t.verify, t.winner, t.winner_by FROM tasks t"
+        "SELECT t.id, t.project_id, t.prompt, t.repo, t.base_ref, t.agent, t.limits, t.created_at, t.command, t.verify, t.winner, t.winner_by, t.delivery FROM tasks t"
     };
 }
 pub(crate) use task_select;
@@ -86,6 +86,8 @@ pub struct TaskRow {
     pub winner: Option<String>,
     /// Who chose it: `auto`, or a token's name.
     pub winner_by: Option<String>,
+    /// Where the result was delivered (JSON), once it was tried.
+    pub delivery: Option<String>,
 }
 
 impl TaskRow {
@@ -105,6 +107,7 @@ impl TaskRow {
             verify: r.get(9),
             winner: r.get(10),
             winner_by: r.get(11),
+            delivery: r.get(12),
         })
     }
 }

@@ -119,6 +119,18 @@ async fn a_created_task_reads_back_with_a_queued_attempt(store: Store) {
     assert_eq!(task.winner.as_deref(), Some("aaaaaaaa-2"));
     assert_eq!(task.winner_by.as_deref(), Some("alice"));
     assert_eq!(attempts[0].agent, None);
+    // Chosen and not delivered: picked up after a restart until settled.
+    assert_eq!(store.undelivered_tasks().await.unwrap().len(), 1);
+    store
+        .set_delivery("aaaaaaaa", r#"{"state":"pushing"}"#)
+        .await
+        .unwrap();
+    assert_eq!(store.undelivered_tasks().await.unwrap().len(), 1);
+    store
+        .set_delivery("aaaaaaaa", r#"{"state":"opened"}"#)
+        .await
+        .unwrap();
+    assert!(store.undelivered_tasks().await.unwrap().is_empty());
 }
 
 async fn projects_are_one_per_source(store: Store) {

@@ -172,6 +172,12 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                     task.winner_by.as_deref().unwrap_or("?")
                 );
             }
+            if let Some(d) = &task.delivery {
+                println!("{}", crate::render::delivery_line(d));
+            }
+            if let Some(h) = &task.handoff {
+                println!("\n{}", h.trim_end());
+            }
             for a in &task.attempts {
                 println!("\nattempt  {} ({})\nbranch   {}", a.id, a.state, a.branch);
                 if task.attempts.len() > 1 {
@@ -271,6 +277,18 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             println!(
                 "task {} delivers attempt {winner} (branch {branch}); `backshift checkout {}` fetches it",
                 task.id, task.id
+            );
+            Ok(0)
+        }
+        Command::Deliver { id } => {
+            let task: TaskView = client
+                .send(client.request(Method::POST, &format!("/api/v1/tasks/{id}/deliver")))
+                .await?;
+            println!(
+                "delivering {} of task {}; `backshift show {}` says how it went",
+                task.winner.as_deref().unwrap_or("?"),
+                task.id,
+                task.id
             );
             Ok(0)
         }

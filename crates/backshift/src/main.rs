@@ -114,6 +114,13 @@ enum Command {
         /// The attempt: its number (2) or id (TASK-2).
         attempt: String,
     },
+    /// Deliver a task's result again: its branch pushed to the
+    /// repository's forge and the pull request opened (after fixing what
+    /// made the delivery fail).
+    Deliver {
+        /// Task id.
+        id: String,
+    },
     /// Show a task's events.
     Logs {
         /// Task or attempt id.

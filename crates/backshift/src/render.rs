@@ -238,6 +238,7 @@ pub fn event_lines(e: &Event) -> String {
         EventKind::Winner { by, rank, of, why } => line(format!(
             "★ chosen as the task's result (rank {rank} of {of}, by {by}): {why}"
         )),
+        EventKind::Delivered { delivery } => line(delivery_line(delivery)),
         EventKind::VerificationStarted {
             iteration,
             commit,
@@ -298,6 +299,37 @@ pub fn event_lines(e: &Event) -> String {
                 "? approval {approval} {decision}{scope} by {by}{reason}"
             ))
         }
+    }
+}
+
+/// One line on where a task's result went.
+pub fn delivery_line(d: &backshift_protocol::Delivery) -> String {
+    let commit = d
+        .commit
+        .as_deref()
+        .map(|c| format!(" at {}", &c[..12.min(c.len())]))
+        .unwrap_or_default();
+    let remote = d.remote.as_deref().unwrap_or("");
+    match d.state.as_str() {
+        "opened" => format!(
+            "⇪ delivered: {}{commit} pushed to {remote}; pull request #{} {}",
+            d.branch,
+            d.pull_request.unwrap_or(0),
+            d.pull_request_url.as_deref().unwrap_or("")
+        ),
+        "pushed" => format!("⇪ delivered: {}{commit} pushed to {remote}", d.branch),
+        "pushing" => format!("⇪ delivering {}{commit} to {remote}…", d.branch),
+        "kept" => format!(
+            "⇪ kept in backshift: {}",
+            d.error
+                .as_deref()
+                .unwrap_or("no forge is configured for this repository")
+        ),
+        _ => format!(
+            "⚠ delivery failed ({}{commit}): {}",
+            d.branch,
+            d.error.as_deref().unwrap_or("no reason recorded")
+        ),
     }
 }
 

@@ -29,7 +29,7 @@ use utoipa::OpenApi;
 #[openapi(
     info(title = "backshift", description = "A self-hosted runtime for background coding agents."),
     paths(
-        tasks::create_task, tasks::list_tasks, tasks::get_task, tasks::cancel_task, tasks::pick,
+        tasks::create_task, tasks::list_tasks, tasks::get_task, tasks::cancel_task, tasks::pick, tasks::deliver,
         approvals::list_approvals, approvals::get_approval, approvals::answer_approval,
         audit::list_audit, audit::verify_audit,
         projects::list_projects, projects::get_project, projects::set_egress,
@@ -42,7 +42,7 @@ use utoipa::OpenApi;
         backshift_protocol::CreateTaskRequest, backshift_protocol::TaskView, backshift_protocol::AttemptView,
         backshift_protocol::TaskCreated, backshift_protocol::ErrorBody, backshift_protocol::ReadyView,
         backshift_protocol::Event, backshift_protocol::EventKind,
-        backshift_protocol::PickAttempt, backshift_protocol::DiffSummary,
+        backshift_protocol::PickAttempt, backshift_protocol::DiffSummary, backshift_protocol::Delivery,
         backshift_protocol::VerificationResult, backshift_protocol::TestReport, backshift_protocol::TestFailure,
         backshift_protocol::ApprovalView, backshift_protocol::AnswerApproval,
         backshift_protocol::Decision, backshift_protocol::Scope,
@@ -80,6 +80,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/tasks/{id}", get(tasks::get_task))
         .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel_task))
         .route("/api/v1/tasks/{id}/pick", post(tasks::pick))
+        .route("/api/v1/tasks/{id}/deliver", post(tasks::deliver))
         .route("/api/v1/approvals", get(approvals::list_approvals))
         .route(
             "/api/v1/approvals/{id}",

@@ -352,7 +352,9 @@ pub async fn cancel_task(
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     // Attempts cancelled in place end no runner that would choose.
-    crate::results::choose_winner(&app, &id).await?;
+    if crate::results::choose_winner(&app, &id).await? {
+        spawn_delivery(&app, &id);
+    }
     let task = find_task(&app, &id).await?;
     Ok(Json(task_view(&app, task).await?))
 }
@@ -427,8 +429,45 @@ pub async fn pick(
         .await;
     app.audit(&by, "task.pick", &id, serde_json::json!({"attempt": a.id}))
         .await;
+    spawn_delivery(&app, &id);
     let task = find_task(&app, &id).await?;
     Ok(Json(task_view(&app, task).await?))
+}
+
+/// Deliver the task's result again (after fixing what made its delivery
+/// fail): its branch pushed and the pull request opened.
+#[utoipa::path(post, path = "/api/v1/tasks/{id}/deliver",
+    params(("id" = String, Path, description = "Task id")),
+    responses((status = 202, description = "Delivery started; follow it in the task's `delivery`", body = TaskView),
+        (status = 404, body = backshift_protocol::ErrorBody), (status = 409, description = "The task has no result to deliver", body = backshift_protocol::ErrorBody)))]
+pub async fn deliver(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<TaskView>), ApiError> {
+    let task = find_task(&app, &id).await?;
+    if task.winner.is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_result",
+            format!("task {id} has no result to deliver: no attempt was chosen"),
+            Some("wait until its attempts end, or pick one that succeeded (`backshift pick`)"),
+        ));
+    }
+    app.audit(&caller.actor(), "task.deliver", &id, serde_json::json!({}))
+        .await;
+    spawn_delivery(&app, &id);
+    Ok((StatusCode::ACCEPTED, Json(task_view(&app, task).await?)))
+}
+
+/// Delivers the task's result in the background (it talks to a forge).
+fn spawn_delivery(app: &Arc<App>, task: &str) {
+    let (app, task) = (app.clone(), task.to_owned());
+    tokio::spawn(async move {
+        if let Err(e) = crate::deliver::deliver(&app, &task).await {
+            tracing::warn!(%task, "cannot record the delivery: {e}");
+        }
+    });
 }
 
 pub(super) async fn task_view(app: &App, t: TaskRow) -> Result<TaskView, ApiError> {
