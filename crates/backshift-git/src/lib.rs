@@ -128,20 +128,35 @@ impl GitStore {
         base_ref: Option<&str>,
         pin_ref: &str,
     ) -> Result<String> {
+        self.fetch_source_with(project, source, base_ref, pin_ref, None)
+            .await
+    }
+
+    /// [`Self::fetch_source`] with a forge's token (see
+    /// [`git_with_token`]).
+    pub async fn fetch_source_with(
+        &self,
+        project: &str,
+        source: &str,
+        base_ref: Option<&str>,
+        pin_ref: &str,
+        token: Option<&str>,
+    ) -> Result<String> {
         let repo = self.ensure_repo(project).await?;
         clear_stale_lock(&repo, pin_ref).await;
         let want = base_ref.unwrap_or("HEAD");
-        git(
-            Some(&repo),
+        git_with_token(
+            &repo,
             &[
                 "fetch",
                 "--quiet",
                 "--no-tags",
                 "--no-write-fetch-head",
+                "--",
                 source,
                 &format!("+{want}:{pin_ref}"),
             ],
-            None,
+            token,
         )
         .await?;
         rev_parse(&repo, &format!("{pin_ref}^{{commit}}")).await
@@ -252,9 +267,7 @@ impl GitStore {
     /// Pushes `commit` of the project's repository to `url` as branch
     /// `branch`, never forced: a remote branch holding other commits
     /// refuses it (and an identical one is a no-op). `token`, when given,
-    /// goes as HTTP Basic credentials (`x-access-token:TOKEN`, what
-    /// GitHub and Gitea accept) in a header passed through git's
-    /// environment, so it appears in no argument list, URL or message.
+    /// goes as HTTP Basic credentials (see [`git_with_token`]).
     pub async fn push_branch(
         &self,
         project: &str,
@@ -263,40 +276,9 @@ impl GitStore {
         branch: &str,
         token: Option<&str>,
     ) -> Result<()> {
-        use base64::Engine;
         let repo = self.repo_path(project);
         let refspec = format!("{commit}:refs/heads/{branch}");
-        let mut cmd = base_command(Some(&repo));
-        cmd.args(["push", "--porcelain", "--", url, &refspec]);
-        if let Some(token) = token {
-            let basic =
-                base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
-            cmd.env("GIT_CONFIG_COUNT", "1")
-                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-                .env(
-                    "GIT_CONFIG_VALUE_0",
-                    format!("Authorization: Basic {basic}"),
-                );
-        }
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(GitError::Spawn)?;
-        if !out.status.success() {
-            let mut said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-            let porcelain = String::from_utf8_lossy(&out.stdout);
-            if let Some(line) = porcelain.lines().find(|l| l.starts_with('!')) {
-                said = format!("{said} ({})", line.trim());
-            }
-            if let Some(token) = token {
-                said = said.replace(token, "[token]");
-            }
-            return Err(GitError::Failed {
-                args: format!("push {url} {refspec}"),
-                stderr: said,
-            });
-        }
+        git_with_token(&repo, &["push", "--quiet", "--", url, &refspec], token).await?;
         Ok(())
     }
 
@@ -533,6 +515,42 @@ pub async fn restore_paths(dest: &Path, commit: &str, paths: &[String]) -> Resul
         git(Some(dest), &args, None).await?;
     }
     Ok(changed)
+}
+
+/// Runs git in `repo` talking to a remote with `token`, when given, as
+/// HTTP Basic credentials (`x-access-token:TOKEN`, which GitHub and Gitea
+/// accept), in a header passed through git's environment: it appears in
+/// no argument list, URL, config file or message.
+pub async fn git_with_token(repo: &Path, args: &[&str], token: Option<&str>) -> Result<String> {
+    use base64::Engine;
+    let mut cmd = base_command(Some(repo));
+    cmd.args(args);
+    if let Some(token) = token {
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+        cmd.env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+            .env(
+                "GIT_CONFIG_VALUE_0",
+                format!("Authorization: Basic {basic}"),
+            );
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(GitError::Spawn)?;
+    if !out.status.success() {
+        let mut said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if let Some(token) = token.filter(|t| !t.is_empty()) {
+            said = said.replace(token, "[token]");
+        }
+        return Err(GitError::Failed {
+            args: args.join(" "),
+            stderr: said,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs git in `cwd` (or with `--git-dir`), with an optional trailing path

@@ -1373,13 +1373,20 @@ async fn fetch_base(run: &mut Run) -> Result<String, Failure> {
     let app = run.app.clone();
     run.progress(format!("fetching {} into the git store", run.task.repo))
         .await;
+    // A forge's repository is fetched with its token.
+    let token = match app.config.forge_for(&run.task.repo).map(|f| f.token()) {
+        Some(Ok(t)) => t,
+        Some(Err(why)) => return Err(Failure(FailureReason::CloneFailed, why)),
+        None => None,
+    };
     let base = app
         .git
-        .fetch_source(
+        .fetch_source_with(
             &run.task.project_id,
             &run.task.repo,
             run.task.base_ref.as_deref(),
             &base_pin(run),
+            token.as_deref(),
         )
         .await
         .map_err(|e| {

@@ -874,7 +874,9 @@ async fn checkout(
     no_switch: bool,
 ) -> anyhow::Result<i32> {
     let a = resolve_attempt(client, id).await?;
-    if a.head_commit.is_none() {
+    // An attempt that ended without success may have kept its last work
+    // on its branch (see its task's handoff).
+    if a.head_commit.is_none() && !a.state.is_terminal() {
         bail!(
             "attempt {} is {} and has no branch to check out yet",
             a.id,
@@ -900,13 +902,22 @@ async fn checkout(
         .await
         .context("cannot run git")?;
     if !status.success() {
+        if a.head_commit.is_none() {
+            bail!(
+                "attempt {} ended {} without saving any work: there is no branch to fetch",
+                a.id,
+                a.state
+            );
+        }
         bail!("git fetch of {} from {url} failed ({status})", a.branch);
     }
-    println!(
-        "fetched {} ({})",
-        a.branch,
-        a.head_commit.as_deref().unwrap_or("")
-    );
+    match &a.head_commit {
+        Some(head) => println!("fetched {} ({head})", a.branch),
+        None => println!(
+            "fetched {}: the last work of attempt {}, which ended {}",
+            a.branch, a.id, a.state
+        ),
+    }
     if no_switch {
         return Ok(0);
     }

@@ -1,6 +1,8 @@
 //! Fixtures for tests that start real parts, all on loopback. Each one
 //! fails with what to install when its part is missing; none skips.
 
+pub mod forge;
+
 use anyhow::{Context, bail};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
