@@ -153,7 +153,7 @@ async fn a_verified_result_is_pushed_and_a_pull_request_tells_the_whole_story() 
     assert_eq!(
         calls,
         [
-            format!("GET /api/repos/acme/calc"),
+            "GET /api/repos/acme/calc".to_owned(),
             format!("GET /api/repos/acme/calc/pulls?state=open&head=acme:{branch}"),
             "POST /api/repos/acme/calc/pulls".to_owned(),
         ],
