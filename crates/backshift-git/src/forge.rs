@@ -207,6 +207,24 @@ impl Forge {
         Ok(opened)
     }
 
+    /// Adds a comment to issue (or pull request) `number`.
+    pub async fn comment(
+        &self,
+        owner: &str,
+        repo: &str,
+        number: u64,
+        body: &str,
+    ) -> Result<(), ForgeError> {
+        let path = format!("/repos/{owner}/{repo}/issues/{number}/comments");
+        let (status, v) = self
+            .call(reqwest::Method::POST, &path, Some(&json!({ "body": body })))
+            .await?;
+        if status != 201 {
+            return Err(Self::refused("POST", self.url(&path), status, &v));
+        }
+        Ok(())
+    }
+
     /// The open pull request whose head is `branch`, if any.
     async fn find_open(
         &self,

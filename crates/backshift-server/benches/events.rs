@@ -169,6 +169,7 @@ async fn setup(url: &str, attempts: usize) -> BenchResult<(Store, Vec<String>)> 
     store
         .create_task(
             &NewTask {
+                origin: None,
                 command: None,
                 verify: None,
                 id: "benchmrk".into(),

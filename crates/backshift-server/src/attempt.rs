@@ -336,6 +336,8 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         Ok(false) => {}
         Err(e) => tracing::warn!(task = %run.task.id, "cannot choose the task's result: {e}"),
     }
+    // A task from a webhook hears back where it came from.
+    crate::origin::report(&app, &run.task.id).await;
 }
 
 /// An attempt that ended without success keeps its last work on its

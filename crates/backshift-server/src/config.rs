@@ -61,6 +61,84 @@ pub struct Config {
     /// Where tasks' results are delivered (`[[forges]]`): their branch
     /// pushed to the repository and a pull request opened.
     pub forges: Vec<ForgeConfig>,
+    /// Tasks from signed webhooks.
+    pub webhooks: WebhooksSection,
+}
+
+/// `[webhooks]`: where tasks come from besides the API.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksSection {
+    /// `POST /webhooks/github`: labelled issues become tasks, and
+    /// `/backshift ...` comments on backshift's pull requests follow-ups.
+    pub github: Option<GithubWebhook>,
+    /// `POST /webhooks/generic`: a signed JSON task from an internal
+    /// system, its outcome posted back to its `callback_url`.
+    pub generic: Option<GenericWebhook>,
+}
+
+/// `[webhooks.github]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GithubWebhook {
+    /// The webhook's secret, from this environment variable...
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// ... or this file.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// The label that hands an issue to backshift.
+    #[serde(default = "default_label")]
+    pub label: String,
+    /// The agent of tasks from issues (the server's default when absent).
+    #[serde(default)]
+    pub agent: Option<String>,
+}
+
+fn default_label() -> String {
+    "backshift".into()
+}
+
+/// `[webhooks.generic]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenericWebhook {
+    /// The shared secret, from this environment variable...
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// ... or this file.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// How far a delivery's timestamp may be from now.
+    #[serde(default = "default_tolerance")]
+    pub tolerance_secs: u64,
+}
+
+fn default_tolerance() -> u64 {
+    300
+}
+
+/// A secret named in the config: from `env` when set, else from `file`;
+/// `None` when neither is given.
+pub fn secret_from(
+    env: Option<&str>,
+    file: Option<&Path>,
+    what: &str,
+) -> Result<Option<String>, String> {
+    if let Some(var) = env {
+        return match std::env::var(var) {
+            Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_owned())),
+            _ => Err(format!(
+                "{what}: the variable {var} is not set in the server's environment"
+            )),
+        };
+    }
+    if let Some(file) = file {
+        return std::fs::read_to_string(file)
+            .map(|t| Some(t.trim().to_owned()))
+            .map_err(|e| format!("{what}: cannot read {}: {e}", file.display()));
+    }
+    Ok(None)
 }
 
 /// `[[forges]]`: a forge whose repositories get their tasks' results as
@@ -93,27 +171,11 @@ pub struct ForgeConfig {
 impl ForgeConfig {
     /// Its token, or why there is none.
     pub fn token(&self) -> Result<Option<String>, String> {
-        if let Some(var) = &self.token_env {
-            return match std::env::var(var) {
-                Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_owned())),
-                _ => Err(format!(
-                    "the forge token variable {var} ([[forges]] token_env for {}) is not set in the server's environment",
-                    self.url
-                )),
-            };
-        }
-        if let Some(file) = &self.token_file {
-            return std::fs::read_to_string(file)
-                .map(|t| Some(t.trim().to_owned()))
-                .map_err(|e| {
-                    format!(
-                        "cannot read the forge token file {} ([[forges]] token_file for {}): {e}",
-                        file.display(),
-                        self.url
-                    )
-                });
-        }
-        Ok(None)
+        secret_from(
+            self.token_env.as_deref(),
+            self.token_file.as_deref(),
+            &format!("the token of [[forges]] {}", self.url),
+        )
     }
 }
 
@@ -400,6 +462,7 @@ impl Default for Config {
             secrets: SecretsSection::default(),
             verify: VerifySection::default(),
             forges: Vec::new(),
+            webhooks: WebhooksSection::default(),
         }
     }
 }

@@ -336,6 +336,7 @@ mod tests {
         store
             .create_task(
                 &NewTask {
+                    origin: None,
                     command: None,
                     verify: None,
                     id: "hubtest0".into(),

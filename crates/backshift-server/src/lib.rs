@@ -22,6 +22,7 @@ pub mod environment;
 pub mod events;
 pub mod gateway;
 pub mod notes;
+pub mod origin;
 pub mod report;
 pub mod results;
 pub mod sandbox_git;

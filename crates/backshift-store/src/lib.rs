@@ -228,8 +228,8 @@ impl Store {
     pub async fn create_task(&self, task: &NewTask, attempts: &[NewAttempt]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO tasks (id, project_id, prompt, repo, base_ref, agent, limits, created_at, command, verify) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO tasks (id, project_id, prompt, repo, base_ref, agent, limits, created_at, command, verify, origin) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&task.id)
         .bind(&task.project_id)
@@ -241,6 +241,7 @@ impl Store {
         .bind(task.created_at)
         .bind(&task.command)
         .bind(&task.verify)
+        .bind(&task.origin)
         .execute(&mut *tx)
         .await?;
         for a in attempts {
@@ -308,6 +309,34 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(TaskRow::from_row).collect()
+    }
+
+    /// Records a webhook delivery's id for `source`; false when it was
+    /// seen before (a replay).
+    pub async fn first_delivery(&self, source: &str, id: &str, now: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO webhook_deliveries (source, delivery_id, received_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (source, delivery_id) DO NOTHING",
+        )
+        .bind(source)
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Claims the report of a task's outcome to where it came from: true
+    /// for the one caller that may send it.
+    pub async fn claim_report(&self, task_id: &str, now: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET reported_at = $1 WHERE id = $2 AND reported_at IS NULL AND origin IS NOT NULL",
+        )
+        .bind(now)
+        .bind(task_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Tasks, newest first.

@@ -7,7 +7,7 @@ use sqlx::any::AnyRow;
 
 macro_rules! task_select {
     () => {
-        "SELECT t.id, t.project_id, t.prompt, t.repo, t.base_ref, t.agent, t.limits, t.created_at, t.command, t.verify, t.winner, t.winner_by, t.delivery FROM tasks t"
+        "SELECT t.id, t.project_id, t.prompt, t.repo, t.base_ref, t.agent, t.limits, t.created_at, t.command, t.verify, t.winner, t.winner_by, t.delivery, t.origin, t.reported_at FROM tasks t"
     };
 }
 pub(crate) use task_select;
@@ -44,6 +44,8 @@ pub struct NewTask {
     pub limits: Limits,
     /// Creation time, unix ms.
     pub created_at: i64,
+    /// Where it came from, to report its outcome (JSON), when not the API.
+    pub origin: Option<String>,
 }
 
 /// An attempt to create with its task.
@@ -88,6 +90,10 @@ pub struct TaskRow {
     pub winner_by: Option<String>,
     /// Where the result was delivered (JSON), once it was tried.
     pub delivery: Option<String>,
+    /// Where it came from (JSON), when not the API.
+    pub origin: Option<String>,
+    /// When its outcome was reported there, unix ms.
+    pub reported_at: Option<i64>,
 }
 
 impl TaskRow {
@@ -108,6 +114,8 @@ impl TaskRow {
             winner: r.get(10),
             winner_by: r.get(11),
             delivery: r.get(12),
+            origin: r.get(13),
+            reported_at: r.get(14),
         })
     }
 }

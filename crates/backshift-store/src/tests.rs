@@ -37,6 +37,7 @@ async fn one_task(store: &Store) -> String {
     store
         .create_task(
             &NewTask {
+                origin: None,
                 command: None,
                 verify: Some("make test".into()),
                 id: "aaaaaaaa".into(),
@@ -131,6 +132,12 @@ async fn a_created_task_reads_back_with_a_queued_attempt(store: Store) {
         .await
         .unwrap();
     assert!(store.undelivered_tasks().await.unwrap().is_empty());
+    // Webhook deliveries are taken once; a task without an origin has
+    // nothing to report.
+    assert!(store.first_delivery("github", "d-1", 1).await.unwrap());
+    assert!(!store.first_delivery("github", "d-1", 2).await.unwrap());
+    assert!(store.first_delivery("generic", "d-1", 2).await.unwrap());
+    assert!(!store.claim_report("aaaaaaaa", 3).await.unwrap());
 }
 
 async fn projects_are_one_per_source(store: Store) {

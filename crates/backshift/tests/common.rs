@@ -371,3 +371,41 @@ pub fn docker_quiet(args: &[&str]) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
 }
+
+/// Commits the calc fixture (code, a unittest suite, a runner writing
+/// JUnit XML, backshift.toml) into `repo`.
+pub async fn add_calc_project(repo: &Path) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/calc");
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), repo.join(entry.file_name())).unwrap();
+    }
+    sh(repo, "git add -A && git commit -qm 'calc with tests'").await;
+}
+
+/// The only credential the tests' fake forge accepts.
+pub const FORGE_TOKEN: &str = "forge-token-5f1d0c9a";
+
+/// A world whose repository (with the calc fixture) lives on a fake forge
+/// as `acme/calc`, the server configured to deliver there (`extra`: more
+/// config, before `[[forges]]`); returns the repository's URL.
+pub async fn world_on_forge(
+    steps: Value,
+    extra: &str,
+) -> (World, testkit::forge::FakeForge, String) {
+    let forge = testkit::forge::FakeForge::start(FORGE_TOKEN).await.unwrap();
+    let token_dir = tempfile::tempdir().unwrap().keep();
+    let token_file = token_dir.join("forge-token");
+    std::fs::write(&token_file, format!("{FORGE_TOKEN}\n")).unwrap();
+    let config = format!(
+        "{extra}\n[[forges]]\nurl = \"{}\"\nkind = \"github\"\napi_url = \"{}\"\ntoken_file = \"{}\"\n",
+        forge.git_url(),
+        forge.api_url(),
+        token_file.display()
+    );
+    let w = World::start(Some(script(steps)), &config).await;
+    add_calc_project(&w.repo).await;
+    forge.create_repo("acme", "calc", &w.repo).unwrap();
+    let url = format!("{}acme/calc.git", forge.git_url());
+    (w, forge, url)
+}

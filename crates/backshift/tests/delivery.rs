@@ -8,43 +8,10 @@
 
 mod common;
 
-use common::{World, script, sh};
+use common::{World, sh, world_on_forge};
 use reqwest::Method;
 use serde_json::{Value, json};
-use std::path::Path;
 use std::time::Duration;
-use testkit::forge::FakeForge;
-
-const TOKEN: &str = "forge-token-5f1d0c9a";
-
-async fn add_calc_project(repo: &Path) {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/calc");
-    for entry in std::fs::read_dir(&fixture).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), repo.join(entry.file_name())).unwrap();
-    }
-    sh(repo, "git add -A && git commit -qm 'calc with tests'").await;
-}
-
-/// A world whose repository lives on a fake forge as `acme/calc`, with the
-/// server configured to deliver there; returns the repository's URL.
-async fn world_on_forge(steps: Value, extra: &str) -> (World, FakeForge, String) {
-    let forge = FakeForge::start(TOKEN).await.unwrap();
-    let token_dir = tempfile::tempdir().unwrap().keep();
-    let token_file = token_dir.join("forge-token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let config = format!(
-        "{extra}\n[[forges]]\nurl = \"{}\"\nkind = \"github\"\napi_url = \"{}\"\ntoken_file = \"{}\"\n",
-        forge.git_url(),
-        forge.api_url(),
-        token_file.display()
-    );
-    let w = World::start(Some(script(steps)), &config).await;
-    add_calc_project(&w.repo).await;
-    forge.create_repo("acme", "calc", &w.repo).unwrap();
-    let url = format!("{}acme/calc.git", forge.git_url());
-    (w, forge, url)
-}
 
 async fn submit(w: &World, url: &str, prompt: &str, extra: &[&str]) -> String {
     let mut args = vec!["run", prompt, "--repo", url];
@@ -69,7 +36,7 @@ async fn delivered(w: &World, task: &str) -> Value {
     panic!("task {task} was never delivered");
 }
 
-fn git_out(repo: &Path, args: &[&str]) -> String {
+fn git_out(repo: &std::path::Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
         .arg("--git-dir")
         .arg(repo)
@@ -199,7 +166,10 @@ async fn a_verified_result_is_pushed_and_a_pull_request_tells_the_whole_story() 
         ("audit", audit.clone()),
         ("pull request", pr.to_string()),
     ] {
-        assert!(!text.contains(TOKEN), "the forge token is in the {what}");
+        assert!(
+            !text.contains(common::FORGE_TOKEN),
+            "the forge token is in the {what}"
+        );
     }
     assert!(audit.contains("task.deliver.opened"), "{audit}");
 

@@ -9,16 +9,6 @@ mod common;
 use common::{World, sh};
 use reqwest::Method;
 use serde_json::{Value, json};
-use std::path::Path;
-
-async fn add_calc_project(repo: &Path) {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/calc");
-    for entry in std::fs::read_dir(&fixture).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), repo.join(entry.file_name())).unwrap();
-    }
-    sh(repo, "git add -A && git commit -qm 'calc with tests'").await;
-}
 
 fn attempt(task: &Value, n: u64) -> &Value {
     task["attempts"]
@@ -32,7 +22,7 @@ fn attempt(task: &Value, n: u64) -> &Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_attempts_are_ranked_by_evidence_and_the_best_is_delivered() {
     let w = World::start(None, "").await;
-    add_calc_project(&w.repo).await;
+    common::add_calc_project(&w.repo).await;
     // Attempt 1 breaks add (its verification fails); attempt 2 adds mul
     // and forty lines of notes; attempt 3 adds mul alone.
     let agent = r#"case "$BACKSHIFT_BRANCH" in

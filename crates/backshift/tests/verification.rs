@@ -11,19 +11,7 @@ mod common;
 use common::{World, script, sh};
 use reqwest::Method;
 use serde_json::{Value, json};
-use std::path::Path;
 use std::time::Duration;
-
-/// Commits the calc fixture (code, tests, runner, backshift.toml) into
-/// the world's repository.
-async fn add_calc_project(repo: &Path) {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/calc");
-    for entry in std::fs::read_dir(&fixture).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), repo.join(entry.file_name())).unwrap();
-    }
-    sh(repo, "git add -A && git commit -qm 'calc with tests'").await;
-}
 
 fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["type"] == kind).collect()
@@ -59,7 +47,7 @@ async fn a_failed_verification_goes_back_to_the_agent_until_the_tests_pass() {
          "reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Add mul\n\nAnd keep add adding."}}]}}
     ]}));
     let w = World::start(Some(s), "").await;
-    add_calc_project(&w.repo).await;
+    common::add_calc_project(&w.repo).await;
     let (task, view) = w.run_task("Add mul to calc.py", &[]).await;
     let fake = w.fake.as_ref().unwrap();
     assert!(fake.failures().is_empty(), "{:?}", fake.failures());
@@ -221,7 +209,7 @@ echo planted"#;
          "reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Simplify add"}}]}}
     ]}));
     let w = World::start(Some(s), "").await;
-    add_calc_project(&w.repo).await;
+    common::add_calc_project(&w.repo).await;
     let repo = w.repo.to_string_lossy().into_owned();
     let (code, out, err) = w
         .cli(&[
@@ -443,7 +431,7 @@ async fn a_server_killed_during_verification_verifies_once_more_and_publishes() 
         {"reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Add mul"}}]}}
     ]}));
     let mut w = World::start(Some(s), "").await;
-    add_calc_project(&w.repo).await;
+    common::add_calc_project(&w.repo).await;
     let repo = w.repo.to_string_lossy().into_owned();
     let (code, out, err) = w.cli(&["run", "Add mul", "--repo", &repo]).await;
     assert_eq!(code, 0, "{out}{err}");

@@ -36,7 +36,12 @@ async fn replays_tool_calls_and_requires_their_results() {
     assert_eq!(call["function"]["name"], "run_command");
     assert_eq!(call["function"]["arguments"], r#"{"command":"ls"}"#);
     // A follow-up that forgets the tool result is refused and recorded.
-    let (code, body) = post(&fake.base_url(), user("hello")).await;
+    let mut forgot = user("hello");
+    forgot["messages"]
+        .as_array_mut()
+        .unwrap()
+        .push(v["choices"][0]["message"].clone());
+    let (code, body) = post(&fake.base_url(), forgot).await;
     assert_eq!(code, 400, "{body}");
     let failures = fake.failures();
     assert_eq!(failures.len(), 1);
@@ -45,6 +50,21 @@ async fn replays_tool_calls_and_requires_their_results() {
         failures[0].contains("should contain \"README\""),
         "{failures:?}"
     );
+}
+
+#[tokio::test]
+async fn a_new_conversation_owes_nothing_to_the_previous_one() {
+    // Two tasks in turn: the second starts afresh after the first's call.
+    let fake = FakeModel::start(script(json!({"steps": [
+        {"reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "ls"}}]}},
+        {"expect": {"user_contains": "second"}, "reply": {"content": "fine"}}
+    ]})))
+    .await
+    .unwrap();
+    assert_eq!(post(&fake.base_url(), user("first")).await.0, 200);
+    let (code, body) = post(&fake.base_url(), user("second")).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(fake.failures().is_empty(), "{:?}", fake.failures());
 }
 
 #[tokio::test]

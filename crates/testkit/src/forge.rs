@@ -36,6 +36,7 @@ struct Seen {
     requests: Vec<Recorded>,
     failures: Vec<String>,
     pulls: Vec<Value>,
+    comments: Vec<(String, u64, String)>,
     pushes: u32,
 }
 
@@ -79,6 +80,10 @@ impl FakeForge {
             .route(
                 "/api/repos/{owner}/{repo}/pulls",
                 get(list_pulls).post(create_pull),
+            )
+            .route(
+                "/api/repos/{owner}/{repo}/issues/{number}/comments",
+                post(create_comment),
             )
             .fallback(unknown)
             .with_state(inner.clone());
@@ -143,6 +148,11 @@ impl FakeForge {
     /// The pull requests opened.
     pub fn pulls(&self) -> Vec<Value> {
         self.lock().pulls.clone()
+    }
+
+    /// Comments added: (`owner/repo`, issue or pull request number, body).
+    pub fn comments(&self) -> Vec<(String, u64, String)> {
+        self.lock().comments.clone()
     }
 
     /// Pushes received.
@@ -451,4 +461,41 @@ async fn create_pull(
     });
     seen.pulls.push(pull.clone());
     (StatusCode::CREATED, axum::Json(pull)).into_response()
+}
+
+async fn create_comment(
+    State(f): State<Arc<Inner>>,
+    Path((owner, repo, number)): Path<(String, String, u64)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if let Err(r) = f.check_api(&method, &uri, &headers, &body) {
+        return *r;
+    }
+    let Some(text) = body.get("body").and_then(Value::as_str) else {
+        f.seen()
+            .failures
+            .push(format!("POST {uri}: a comment without a string `body`"));
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            axum::Json(json!({"message": "Validation Failed"})),
+        )
+            .into_response();
+    };
+    let mut seen = f.seen();
+    seen.comments
+        .push((format!("{owner}/{repo}"), number, text.to_owned()));
+    let id = seen.comments.len();
+    (
+        StatusCode::CREATED,
+        axum::Json(json!({
+            "id": id,
+            "body": text,
+            "html_url": format!("{}/{owner}/{repo}/issues/{number}#issuecomment-{id}", f.base),
+        })),
+    )
+        .into_response()
 }

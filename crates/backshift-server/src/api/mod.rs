@@ -11,6 +11,7 @@ mod projects;
 mod sandboxes;
 mod secrets;
 mod tasks;
+mod webhooks;
 
 pub use error::ApiError;
 
@@ -113,6 +114,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/git/{repo}/git-upload-pack", post(git::upload_pack))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
+        // Signed by their senders instead of carrying a token.
+        .route("/webhooks/github", post(webhooks::github))
+        .route("/webhooks/generic", post(webhooks::generic))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi))

@@ -6,7 +6,6 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
-use backshift_core::limits::LimitsRequest;
 use backshift_core::slug::branch_name;
 use backshift_core::{AttemptId, AttemptState, TaskId, Transition};
 use backshift_protocol::{CreateTaskRequest, PickAttempt, TaskCreated, TaskView, now_ms};
@@ -31,6 +30,29 @@ pub async fn create_task(
             Some("send JSON with `prompt` and `repo` (see /openapi.json)"),
         )
     })?;
+    let created = create(&app, &req, &caller.actor(), &Intake::default()).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// Where a task came from, when not from the API directly: what to tell
+/// when it ends, and the branch it continues.
+#[derive(Debug, Default, Clone)]
+pub struct Intake {
+    /// Where the outcome is reported (JSON; see `crate::origin`).
+    pub origin: Option<String>,
+    /// Its attempt works on this branch (a follow-up on a pull request
+    /// backshift opened) instead of a new one.
+    pub branch: Option<String>,
+}
+
+/// Creates a task from `req` on behalf of `actor`: checked, stored with
+/// its queued attempts, audited, and the supervisor woken.
+pub async fn create(
+    app: &Arc<App>,
+    req: &CreateTaskRequest,
+    actor: &str,
+    intake: &Intake,
+) -> Result<TaskCreated, ApiError> {
     let prompt = req.prompt.trim();
     if prompt.is_empty() {
         return Err(ApiError::bad_request(
@@ -106,14 +128,14 @@ pub async fn create_task(
     let mut distinct: Vec<&str> = Vec::new();
     for agent in &agents {
         if !distinct.contains(&agent.as_str()) {
-            check_agent(&app, agent, command.as_deref())?;
+            check_agent(app, agent, command.as_deref())?;
             distinct.push(agent);
         }
     }
     let agent = agents[0].clone();
     let limits = req
         .limits
-        .unwrap_or(LimitsRequest::default())
+        .unwrap_or_default()
         .resolve(&app.config.limits)
         .map_err(|e| ApiError::bad_request("invalid_limits", e, None))?;
     if distinct
@@ -142,7 +164,10 @@ pub async fn create_task(
             NewAttempt {
                 id: AttemptId::new(&id, n).to_string(),
                 n,
-                branch: branch_name(&id, prompt, n),
+                branch: match (&intake.branch, n) {
+                    (Some(b), 1) => b.clone(),
+                    _ => branch_name(&id, prompt, n),
+                },
                 agent: (own != &agent).then(|| own.clone()),
             }
         })
@@ -172,20 +197,17 @@ pub async fn create_task(
                 verify,
                 limits,
                 created_at: now,
+                origin: intake.origin.clone(),
             },
             &attempts,
         )
         .await?;
-    app.audit(&caller.actor(), "task.create", id.as_str(), detail)
-        .await;
+    app.audit(actor, "task.create", id.as_str(), detail).await;
     app.supervisor.wake();
-    Ok((
-        StatusCode::CREATED,
-        Json(TaskCreated {
-            id: id.to_string(),
-            attempts: attempts.into_iter().map(|a| a.id).collect(),
-        }),
-    ))
+    Ok(TaskCreated {
+        id: id.to_string(),
+        attempts: attempts.into_iter().map(|a| a.id).collect(),
+    })
 }
 
 /// Most attempts one task may run side by side.
@@ -351,10 +373,16 @@ pub async fn cancel_task(
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    // Attempts cancelled in place end no runner that would choose.
-    if crate::results::choose_winner(&app, &id).await? {
-        spawn_delivery(&app, &id);
-    }
+    // Attempts cancelled in place end no runner that would choose and
+    // report.
+    let chosen = crate::results::choose_winner(&app, &id).await?;
+    let (app2, task_id) = (app.clone(), id.clone());
+    tokio::spawn(async move {
+        if chosen && let Err(e) = crate::deliver::deliver(&app2, &task_id).await {
+            tracing::warn!(task = %task_id, "cannot record the delivery: {e}");
+        }
+        crate::origin::report(&app2, &task_id).await;
+    });
     let task = find_task(&app, &id).await?;
     Ok(Json(task_view(&app, task).await?))
 }
