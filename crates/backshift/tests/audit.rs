@@ -36,6 +36,16 @@ async fn mutations_and_decisions_are_audited_and_tampering_is_found() {
         )
         .await;
     assert_eq!(view["state"], "succeeded", "{view}");
+    // Its result is chosen as its attempt ends (on the record too).
+    for _ in 0..50 {
+        let (_, v) = w
+            .api(reqwest::Method::GET, &format!("/api/v1/tasks/{task}"), None)
+            .await;
+        if v["winner"].is_string() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let (code, _, _) = w.cli(&["cancel", &task]).await;
     assert_eq!(code, 0);
 
@@ -55,6 +65,7 @@ async fn mutations_and_decisions_are_audited_and_tampering_is_found() {
             ("backshift", "token.create"),
             ("token:admin", "task.create"),
             ("policy", "egress.denied"),
+            ("auto", "task.winner"),
             ("token:admin", "task.cancel"),
         ],
         "{out}"
@@ -69,7 +80,7 @@ async fn mutations_and_decisions_are_audited_and_tampering_is_found() {
             .contains("the default is deny")
     );
     let seqs: Vec<i64> = entries.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
-    assert_eq!(seqs, [1, 2, 3, 4]);
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
     let (code, table, _) = w.cli(&["audit", "--after", "3"]).await;
     assert_eq!(code, 0);
     assert!(
@@ -80,7 +91,7 @@ async fn mutations_and_decisions_are_audited_and_tampering_is_found() {
     let (code, out) = verify(&w).await;
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("intact: 4 rows") && out.contains("ending at row 4"),
+        out.contains("intact: 5 rows") && out.contains("ending at row 5"),
         "{out}"
     );
 
@@ -129,14 +140,14 @@ async fn mutations_and_decisions_are_audited_and_tampering_is_found() {
 
     // ... or the last row, which leaves a shorter chain that is intact
     // by itself: the head kept outside the database tells.
-    sqlx::query("DELETE FROM audit_log WHERE seq = 4")
+    sqlx::query("DELETE FROM audit_log WHERE seq = 5")
         .execute(&pool)
         .await
         .unwrap();
     let (code, out) = verify(&w).await;
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("the log ends at row 3, but row 4 was written"),
+        out.contains("the log ends at row 4, but row 5 was written"),
         "{out}"
     );
 }
