@@ -75,6 +75,64 @@ pub struct WebhooksSection {
     /// `POST /webhooks/generic`: a signed JSON task from an internal
     /// system, its outcome posted back to its `callback_url`.
     pub generic: Option<GenericWebhook>,
+    /// `POST /webhooks/linear`: Linear issues given the label.
+    pub linear: Option<TrackerWebhook>,
+    /// `POST /webhooks/jira`: Jira issues given the label.
+    pub jira: Option<TrackerWebhook>,
+}
+
+/// `[webhooks.linear]` and `[webhooks.jira]`: an issue tracker whose
+/// labelled issues become tasks on a repository, with the outcome
+/// commented on the issue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackerWebhook {
+    /// The webhook's signing secret, from this environment variable...
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// ... or this file.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// The label that hands an issue to backshift.
+    #[serde(default = "default_label")]
+    pub label: String,
+    /// The repository tasks go to (a URL or an absolute path)...
+    #[serde(default)]
+    pub repo: Option<String>,
+    /// ... or per team (Linear) or project (Jira) key.
+    #[serde(default)]
+    pub repos: std::collections::BTreeMap<String, String>,
+    /// The agent of its tasks (the server's default when absent).
+    #[serde(default)]
+    pub agent: Option<String>,
+    /// Where outcomes are commented: Linear's GraphQL endpoint
+    /// (`https://api.linear.app/graphql`) or the Jira site
+    /// (`https://acme.atlassian.net`); no comment when absent.
+    #[serde(default)]
+    pub api_url: Option<String>,
+    /// Jira: the account the API token belongs to.
+    #[serde(default)]
+    pub user_email: Option<String>,
+    /// The API key (Linear) or token (Jira), from this variable...
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// ... or this file.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// How far a delivery's timestamp may be from now (Linear's
+    /// `webhookTimestamp`, Jira's `timestamp`).
+    #[serde(default = "default_tolerance")]
+    pub tolerance_secs: u64,
+}
+
+impl TrackerWebhook {
+    /// The repository for an issue of team or project `key`.
+    pub fn repo_for(&self, key: &str) -> Option<&str> {
+        self.repos
+            .get(key)
+            .or(self.repo.as_ref())
+            .map(String::as_str)
+    }
 }
 
 /// `[webhooks.github]`.

@@ -8,6 +8,7 @@ use backshift_git::forge::{Forge, ForgeKind, owner_and_repo};
 use backshift_protocol::{TaskView, now_ms};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sha2::Sha256;
 use std::sync::Arc;
 
@@ -26,6 +27,22 @@ pub enum Origin {
         html_url: String,
         /// Who asked.
         sender: String,
+    },
+    /// A Linear issue given the label.
+    Linear {
+        /// The issue's id (for the API).
+        issue_id: String,
+        /// Its identifier (`ENG-123`).
+        identifier: String,
+        /// Its page.
+        url: String,
+    },
+    /// A Jira issue given the label.
+    Jira {
+        /// Its key (`CALC-7`).
+        key: String,
+        /// Its page.
+        url: String,
     },
     /// The generic signed webhook.
     Generic {
@@ -104,6 +121,8 @@ pub async fn report(app: &Arc<App>, task_id: &str) {
             ..
         } => post_callback(app, &view, &url).await,
         Origin::Generic { .. } => Ok(()),
+        Origin::Linear { issue_id, .. } => comment_on_linear(app, &view, &issue_id).await,
+        Origin::Jira { key, .. } => comment_on_jira(app, &view, &key).await,
     };
     let (action, detail) = match &result {
         Ok(()) => ("task.report", serde_json::json!({})),
@@ -135,15 +154,22 @@ pub fn outcome_text(view: &TaskView) -> String {
                 ),
                 None => "no verify command is configured, so no tests were run".into(),
             };
-            let place = match delivered {
-                Some(url) => format!("Pull request: {url}"),
-                None => match view.delivery.as_ref().and_then(|d| d.error.clone()) {
-                    Some(e) => format!("It could not be delivered: {e}"),
-                    None => format!(
-                        "Branch `{}` is in backshift (`backshift checkout {}`).",
-                        w.branch, view.id
-                    ),
-                },
+            let kept = format!(
+                "Branch `{}` is in backshift (`backshift checkout {}`).",
+                w.branch, view.id
+            );
+            let place = match (delivered, view.delivery.as_ref()) {
+                (Some(url), _) => format!("Pull request: {url}"),
+                (None, Some(d)) if d.state == "failed" => format!(
+                    "It could not be delivered: {}",
+                    d.error.as_deref().unwrap_or("no reason recorded")
+                ),
+                (None, Some(d)) if d.state == "pushed" => format!(
+                    "Branch `{}` is pushed to {}.",
+                    d.branch,
+                    d.remote.as_deref().unwrap_or("the repository")
+                ),
+                _ => kept,
             };
             format!(
                 "✅ backshift finished task `{}`: {tests}.\n\n{place}\n\n{}",
@@ -184,6 +210,83 @@ async fn comment_on_github(
         .comment(&owner, &repo, number, &outcome_text(view))
         .await
         .map_err(|e| e.to_string())
+}
+
+/// The API endpoint and token of a tracker webhook's comments.
+fn tracker_api(
+    cfg: Option<&crate::config::TrackerWebhook>,
+    which: &str,
+) -> Result<(crate::config::TrackerWebhook, String, String), String> {
+    let cfg = cfg
+        .cloned()
+        .ok_or(format!("[webhooks.{which}] is no longer configured"))?;
+    let api = cfg.api_url.clone().ok_or(format!(
+        "[webhooks.{which}] has no api_url: no comment is made"
+    ))?;
+    let token = crate::config::secret_from(
+        cfg.token_env.as_deref(),
+        cfg.token_file.as_deref(),
+        &format!("[webhooks.{which}] token"),
+    )?
+    .ok_or(format!("[webhooks.{which}] has no token"))?;
+    Ok((cfg, api, token))
+}
+
+async fn answer_ok(resp: reqwest::Response, what: &str) -> Result<Value, String> {
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        return Err(format!("{what} answered {status}: {body}"));
+    }
+    Ok(body)
+}
+
+async fn comment_on_linear(app: &App, view: &TaskView, issue_id: &str) -> Result<(), String> {
+    let (_, api, token) = tracker_api(app.config.webhooks.linear.as_ref(), "linear")?;
+    let query = "mutation CommentCreate($input: CommentCreateInput!) { commentCreate(input: $input) { success } }";
+    let resp = reqwest::Client::new()
+        .post(&api)
+        .header("Authorization", token)
+        .json(&serde_json::json!({
+            "query": query,
+            "variables": {"input": {"issueId": issue_id, "body": outcome_text(view)}},
+        }))
+        .timeout(std::time::Duration::from_secs(30))
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach Linear at {api}: {e}"))?;
+    let body = answer_ok(resp, "Linear").await?;
+    if body.pointer("/data/commentCreate/success") != Some(&Value::Bool(true)) {
+        return Err(format!("Linear did not create the comment: {body}"));
+    }
+    Ok(())
+}
+
+async fn comment_on_jira(app: &App, view: &TaskView, key: &str) -> Result<(), String> {
+    let (cfg, api, token) = tracker_api(app.config.webhooks.jira.as_ref(), "jira")?;
+    let email = cfg
+        .user_email
+        .ok_or("[webhooks.jira] has no user_email for its token")?;
+    // Atlassian Document Format: a paragraph per line.
+    let paragraphs: Vec<Value> = outcome_text(view)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::json!({"type": "paragraph", "content": [{"type": "text", "text": l}]}))
+        .collect();
+    let url = format!(
+        "{}/rest/api/3/issue/{key}/comment",
+        api.trim_end_matches('/')
+    );
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .basic_auth(email, Some(token))
+        .header("Accept", "application/json")
+        .json(&serde_json::json!({"body": {"type": "doc", "version": 1, "content": paragraphs}}))
+        .timeout(std::time::Duration::from_secs(30))
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach Jira at {url}: {e}"))?;
+    answer_ok(resp, "Jira").await.map(|_| ())
 }
 
 async fn post_callback(app: &App, view: &TaskView, url: &str) -> Result<(), String> {

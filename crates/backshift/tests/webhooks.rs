@@ -362,3 +362,266 @@ async fn the_generic_webhook_takes_signed_fresh_deliveries_once_and_calls_back()
             .contains("✅ backshift finished task")
     );
 }
+
+/// An issue tracker's API as the test sees it: every request's path,
+/// Authorization header and JSON body.
+type TrackerCalls = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+/// Serves Linear's GraphQL endpoint (`/graphql`) and Jira's comment
+/// endpoint (`/rest/api/3/issue/{key}/comment`) on loopback.
+async fn tracker_api() -> (String, TrackerCalls) {
+    let calls: TrackerCalls = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let record = |calls: TrackerCalls| {
+        move |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let calls = calls.clone();
+            async move {
+                let auth = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let path = uri.path().to_owned();
+                calls.lock().unwrap().push((path.clone(), auth, body));
+                if path == "/graphql" {
+                    (
+                        axum::http::StatusCode::OK,
+                        axum::Json(json!({"data": {"commentCreate": {"success": true}}})),
+                    )
+                } else {
+                    (
+                        axum::http::StatusCode::CREATED,
+                        axum::Json(json!({"id": "10000"})),
+                    )
+                }
+            }
+        }
+    };
+    let app = axum::Router::new()
+        .route("/graphql", axum::routing::post(record(calls.clone())))
+        .route(
+            "/rest/api/3/issue/{key}/comment",
+            axum::routing::post(record(calls.clone())),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, calls)
+}
+
+async fn post_signed(url: &str, headers: &[(&str, String)], body: &Value) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .post(url)
+        .header("Content-Type", "application/json; charset=utf-8");
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let resp = req
+        .body(serde_json::to_vec(body).unwrap())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linear_and_jira_issues_given_the_label_become_tasks_and_hear_back() {
+    let steps = json!({"steps": [
+        {"expect": {"user_contains": "(Linear issue ENG-12: https://linear.app/acme/issue/ENG-12/add-hello)"},
+         "reply": {"tool_calls": [{"name": "write_file", "arguments": {"path": "hello.txt", "content": "hello\n"}}]}},
+        {"reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Add hello.txt"}}]}},
+        {"expect": {"user_contains": "Write bye.txt\nwith a goodbye"},
+         "reply": {"tool_calls": [{"name": "write_file", "arguments": {"path": "bye.txt", "content": "bye\n"}}]}},
+        {"reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Add bye.txt"}}]}}
+    ]});
+    let (api, calls) = tracker_api().await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("tracked");
+    std::fs::create_dir_all(&repo).unwrap();
+    common::sh(
+        &repo,
+        "git init -q -b main && echo x > README.md && git add . && git commit -qm init",
+    )
+    .await;
+    for (name, text) in [
+        ("secret", SECRET),
+        ("linear-key", "lin_api_k3y"),
+        ("jira-token", "jira-t0ken"),
+    ] {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let d = dir.path().display();
+    let config = format!(
+        "[webhooks.linear]\nsecret_file = \"{d}/secret\"\nrepos = {{ ENG = \"{repo}\" }}\napi_url = \"{api}/graphql\"\ntoken_file = \"{d}/linear-key\"\n\
+         [webhooks.jira]\nsecret_file = \"{d}/secret\"\nrepo = \"{repo}\"\napi_url = \"{api}\"\nuser_email = \"bot@acme.example\"\ntoken_file = \"{d}/jira-token\"\n",
+        repo = repo.display()
+    );
+    let w = common::World::start(Some(common::script(steps)), &config).await;
+    let now = backshift_protocol::now_ms();
+
+    // Linear: a new issue with the label, as Linear sends it.
+    let issue = |ts: i64, team: &str| {
+        json!({
+            "action": "create", "type": "Issue", "createdAt": "2026-11-23T12:00:00.000Z",
+            "organizationId": "org-1", "webhookTimestamp": ts, "webhookId": "wh-1",
+            "url": "https://linear.app/acme/issue/ENG-12/add-hello",
+            "actor": {"id": "u-1", "type": "user", "name": "Ada"},
+            "data": {
+                "id": "2174add1-f7c8-44e3-bbf3-2d60b5ea8bc9", "identifier": "ENG-12", "number": 12,
+                "title": "Add hello", "description": "Write hello.txt", "priority": 0,
+                "url": "https://linear.app/acme/issue/ENG-12/add-hello",
+                "teamId": "t-1", "team": {"id": "t-1", "key": team, "name": "Engineering"},
+                "labelIds": ["lbl-1"], "labels": [{"id": "lbl-1", "name": "backshift", "color": "#5e6ad2"}],
+                "state": {"id": "s-1", "name": "Todo", "type": "unstarted"}
+            }
+        })
+    };
+    let linear = format!("{}/webhooks/linear", w.url);
+    let sig = |b: &Value| hmac_hex(SECRET, &serde_json::to_vec(b).unwrap());
+    let headers = |id: &str, s: String| {
+        vec![
+            ("Linear-Delivery", id.to_owned()),
+            ("Linear-Event", "Issue".to_owned()),
+            ("User-Agent", "Linear-Webhook".to_owned()),
+            ("Linear-Signature", s),
+        ]
+    };
+    let fresh = issue(now, "ENG");
+    let stale = issue(now - 3_600_000, "ENG");
+    assert_eq!(
+        post_signed(&linear, &headers("l-1", sig(&stale)), &stale)
+            .await
+            .0,
+        401,
+        "an hour old"
+    );
+    assert_eq!(
+        post_signed(&linear, &headers("l-1", "00".repeat(32)), &fresh)
+            .await
+            .0,
+        401,
+        "forged"
+    );
+    let other_team = issue(now, "OPS");
+    let (status, body) = post_signed(&linear, &headers("l-0", sig(&other_team)), &other_team).await;
+    assert_eq!(status, 202, "no repository for OPS: {body}");
+    let (status, body) = post_signed(&linear, &headers("l-1", sig(&fresh)), &fresh).await;
+    assert_eq!(status, 201, "{body}");
+    let linear_task = body["task"].as_str().unwrap().to_owned();
+    assert_eq!(
+        post_signed(&linear, &headers("l-1", sig(&fresh)), &fresh)
+            .await
+            .0,
+        401,
+        "replayed"
+    );
+    let view = w.wait(&linear_task).await;
+    assert_eq!(view["state"], "succeeded", "{view:#}");
+
+    // Jira: an existing issue given the label.
+    let jira_issue = json!({
+        "timestamp": now, "webhookEvent": "jira:issue_updated", "issue_event_type_name": "issue_updated",
+        "user": {"accountId": "5b10a2844c20165700ede21g", "displayName": "Grace"},
+        "issue": {
+            "id": "10002", "self": "https://acme.atlassian.net/rest/api/3/issue/10002", "key": "CALC-7",
+            "fields": {
+                "summary": "Say goodbye", "labels": ["backshift", "ops"],
+                "project": {"id": "10000", "key": "CALC", "name": "Calc"},
+                "issuetype": {"name": "Task"},
+                "description": {"type": "doc", "version": 1, "content": [
+                    {"type": "paragraph", "content": [{"type": "text", "text": "Write bye.txt"}]},
+                    {"type": "paragraph", "content": [{"type": "text", "text": "with a goodbye"}]}
+                ]}
+            }
+        },
+        "changelog": {"id": "10100", "items": [
+            {"field": "labels", "fieldtype": "jira", "from": null, "fromString": "ops", "to": null, "toString": "backshift ops"}
+        ]}
+    });
+    let jira = format!("{}/webhooks/jira", w.url);
+    let jira_headers = |id: &str, b: &Value| {
+        vec![
+            ("X-Atlassian-Webhook-Identifier", id.to_owned()),
+            ("X-Hub-Signature", format!("sha256={}", sig(b))),
+        ]
+    };
+    let mut unrelated = jira_issue.clone();
+    unrelated["changelog"]["items"][0]["fromString"] = json!("backshift");
+    let (status, _) = post_signed(&jira, &jira_headers("j-0", &unrelated), &unrelated).await;
+    assert_eq!(status, 202, "the label was there before");
+    assert_eq!(
+        post_signed(
+            &jira,
+            &[("X-Atlassian-Webhook-Identifier", "j-1".into())],
+            &jira_issue
+        )
+        .await
+        .0,
+        401
+    );
+    let (status, body) = post_signed(&jira, &jira_headers("j-1", &jira_issue), &jira_issue).await;
+    assert_eq!(status, 201, "{body}");
+    let jira_task = body["task"].as_str().unwrap().to_owned();
+    assert_eq!(
+        post_signed(&jira, &jira_headers("j-1", &jira_issue), &jira_issue)
+            .await
+            .0,
+        401,
+        "replayed"
+    );
+    let view = w.wait(&jira_task).await;
+    assert_eq!(view["state"], "succeeded", "{view:#}");
+    let prompt = view["prompt"].as_str().unwrap();
+    assert!(
+        prompt.starts_with(
+            "Say goodbye\n\nWrite bye.txt\nwith a goodbye\n\n(Jira issue CALC-7: http://"
+        ) && prompt.ends_with("/browse/CALC-7)"),
+        "{prompt}"
+    );
+    let fake = w.fake.as_ref().unwrap();
+    assert!(fake.failures().is_empty(), "{:?}", fake.failures());
+
+    // Both heard back, each through its own API with its own credentials.
+    for _ in 0..100 {
+        if calls.lock().unwrap().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "{calls:#?}");
+    let (path, auth, body) = &calls[0];
+    assert_eq!(path, "/graphql");
+    assert_eq!(auth, "lin_api_k3y");
+    assert!(body["query"].as_str().unwrap().contains("commentCreate"));
+    assert_eq!(
+        body["variables"]["input"]["issueId"],
+        "2174add1-f7c8-44e3-bbf3-2d60b5ea8bc9"
+    );
+    let text = body["variables"]["input"]["body"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("✅ backshift finished task `{linear_task}`")),
+        "{text}"
+    );
+    assert!(
+        text.contains("is in backshift (`backshift checkout"),
+        "{text}"
+    );
+    let (path, auth, body) = &calls[1];
+    assert_eq!(path, "/rest/api/3/issue/CALC-7/comment");
+    use base64::Engine;
+    let basic = base64::engine::general_purpose::STANDARD.encode("bot@acme.example:jira-t0ken");
+    assert_eq!(auth, &format!("Basic {basic}"));
+    assert_eq!(body["body"]["type"], "doc");
+    assert!(
+        body.to_string()
+            .contains(&format!("backshift finished task `{jira_task}`")),
+        "{body}"
+    );
+    let (_, audit, _) = w.cli(&["audit"]).await;
+    assert!(
+        audit.contains("linear:Ada") && audit.contains("jira:Grace"),
+        "{audit}"
+    );
+}

@@ -117,6 +117,8 @@ pub fn router(app: Arc<App>) -> Router {
         // Signed by their senders instead of carrying a token.
         .route("/webhooks/github", post(webhooks::github))
         .route("/webhooks/generic", post(webhooks::generic))
+        .route("/webhooks/linear", post(webhooks::linear))
+        .route("/webhooks/jira", post(webhooks::jira))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi))

@@ -328,3 +328,254 @@ pub async fn generic(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
     };
     created(&app, &req, "webhook:generic", origin, None).await
 }
+
+/// Whether `ts` (unix ms) is within `tolerance` seconds of now.
+fn fresh_ms(ts: Option<i64>, tolerance: u64) -> bool {
+    ts.is_some_and(|t| ((now_ms() - t) / 1000).unsigned_abs() <= tolerance)
+}
+
+/// The tracker's config and secret, or why it takes no deliveries.
+fn tracker(
+    cfg: Option<&crate::config::TrackerWebhook>,
+    which: &str,
+) -> Result<(crate::config::TrackerWebhook, String), ApiError> {
+    let cfg = cfg.cloned().ok_or_else(|| not_configured(which))?;
+    let secret = secret(cfg.secret_env.as_deref(), cfg.secret_file.as_deref(), which)?;
+    Ok((cfg, secret))
+}
+
+/// A task for a tracker's issue, on the repository configured for its
+/// team or project.
+async fn tracker_task(
+    app: &Arc<App>,
+    cfg: &crate::config::TrackerWebhook,
+    which: &str,
+    key: &str,
+    prompt: String,
+    actor: &str,
+    origin: Origin,
+) -> Answer {
+    let Some(repo) = cfg.repo_for(key) else {
+        return ignored(format!(
+            "no repository is configured for {key} ([webhooks.{which}] repo or repos)"
+        ));
+    };
+    let req = CreateTaskRequest {
+        prompt,
+        repo: repo.to_owned(),
+        base_ref: None,
+        agent: cfg.agent.clone(),
+        command: None,
+        limits: None,
+        verify: None,
+        attempts: None,
+        agents: None,
+    };
+    created(app, &req, actor, origin, None).await
+}
+
+/// `POST /webhooks/linear`: `Linear-Signature` is the hex HMAC-SHA256 of
+/// the body; `webhookTimestamp` must be recent; `Linear-Delivery` is
+/// taken once. An issue created with the label, or given it, is a task.
+pub async fn linear(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Answer {
+    let (cfg, secret) = tracker(app.config.webhooks.linear.as_ref(), "linear")?;
+    let Some(signature) = header(&headers, "linear-signature") else {
+        return Err(refused("the delivery is not signed (no Linear-Signature)"));
+    };
+    if !verify(
+        &secret,
+        None,
+        &body,
+        &format!("sha256={}", signature.trim()),
+    ) {
+        return Err(refused("the delivery's signature does not match its body"));
+    }
+    let p: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!("the payload is not JSON: {e}"),
+            None,
+        )
+    })?;
+    if !fresh_ms(p["webhookTimestamp"].as_i64(), cfg.tolerance_secs) {
+        return Err(refused(&format!(
+            "the delivery's webhookTimestamp is more than {} s from now: a replay or a wrong clock",
+            cfg.tolerance_secs
+        )));
+    }
+    let delivery = header(&headers, "linear-delivery")
+        .map(str::to_owned)
+        .or_else(|| {
+            p["webhookId"]
+                .as_str()
+                .map(|w| format!("{w}:{}", p["webhookTimestamp"]))
+        })
+        .unwrap_or_default();
+    first_time(&app, "linear", &delivery).await?;
+    if p["type"] != "Issue" {
+        return ignored(format!("backshift does not act on Linear {}", p["type"]));
+    }
+    let data = &p["data"];
+    let label = data["labels"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["name"] == cfg.label.as_str()));
+    let Some(label) = label else {
+        return ignored(format!("the issue is not labelled {:?}", cfg.label));
+    };
+    let newly = match p["action"].as_str() {
+        Some("create") => true,
+        Some("update") => p["updatedFrom"]["labelIds"]
+            .as_array()
+            .is_some_and(|before| !before.contains(&label["id"])),
+        _ => false,
+    };
+    if !newly {
+        return ignored("the label was not just given");
+    }
+    let s = |v: &Value| v.as_str().unwrap_or("").trim().to_owned();
+    let identifier = s(&data["identifier"]);
+    let url = s(&data["url"]);
+    let prompt = format!(
+        "{}\n\n{}\n\n(Linear issue {identifier}: {url})",
+        s(&data["title"]),
+        s(&data["description"])
+    );
+    let origin = Origin::Linear {
+        issue_id: s(&data["id"]),
+        identifier,
+        url,
+    };
+    let actor = format!("linear:{}", s(&p["actor"]["name"]));
+    tracker_task(
+        &app,
+        &cfg,
+        "linear",
+        &s(&data["team"]["key"]),
+        prompt,
+        &actor,
+        origin,
+    )
+    .await
+}
+
+/// The plain text of a Jira field: a string, or an Atlassian Document
+/// Format tree (its text nodes, a line per paragraph).
+fn jira_text(v: &Value) -> String {
+    fn walk(v: &Value, out: &mut String) {
+        if let Some(t) = v["text"].as_str() {
+            out.push_str(t);
+        }
+        if let Some(children) = v["content"].as_array() {
+            for c in children {
+                walk(c, out);
+            }
+            if matches!(
+                v["type"].as_str(),
+                Some("paragraph" | "heading" | "listItem")
+            ) {
+                out.push('\n');
+            }
+        }
+    }
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Object(_) => {
+            let mut out = String::new();
+            walk(v, &mut out);
+            out.trim().to_owned()
+        }
+        _ => String::new(),
+    }
+}
+
+/// `POST /webhooks/jira`: `X-Hub-Signature` is `sha256=<hex HMAC-SHA256
+/// of the body>` (a Jira webhook with a secret); `timestamp` must be
+/// recent; `X-Atlassian-Webhook-Identifier` is taken once. An issue
+/// created with the label, or given it, is a task.
+pub async fn jira(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Answer {
+    let (cfg, secret) = tracker(app.config.webhooks.jira.as_ref(), "jira")?;
+    let Some(signature) = header(&headers, "x-hub-signature") else {
+        return Err(refused("the delivery is not signed (no X-Hub-Signature)"));
+    };
+    if !verify(&secret, None, &body, signature) {
+        return Err(refused("the delivery's signature does not match its body"));
+    }
+    let p: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!("the payload is not JSON: {e}"),
+            None,
+        )
+    })?;
+    if !fresh_ms(p["timestamp"].as_i64(), cfg.tolerance_secs) {
+        return Err(refused(&format!(
+            "the delivery's timestamp is more than {} s from now: a replay or a wrong clock",
+            cfg.tolerance_secs
+        )));
+    }
+    let Some(delivery) = header(&headers, "x-atlassian-webhook-identifier") else {
+        return Err(ApiError::bad_request(
+            "delivery_id_missing",
+            "no X-Atlassian-Webhook-Identifier header",
+            None,
+        ));
+    };
+    first_time(&app, "jira", delivery).await?;
+    let fields = &p["issue"]["fields"];
+    let labelled = fields["labels"]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|l| l == cfg.label.as_str()));
+    if !labelled {
+        return ignored(format!("the issue is not labelled {:?}", cfg.label));
+    }
+    let has = |s: &Value| {
+        s.as_str()
+            .is_some_and(|s| s.split_whitespace().any(|l| l == cfg.label))
+    };
+    let newly = match p["webhookEvent"].as_str() {
+        Some("jira:issue_created") => true,
+        Some("jira:issue_updated") => p["changelog"]["items"].as_array().is_some_and(|items| {
+            items
+                .iter()
+                .any(|i| i["field"] == "labels" && has(&i["toString"]) && !has(&i["fromString"]))
+        }),
+        _ => false,
+    };
+    if !newly {
+        return ignored("the label was not just given");
+    }
+    let key = p["issue"]["key"].as_str().unwrap_or("").to_owned();
+    let project = fields["project"]["key"].as_str().unwrap_or("").to_owned();
+    let url = cfg
+        .api_url
+        .as_deref()
+        .map(|base| format!("{}/browse/{key}", base.trim_end_matches('/')))
+        .unwrap_or_else(|| p["issue"]["self"].as_str().unwrap_or("").to_owned());
+    let prompt = format!(
+        "{}\n\n{}\n\n(Jira issue {key}: {url})",
+        jira_text(&fields["summary"]).trim(),
+        jira_text(&fields["description"]).trim()
+    );
+    let actor = format!(
+        "jira:{}",
+        p["user"]["displayName"].as_str().unwrap_or("unknown")
+    );
+    let origin = Origin::Jira { key, url };
+    tracker_task(&app, &cfg, "jira", &project, prompt, &actor, origin).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jira_descriptions_in_document_format_read_as_text() {
+        let adf = json!({"type": "doc", "version": 1, "content": [
+            {"type": "paragraph", "content": [{"type": "text", "text": "Add "}, {"type": "text", "text": "mul", "marks": [{"type": "code"}]}]},
+            {"type": "paragraph", "content": [{"type": "text", "text": "to calc."}]}
+        ]});
+        assert_eq!(jira_text(&adf), "Add mul\nto calc.");
+        assert_eq!(jira_text(&json!("plain")), "plain");
+        assert_eq!(jira_text(&Value::Null), "");
+    }
+}
