@@ -535,22 +535,7 @@ pub async fn git_with_token(repo: &Path, args: &[&str], token: Option<&str>) -> 
                 format!("Authorization: Basic {basic}"),
             );
     }
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(GitError::Spawn)?;
-    if !out.status.success() {
-        let mut said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        if let Some(token) = token.filter(|t| !t.is_empty()) {
-            said = said.replace(token, "[token]");
-        }
-        return Err(GitError::Failed {
-            args: args.join(" "),
-            stderr: said,
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    output(cmd, args, token).await
 }
 
 /// Runs git in `cwd` (or with `--git-dir`), with an optional trailing path
@@ -565,15 +550,25 @@ pub(crate) async fn git(
     if let Some(p) = path_arg {
         cmd.arg(p);
     }
+    output(cmd, args, None).await
+}
+
+/// Runs `cmd` (git with `args`) and returns its stdout, or its stderr as
+/// the error, with `token` (if any) blanked out of it.
+async fn output(mut cmd: Command, args: &[&str], token: Option<&str>) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
         .await
         .map_err(GitError::Spawn)?;
     if !out.status.success() {
+        let mut said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if let Some(token) = token.filter(|t| !t.is_empty()) {
+            said = said.replace(token, "[token]");
+        }
         return Err(GitError::Failed {
             args: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            stderr: said,
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

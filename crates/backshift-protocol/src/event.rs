@@ -458,6 +458,17 @@ pub struct VerificationResult {
     pub error: Option<String>,
 }
 
+impl VerificationResult {
+    /// How the command ended, in words: `exit code N`, or what stopped it.
+    pub fn exit_text(&self) -> String {
+        match (&self.exit_code, &self.error) {
+            (_, Some(e)) => e.clone(),
+            (Some(c), None) => format!("exit code {c}"),
+            (None, None) => "no exit code".into(),
+        }
+    }
+}
+
 /// Tests passed, failed and skipped, from a JUnit XML or TAP report; or,
 /// without one, only the exit code.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -162,6 +162,28 @@ impl Run {
     }
 }
 
+/// Removes every sandbox still labelled with the ended attempt: one a
+/// killed control plane was making (a verification's) is not the
+/// runner's to know of. When an attempt ends, none of its sandboxes
+/// remain.
+async fn remove_leftovers(app: &App, attempt: &str) {
+    let Ok(driver) = app.docker().await else {
+        return;
+    };
+    let found = driver
+        .list(&[(labels::MANAGED, "true"), (labels::ATTEMPT, attempt)])
+        .await
+        .unwrap_or_default();
+    for sb in found {
+        if let Err(e) = driver.destroy(&sb.id).await {
+            tracing::warn!(%attempt, "sandbox {} not removed: {e}", sb.id);
+        }
+        if let Some(dir) = sb.labels.get(labels::SHIM_DIR) {
+            remove_shim_dir(Path::new(dir)).await;
+        }
+    }
+}
+
 /// Removes the attempt's filesystem snapshot, if it has one.
 async fn remove_snapshot(app: &App, attempt: &str) {
     let Ok(Some(row)) = app.store.attempt(attempt).await else {
@@ -313,6 +335,7 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         run.progress("removing the sandbox").await;
     }
     run.discard_sandbox().await;
+    remove_leftovers(&app, &run.attempt.id).await;
     remove_snapshot(&app, &run.attempt.id).await;
     crate::approvals::expire_pending(&app, &run.attempt.id, "the attempt ended").await;
     if let Some(t) = transition
@@ -1037,14 +1060,7 @@ impl Endpoints {
 /// installed packages and caches), otherwise from the configured image.
 async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure> {
     let app = run.app.clone();
-    let driver = app.docker().await.map_err(|e| {
-        Failure(
-            FailureReason::SandboxFailed,
-            format!(
-                "{e}. Start the Docker daemon (`cargo xtask up` does), then submit the task again."
-            ),
-        )
-    })?;
+    let driver = docker(&app).await?;
     let image = match (snapshot, &run.env) {
         (Some(s), _) => s.to_owned(),
         (None, Some(env)) => env.image.clone(),
@@ -1146,6 +1162,18 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
     run.progress(format!("sandbox {} is up", &id.0[..12.min(id.0.len())]))
         .await;
     Ok(())
+}
+
+/// The Docker driver, or why the attempt cannot have a sandbox.
+async fn docker(app: &App) -> Result<Arc<DockerDriver>, Failure> {
+    app.docker().await.map_err(|e| {
+        Failure(
+            FailureReason::SandboxFailed,
+            format!(
+                "{e}. Start the Docker daemon (`cargo xtask up` does), then submit the task again."
+            ),
+        )
+    })
 }
 
 /// Waits for a new sandbox's shim to answer.
@@ -1256,14 +1284,7 @@ async fn create_sandbox(
     warn: bool,
 ) -> Result<(Arc<dyn SandboxDriver>, SandboxId), Failure> {
     let app = run.app.clone();
-    let driver = app.docker().await.map_err(|e| {
-        Failure(
-            FailureReason::SandboxFailed,
-            format!(
-                "{e}. Start the Docker daemon (`cargo xtask up` does), then submit the task again."
-            ),
-        )
-    })?;
+    let driver = docker(&app).await?;
     let driver: Arc<dyn SandboxDriver> = driver;
     let mut created = driver.create(spec).await;
     if let Err(SandboxError::DiskLimitUnsupported(why)) = &created {
@@ -1590,19 +1611,7 @@ async fn prepare(
         run.attempt.branch
     ))
     .await;
-    let scratch = tempfile::tempdir_in(app.data_dir.join("tmp"))
-        .map_err(|e| clone_failed("cannot create a scratch directory", &e))?;
-    let tree = scratch.path().join("workspace");
-    app.git
-        .export_checkout(
-            &run.task.project_id,
-            &pin,
-            &base,
-            &run.attempt.branch,
-            &tree,
-        )
-        .await
-        .map_err(|e| clone_failed("cannot check out", &e))?;
+    let (_scratch, tree) = export_tree(run, &pin, &base).await?;
     if let Some(cp) = restore {
         run.progress(format!(
             "restoring checkpoint {} (after turn {})",
@@ -1666,6 +1675,34 @@ async fn prepare(
     run.progress(format!("repository in the sandbox ({} KiB)", size / 1024))
         .await;
     Ok(())
+}
+
+/// A checkout of `commit` (fetched from the store's ref `pin`) on the
+/// attempt's branch, in a scratch directory removed when the returned
+/// guard is dropped.
+async fn export_tree(
+    run: &Run,
+    pin: &str,
+    commit: &str,
+) -> Result<(tempfile::TempDir, PathBuf), Failure> {
+    let app = &run.app;
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        Failure(FailureReason::CloneFailed, format!("{what}: {e}"))
+    };
+    let scratch = tempfile::tempdir_in(app.data_dir.join("tmp"))
+        .map_err(|e| failed("cannot create a scratch directory", &e))?;
+    let tree = scratch.path().join("workspace");
+    app.git
+        .export_checkout(
+            &run.task.project_id,
+            pin,
+            commit,
+            &run.attempt.branch,
+            &tree,
+        )
+        .await
+        .map_err(|e| failed(&format!("cannot check out {commit}"), &e))?;
+    Ok((scratch, tree))
 }
 
 /// A checkout directory as a tar of `workspace/`, owned by the sandbox's

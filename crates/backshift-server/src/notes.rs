@@ -87,11 +87,7 @@ fn tests_section(v: Option<&VerificationResult>, max_iterations: u32) -> String 
         short(&v.commit),
         v.iteration
     );
-    s.push_str(&match (&v.exit_code, &v.error) {
-        (_, Some(e)) => e.clone(),
-        (Some(c), None) => format!("exit code {c}"),
-        (None, None) => "no exit code".into(),
-    });
+    s.push_str(&v.exit_text());
     if v.report.format != "exit_code" {
         s.push_str(&format!(
             "; {} passed, {} failed, {} skipped ({} report)",

@@ -407,11 +407,7 @@ pub fn verification_line(r: &backshift_protocol::VerificationResult) -> String {
     } else {
         "✗ verification failed"
     };
-    let exit = match (&r.exit_code, &r.error) {
-        (_, Some(e)) => e.clone(),
-        (Some(c), None) => format!("exit {c}"),
-        (None, None) => "no exit code".into(),
-    };
+    let exit = r.exit_text();
     let counts = if r.report.format == "exit_code" {
         String::new()
     } else {

@@ -468,11 +468,19 @@ async fn a_server_killed_during_verification_verifies_once_more_and_publishes() 
     assert_eq!(of_type(&events, "verification").len(), 1);
     assert_eq!(of_type(&events, "restored").len(), 1);
     assert_eq!(attempt["verifications"], 1);
-    let left = common::docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=dev.backshift.attempt={id}"),
-    ]);
+    // Its sandboxes go as it ends, the dead server's verifier too.
+    let mut left = String::new();
+    for _ in 0..50 {
+        left = common::docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=dev.backshift.attempt={id}"),
+        ]);
+        if left.trim().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(left.trim().is_empty(), "sandboxes left: {left}");
 }

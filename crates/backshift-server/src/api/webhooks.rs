@@ -111,13 +111,7 @@ pub async fn github(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes
     };
     let event = header(&headers, "x-github-event").unwrap_or("").to_owned();
     first_time(&app, "github", delivery).await?;
-    let p: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_body",
-            format!("the payload is not JSON: {e}"),
-            None,
-        )
-    })?;
+    let p = json_payload(&body)?;
     let s = |ptr: &str| {
         p.pointer(ptr)
             .and_then(Value::as_str)
@@ -293,24 +287,13 @@ pub async fn generic(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
             "the delivery's signature does not match its timestamp and body",
         ));
     }
-    let now = now_ms() / 1000;
-    let fresh = ts
-        .parse::<i64>()
-        .is_ok_and(|t| (now - t).unsigned_abs() <= cfg.tolerance_secs);
-    if !fresh {
-        return Err(refused(&format!(
-            "the delivery's timestamp is more than {} s from now: a replay or a wrong clock",
-            cfg.tolerance_secs
-        )));
-    }
+    fresh(
+        ts.parse::<i64>().ok().map(|t| t.saturating_mul(1000)),
+        "timestamp",
+        cfg.tolerance_secs,
+    )?;
     first_time(&app, "generic", delivery).await?;
-    let mut v: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_body",
-            format!("the payload is not JSON: {e}"),
-            None,
-        )
-    })?;
+    let mut v = json_payload(&body)?;
     let callback_url = v
         .as_object_mut()
         .and_then(|o| o.remove("callback_url"))
@@ -329,9 +312,26 @@ pub async fn generic(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
     created(&app, &req, "webhook:generic", origin, None).await
 }
 
-/// Whether `ts` (unix ms) is within `tolerance` seconds of now.
-fn fresh_ms(ts: Option<i64>, tolerance: u64) -> bool {
-    ts.is_some_and(|t| ((now_ms() - t) / 1000).unsigned_abs() <= tolerance)
+/// The payload, as JSON.
+fn json_payload(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!("the payload is not JSON: {e}"),
+            None,
+        )
+    })
+}
+
+/// Refuses a delivery whose `field` (`ts`, unix ms) is not within
+/// `tolerance` seconds of now.
+fn fresh(ts: Option<i64>, field: &str, tolerance: u64) -> Result<(), ApiError> {
+    if ts.is_some_and(|t| ((now_ms() - t) / 1000).unsigned_abs() <= tolerance) {
+        return Ok(());
+    }
+    Err(refused(&format!(
+        "the delivery's {field} is more than {tolerance} s from now: a replay or a wrong clock"
+    )))
 }
 
 /// The tracker's config and secret, or why it takes no deliveries.
@@ -390,19 +390,12 @@ pub async fn linear(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes
     ) {
         return Err(refused("the delivery's signature does not match its body"));
     }
-    let p: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_body",
-            format!("the payload is not JSON: {e}"),
-            None,
-        )
-    })?;
-    if !fresh_ms(p["webhookTimestamp"].as_i64(), cfg.tolerance_secs) {
-        return Err(refused(&format!(
-            "the delivery's webhookTimestamp is more than {} s from now: a replay or a wrong clock",
-            cfg.tolerance_secs
-        )));
-    }
+    let p = json_payload(&body)?;
+    fresh(
+        p["webhookTimestamp"].as_i64(),
+        "webhookTimestamp",
+        cfg.tolerance_secs,
+    )?;
     let delivery = header(&headers, "linear-delivery")
         .map(str::to_owned)
         .or_else(|| {
@@ -500,19 +493,8 @@ pub async fn jira(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) 
     if !verify(&secret, None, &body, signature) {
         return Err(refused("the delivery's signature does not match its body"));
     }
-    let p: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_body",
-            format!("the payload is not JSON: {e}"),
-            None,
-        )
-    })?;
-    if !fresh_ms(p["timestamp"].as_i64(), cfg.tolerance_secs) {
-        return Err(refused(&format!(
-            "the delivery's timestamp is more than {} s from now: a replay or a wrong clock",
-            cfg.tolerance_secs
-        )));
-    }
+    let p = json_payload(&body)?;
+    fresh(p["timestamp"].as_i64(), "timestamp", cfg.tolerance_secs)?;
     let Some(delivery) = header(&headers, "x-atlassian-webhook-identifier") else {
         return Err(ApiError::bad_request(
             "delivery_id_missing",

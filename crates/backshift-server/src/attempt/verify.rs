@@ -406,24 +406,7 @@ async fn run_in_fresh_sandbox(
     });
     shim_ready(&dir).await?;
     // The commit's checkout, from the git store.
-    let scratch = tempfile::tempdir_in(app.data_dir.join("tmp"))
-        .map_err(|e| sandbox_failed("cannot create a scratch directory", &e))?;
-    let tree = scratch.path().join("workspace");
-    app.git
-        .export_checkout(
-            &run.task.project_id,
-            &work_ref(run),
-            head,
-            &run.attempt.branch,
-            &tree,
-        )
-        .await
-        .map_err(|e| {
-            Failure(
-                FailureReason::CloneFailed,
-                format!("cannot check out {head}: {e}"),
-            )
-        })?;
+    let (_scratch, tree) = export_tree(run, &work_ref(run), head).await?;
     let base = run.attempt.base_commit.clone().unwrap_or_default();
     let set_aside = backshift_git::restore_paths(&tree, &base, &plan.protect)
         .await
@@ -550,11 +533,7 @@ fn tail(s: &str, chars: usize) -> String {
 
 /// One line on a report's counts.
 fn counts(r: &VerificationResult) -> String {
-    let exit = match (&r.exit_code, &r.error) {
-        (_, Some(e)) => e.clone(),
-        (Some(c), None) => format!("exit code {c}"),
-        (None, None) => "no exit code".into(),
-    };
+    let exit = r.exit_text();
     if r.report.format == "exit_code" {
         exit
     } else {
