@@ -1,7 +1,8 @@
 //! Several attempts of one task side by side: each in its own sandbox on
 //! its own branch, verified, ranked by evidence, the best chosen as the
-//! task's result (or a person's pick), and that one is what `checkout`
-//! delivers. Real sandboxes, the calc fixture's real tests.
+//! task's result (or a person's pick), and that one is what is pushed
+//! with its pull request, and what `checkout` fetches. Real sandboxes,
+//! the calc fixture's real tests, the fake forge.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -21,8 +22,9 @@ fn attempt(task: &Value, n: u64) -> &Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_attempts_are_ranked_by_evidence_and_the_best_is_delivered() {
-    let w = World::start(None, "").await;
-    common::add_calc_project(&w.repo).await;
+    // The repository is on a forge: the result is pushed and a pull
+    // request opened there.
+    let (w, forge, repo) = common::world_on_forge(json!({"steps": []}), "").await;
     // Attempt 1 breaks add (its verification fails); attempt 2 adds mul
     // and forty lines of notes; attempt 3 adds mul alone.
     let agent = r#"case "$BACKSHIFT_BRANCH" in
@@ -31,7 +33,6 @@ async fn three_attempts_are_ranked_by_evidence_and_the_best_is_delivered() {
   *-3) printf '\ndef mul(a, b):\n    return a * b\n' >> calc.py ;;
   *) sed -i 's/a + b/a - b/' calc.py ;;
 esac"#;
-    let repo = w.repo.to_string_lossy().into_owned();
     let (code, out, err) = w
         .cli(&[
             "run",
@@ -104,6 +105,35 @@ esac"#;
         chosen[0]
     );
 
+    // Only the result went to the forge, its pull request ranking them.
+    let delivered = wait_delivery(&w, &id, &winner).await;
+    assert_eq!(delivered["delivery"]["state"], "opened", "{delivered:#}");
+    let upstream = forge.repo_path("acme", "calc");
+    let pushed = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(&upstream)
+        .args([
+            "for-each-ref",
+            "--format=%(refname:short)",
+            "refs/heads/backshift",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&pushed.stdout).trim(),
+        attempt(&task, 3)["branch"].as_str().unwrap()
+    );
+    let body = forge.pulls()[0]["body"].as_str().unwrap().to_owned();
+    for want in [
+        "## Attempts",
+        &format!("| 1 | `{id}-3` | command | succeeded | passed (3) | +3 -0 |"),
+        &format!("| 2 | `{id}-2` | command | succeeded | passed (3) | +43 -0 |"),
+        &format!("| 3 | `{id}-1` | command | failed | failed (1) | - |"),
+        "rank 1 of 3, chosen by auto",
+    ] {
+        assert!(body.contains(want), "{want:?} missing from:\n{body}");
+    }
+
     // Side by side in the CLI, best first.
     let (code, compared, _) = w.cli(&["compare", &id]).await;
     assert_eq!(code, 0);
@@ -146,6 +176,10 @@ esac"#;
         task["winner_by"].as_str().unwrap().starts_with("token:"),
         "{task:#}"
     );
+    // ... which is delivered in turn.
+    let delivered = wait_delivery(&w, &id, &format!("{id}-2")).await;
+    assert_eq!(delivered["delivery"]["pull_request"], 2, "{delivered:#}");
+    assert!(forge.failures().is_empty(), "{:#?}", forge.failures());
     let (status, body) = w
         .api(
             Method::POST,
@@ -168,6 +202,21 @@ esac"#;
         audit.contains("task.winner") && audit.contains("task.pick"),
         "{audit}"
     );
+}
+
+/// Waits until the task's delivery of `attempt` settled.
+async fn wait_delivery(w: &World, task: &str, attempt: &str) -> Value {
+    for _ in 0..300 {
+        let (_, v) = w
+            .api(Method::GET, &format!("/api/v1/tasks/{task}"), None)
+            .await;
+        let d = &v["delivery"];
+        if d["attempt"] == attempt && d["state"] != "pushing" && !d["state"].is_null() {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{attempt} of {task} was never delivered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
