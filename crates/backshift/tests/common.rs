@@ -393,12 +393,25 @@ pub async fn world_on_forge(
     steps: Value,
     extra: &str,
 ) -> (World, testkit::forge::FakeForge, String) {
-    let forge = testkit::forge::FakeForge::start(FORGE_TOKEN).await.unwrap();
+    world_on_forge_of("github", steps, extra).await
+}
+
+/// [`world_on_forge`] with a forge of `kind` (`github` or `gitea`).
+pub async fn world_on_forge_of(
+    kind: &str,
+    steps: Value,
+    extra: &str,
+) -> (World, testkit::forge::FakeForge, String) {
+    let forge = match kind {
+        "gitea" => testkit::forge::FakeForge::start_gitea(FORGE_TOKEN).await,
+        _ => testkit::forge::FakeForge::start(FORGE_TOKEN).await,
+    }
+    .unwrap();
     let token_dir = tempfile::tempdir().unwrap().keep();
     let token_file = token_dir.join("forge-token");
     std::fs::write(&token_file, format!("{FORGE_TOKEN}\n")).unwrap();
     let config = format!(
-        "{extra}\n[[forges]]\nurl = \"{}\"\nkind = \"github\"\napi_url = \"{}\"\ntoken_file = \"{}\"\n",
+        "{extra}\n[[forges]]\nurl = \"{}\"\nkind = \"{kind}\"\napi_url = \"{}\"\ntoken_file = \"{}\"\n",
         forge.git_url(),
         forge.api_url(),
         token_file.display()

@@ -258,3 +258,29 @@ async fn a_failed_task_delivers_nothing_and_leaves_a_handoff() {
     assert_eq!(sh(&w.repo, "git branch --show-current").await, branch);
     assert!(sh(&w.repo, "cat calc.py").await.contains("def mul"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gitea_forge_gets_the_branch_and_a_pull_request_in_its_own_dialect() {
+    let steps = json!({"steps": [
+        {"reply": {"tool_calls": [{"name": "write_file", "arguments": {"path": "calc.py", "content": GOOD_CALC}}]}},
+        {"reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Add mul"}}]}}
+    ]});
+    let (w, forge, url) = common::world_on_forge_of("gitea", steps, "").await;
+    let task = submit(&w, &url, "Add mul to calc", &[]).await;
+    let view = w.wait(&task).await;
+    assert_eq!(view["state"], "succeeded", "{view:#}");
+    let view = delivered(&w, &task).await;
+    assert_eq!(view["delivery"]["state"], "opened", "{view:#}");
+    assert_eq!(forge.pulls().len(), 1);
+    // Gitea's credentials, no GitHub-only headers or fields.
+    assert!(forge.failures().is_empty(), "{:#?}", forge.failures());
+    for r in forge.requests() {
+        assert_eq!(
+            r.headers.get("authorization").map(String::as_str),
+            Some(format!("token {}", common::FORGE_TOKEN).as_str()),
+            "{} {}",
+            r.method,
+            r.path
+        );
+    }
+}

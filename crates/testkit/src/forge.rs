@@ -43,6 +43,8 @@ struct Seen {
 struct Inner {
     root: PathBuf,
     token: String,
+    /// Speaks Gitea's API (`Authorization: token ...`) instead of GitHub's.
+    gitea: bool,
     base: String,
     seen: Mutex<Seen>,
 }
@@ -64,12 +66,23 @@ impl Drop for FakeForge {
 impl FakeForge {
     /// Starts it; `token` is the only credential it accepts.
     pub async fn start(token: &str) -> anyhow::Result<FakeForge> {
+        Self::start_as(token, false).await
+    }
+
+    /// Starts it speaking Gitea's API (its REST shapes are GitHub's, its
+    /// credentials `Authorization: token <token>`).
+    pub async fn start_gitea(token: &str) -> anyhow::Result<FakeForge> {
+        Self::start_as(token, true).await
+    }
+
+    async fn start_as(token: &str, gitea: bool) -> anyhow::Result<FakeForge> {
         let dir = tempfile::tempdir()?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             root: dir.path().to_owned(),
             token: token.to_owned(),
+            gitea,
             base: format!("http://{addr}"),
             seen: Mutex::default(),
         });
@@ -219,9 +232,14 @@ impl Inner {
                 .collect(),
             body: body.clone(),
         });
-        if h("authorization") != format!("Bearer {}", self.token) {
+        let (scheme, want) = if self.gitea {
+            ("token", format!("token {}", self.token))
+        } else {
+            ("Bearer", format!("Bearer {}", self.token))
+        };
+        if h("authorization") != want {
             seen.failures.push(format!(
-                "{method} {uri}: Authorization is not `Bearer <token>`"
+                "{method} {uri}: Authorization is not `{scheme} <token>`"
             ));
             return Err(Box::new(
                 (
@@ -232,11 +250,16 @@ impl Inner {
             ));
         }
         let mut wrong = Vec::new();
-        if h("accept") != "application/vnd.github+json" {
+        if !self.gitea && h("accept") != "application/vnd.github+json" {
             wrong.push("Accept is not application/vnd.github+json");
         }
-        if h("x-github-api-version").is_empty() {
+        if !self.gitea && h("x-github-api-version").is_empty() {
             wrong.push("no X-GitHub-Api-Version");
+        }
+        if self.gitea
+            && (body.get("draft").is_some() || body.get("maintainer_can_modify").is_some())
+        {
+            wrong.push("GitHub-only fields sent to Gitea");
         }
         if h("user-agent").is_empty() {
             wrong.push("no User-Agent (GitHub refuses those)");
