@@ -142,10 +142,18 @@ fn setup() -> anyhow::Result<()> {
 }
 
 /// What `setup` does, plus what only the tests need: a local image
-/// registry (Debian's `docker-registry`, started by the tests themselves)
-/// and PostgreSQL with the tests' role.
+/// registry (Debian's `docker-registry`, started by the tests themselves),
+/// PostgreSQL with the tests' role, and Chromium with its WebDriver for
+/// the UI's browser tests.
 fn setup_tests() -> anyhow::Result<()> {
-    apt_install(&["docker-registry", "postgresql", "openssl", "curl"])?;
+    apt_install(&[
+        "docker-registry",
+        "postgresql",
+        "openssl",
+        "curl",
+        "chromium",
+        "chromium-driver",
+    ])?;
     // npm installs the tests' agents; any npm will do (a Node.js from
     // elsewhere brings its own and conflicts with Debian's).
     if Command::new("npm").arg("--version").output().is_err() {

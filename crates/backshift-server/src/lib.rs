@@ -29,6 +29,7 @@ pub mod sandbox_git;
 pub mod secrets;
 pub mod serve;
 pub mod supervisor;
+pub mod ui;
 
 pub use config::Config;
 pub use serve::{Server, start};

@@ -114,6 +114,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/git/{repo}/git-upload-pack", post(git::upload_pack))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
+        .merge(crate::ui::routes())
         // Signed by their senders instead of carrying a token.
         .route("/webhooks/github", post(webhooks::github))
         .route("/webhooks/generic", post(webhooks::generic))
@@ -148,11 +149,36 @@ async fn require_token(
     next: Next,
 ) -> Result<Response, ApiError> {
     let git = req.uri().path().starts_with("/git/");
-    let token = req
+    let header_token = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(token_from_header);
+    // The web UI's session cookie; a change it authenticates must come
+    // from the UI's own page (a header no cross-site page can send).
+    let token = match header_token {
+        Some(t) => Some(t),
+        None => match crate::ui::cookie_token(req.headers()) {
+            Some(t) => {
+                let reads = matches!(
+                    *req.method(),
+                    axum::http::Method::GET | axum::http::Method::HEAD
+                );
+                if !reads && req.headers().get(crate::ui::UI_HEADER).is_none() {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::FORBIDDEN,
+                        "cross_site_refused",
+                        "a change authenticated by the UI's cookie came without the UI's header",
+                        Some(
+                            "send the API token as `Authorization: Bearer`, or use backshift's own page",
+                        ),
+                    ));
+                }
+                Some(t)
+            }
+            None => None,
+        },
+    };
     let Some(token) = token else {
         return Err(ApiError::unauthorized(git, "no API token was sent"));
     };

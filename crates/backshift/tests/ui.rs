@@ -1,0 +1,379 @@
+//! The web UI in a real browser: headless Chromium driven over WebDriver
+//! (Debian's `chromium` and `chromium-driver`), against the real server,
+//! a real sandbox and the scripted model. A failing step saves a
+//! screenshot under `target/ui-failures/`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{World, script};
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+use std::future::Future;
+use std::process::Stdio;
+use std::time::Duration;
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// A headless Chromium behind its own chromedriver; both go when dropped.
+pub struct Browser {
+    pub client: Client,
+    driver: tokio::process::Child,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    pub async fn start(width: u32, height: u32) -> Browser {
+        for (bin, what) in [(CHROMEDRIVER, "chromium-driver"), (CHROMIUM, "chromium")] {
+            assert!(
+                std::path::Path::new(bin).exists(),
+                "{bin} is missing: install Debian's {what} (`apt-get install chromium chromium-driver`; `cargo xtask setup` does)"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = tokio::process::Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver does not start");
+        let profile = tempfile::tempdir().unwrap();
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": CHROMIUM,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    "--disable-dev-shm-usage",
+                    format!("--user-data-dir={}", profile.path().display()),
+                    format!("--window-size={width},{height}"),
+                ]
+            }),
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        let mut last = String::new();
+        for _ in 0..100 {
+            match ClientBuilder::rustls()
+                .expect("rustls")
+                .capabilities(caps.clone())
+                .connect(&url)
+                .await
+            {
+                Ok(client) => {
+                    return Browser {
+                        client,
+                        driver,
+                        _profile: profile,
+                    };
+                }
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("cannot start a browser session through chromedriver: {last}");
+    }
+
+    /// Runs `steps`; if one fails, saves a screenshot named `name` and
+    /// fails the test with what went wrong.
+    pub async fn run<F, Fut>(self, name: &str, steps: F)
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<(), String>>,
+    {
+        let client = self.client.clone();
+        let outcome = steps(self.client.clone()).await;
+        if let Err(why) = outcome {
+            let dir =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/ui-failures");
+            let _ = std::fs::create_dir_all(&dir);
+            let shot = dir.join(format!("{name}.png"));
+            let saved = match client.screenshot().await {
+                Ok(png) => std::fs::write(&shot, png)
+                    .map(|()| format!("screenshot: {}", shot.display()))
+                    .unwrap_or_else(|e| format!("no screenshot: {e}")),
+                Err(e) => format!("no screenshot: {e}"),
+            };
+            let url = client
+                .current_url()
+                .await
+                .map(|u| u.to_string())
+                .unwrap_or_default();
+            let _ = client.close().await;
+            drop(self.driver);
+            panic!("{why}\n(at {url}; {saved})");
+        }
+        let _ = client.close().await;
+    }
+}
+
+/// Waits up to `secs` for the element `css`.
+pub async fn wait_for(
+    c: &Client,
+    css: &str,
+    secs: u64,
+) -> Result<fantoccini::elements::Element, String> {
+    c.wait()
+        .at_most(Duration::from_secs(secs))
+        .for_element(Locator::Css(css))
+        .await
+        .map_err(|e| format!("{css} did not appear in {secs} s: {e}"))
+}
+
+/// Waits up to `secs` until the element `css` holds `text`.
+pub async fn wait_for_text(c: &Client, css: &str, text: &str, secs: u64) -> Result<(), String> {
+    let mut seen = String::new();
+    for _ in 0..secs * 10 {
+        if let Ok(e) = c.find(Locator::Css(css)).await
+            && let Ok(t) = e.text().await
+        {
+            if t.contains(text) {
+                return Ok(());
+            }
+            seen = t;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!(
+        "{css} never said {text:?} in {secs} s; it said: {seen:?}"
+    ))
+}
+
+fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_create_watch_approve_review() {
+    // The agent reaches for a host a person must approve, writes a file
+    // and finishes.
+    let s = script(json!({"steps": [
+        {"reply": {"content": "Checking the docs first.", "tool_calls": [{"name": "run_command", "arguments": {"command": "curl -s -o /dev/null -w 'docs %{http_code}\\n' http://docs.invalid/api"}}]}},
+        {"reply": {"tool_calls": [{"name": "write_file", "arguments": {"path": "hello.py", "content": "print('hello')\n"}}]}},
+        {"reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Add hello.py"}}]}}
+    ]}));
+    let w = World::start(
+        Some(s),
+        "[[egress.rules]]\nhost = \"docs.invalid\"\naction = \"ask\"\n",
+    )
+    .await;
+    let token = w.token();
+    let repo = w.repo.to_string_lossy().into_owned();
+    let url = w.url.clone();
+    let browser = Browser::start(1280, 900).await;
+    browser
+        .run("sign_in_create_watch_approve_review", |c| async move {
+            c.goto(&url).await.map_err(fail("open the UI"))?;
+            // Signed out: the sign-in page. A wrong token is refused.
+            let input = wait_for(&c, "#token", 10).await?;
+            input.send_keys("not-a-token").await.map_err(fail("type"))?;
+            c.find(Locator::Css("#sign-in"))
+                .await
+                .map_err(fail("find sign in"))?
+                .click()
+                .await
+                .map_err(fail("click"))?;
+            wait_for_text(&c, "[role=alert]", "not valid for this server", 10).await?;
+            let input = c
+                .find(Locator::Css("#token"))
+                .await
+                .map_err(fail("token"))?;
+            input.clear().await.map_err(fail("clear"))?;
+            input.send_keys(&token).await.map_err(fail("type"))?;
+            c.find(Locator::Css("#sign-in"))
+                .await
+                .map_err(fail("find sign in"))?
+                .click()
+                .await
+                .map_err(fail("click"))?;
+            // The board, empty, says so.
+            wait_for_text(&c, "#tasks", "No tasks yet.", 10).await?;
+            // The session cookie is not readable by scripts.
+            let cookies = c
+                .execute("return document.cookie", vec![])
+                .await
+                .map_err(fail("cookie"))?;
+            if cookies.as_str().unwrap_or("").contains("backshift_session") {
+                return Err(format!(
+                    "the session cookie is readable by scripts: {cookies}"
+                ));
+            }
+            // A new task.
+            c.find(Locator::LinkText("New task"))
+                .await
+                .map_err(fail("nav"))?
+                .click()
+                .await
+                .map_err(fail("click"))?;
+            wait_for(&c, "#repo", 10)
+                .await?
+                .send_keys(&repo)
+                .await
+                .map_err(fail("repo"))?;
+            c.find(Locator::Css("#prompt"))
+                .await
+                .map_err(fail("prompt"))?
+                .send_keys("Add a hello script")
+                .await
+                .map_err(fail("type"))?;
+            c.find(Locator::Css("#create"))
+                .await
+                .map_err(fail("create"))?
+                .click()
+                .await
+                .map_err(fail("click"))?;
+            // Its events appear live: the agent's words and its command.
+            wait_for_text(&c, "#events", "Checking the docs first.", 60).await?;
+            wait_for_text(&c, "#events", "curl", 30).await?;
+            // A person is asked; the task page offers the answer.
+            let approve = wait_for(&c, "#pending .approval button[data-answer=once]", 60).await?;
+            wait_for_text(&c, "#approval-count", "1", 10).await?;
+            approve.click().await.map_err(fail("approve"))?;
+            wait_for_text(&c, "#events", "approved (once) by", 30).await?;
+            // The command's output (the denied connection) under its call.
+            wait_for_text(&c, "#events", "docs ", 30).await?;
+            wait_for_text(&c, "#events", "hello.py", 60).await?;
+            wait_for(&c, "#task-head .state[data-state=succeeded]", 90).await?;
+            wait_for_text(&c, "#timeline", "succeeded", 10).await?;
+            wait_for(&c, "#attempt-facts .state[data-state=succeeded]", 10).await?;
+            let head = c
+                .find(Locator::Css("#task-head"))
+                .await
+                .map_err(fail("head"))?;
+            let head = head.text().await.map_err(fail("text"))?;
+            if head.contains("null") || head.contains("undefined") {
+                return Err(format!("the task's header shows an empty value: {head:?}"));
+            }
+            // The diff.
+            wait_for(&c, "#diff-link", 20)
+                .await?
+                .click()
+                .await
+                .map_err(fail("diff"))?;
+            wait_for_text(&c, "pre.diff", "+print('hello')", 20).await?;
+            let add = c
+                .find(Locator::Css("pre.diff .add"))
+                .await
+                .map_err(fail("added line"))?;
+            let text = add.text().await.map_err(fail("text"))?;
+            if !text.starts_with('+') {
+                return Err(format!("the first added line reads {text:?}"));
+            }
+            // Nothing else waits; the board shows the task succeeded.
+            c.find(Locator::LinkText("Approvals"))
+                .await
+                .map_err(fail("nav"))?
+                .click()
+                .await
+                .map_err(fail("click"))?;
+            wait_for_text(&c, "#approvals", "Nothing is waiting for a decision.", 10).await?;
+            c.find(Locator::LinkText("Tasks"))
+                .await
+                .map_err(fail("nav"))?
+                .click()
+                .await
+                .map_err(fail("click"))?;
+            wait_for(&c, "#tasks .task .state[data-state=succeeded]", 10).await?;
+            // Signing out ends the session.
+            c.find(Locator::Css("#sign-out"))
+                .await
+                .map_err(fail("sign out"))?
+                .click()
+                .await
+                .map_err(fail("click"))?;
+            wait_for(&c, "#token", 10).await?;
+            c.goto(&format!("{url}/#/")).await.map_err(fail("reload"))?;
+            wait_for(&c, "#token", 10).await?;
+            Ok(())
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_fit_a_phone_and_changes_need_the_uis_header() {
+    let w = World::start(None, "").await;
+    let token = w.token();
+    let url = w.url.clone();
+    // A change carried by the session cookie alone (what a cross-site form
+    // could send) is refused; reads are not.
+    let http = reqwest::Client::new();
+    let cookie = format!("backshift_session={token}");
+    let resp = http
+        .post(format!("{url}/api/v1/tasks"))
+        .header("Cookie", &cookie)
+        .json(&json!({"prompt": "x", "repo": "/nonexistent"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let resp = http
+        .get(format!("{url}/api/v1/tasks"))
+        .header("Cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let page = http.get(&url).send().await.unwrap();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (_, _) = w
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/tasks",
+            Some(json!({"prompt": "A task with a long first line that has to wrap on a phone screen somehow", "repo": repo, "command": "echo hi > hi.txt"})),
+        )
+        .await;
+
+    let browser = Browser::start(390, 844).await;
+    browser
+        .run("the_pages_fit_a_phone", |c| async move {
+            c.goto(&url).await.map_err(fail("open"))?;
+            wait_for(&c, "#token", 10).await?.send_keys(&token).await.map_err(fail("type"))?;
+            c.find(Locator::Css("#sign-in")).await.map_err(fail("find"))?
+                .click().await.map_err(fail("click"))?;
+            wait_for(&c, "#tasks .task", 10).await?;
+            for page in ["#/", "#/new", "#/approvals"] {
+                c.goto(&format!("{url}/{page}")).await.map_err(fail("open"))?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let fits = c
+                    .execute(
+                        "return document.documentElement.scrollWidth <= window.innerWidth",
+                        vec![],
+                    )
+                    .await
+                    .map_err(fail("measure"))?;
+                if fits != json!(true) {
+                    return Err(format!("{page} is wider than a phone's screen"));
+                }
+            }
+            // Keyboard: the sign-out control and the nav links are
+            // reachable with Tab.
+            let focusable = c
+                .execute(
+                    "return [...document.querySelectorAll('nav a, nav button')].every(e => e.tabIndex >= 0)",
+                    vec![],
+                )
+                .await
+                .map_err(fail("focus"))?;
+            if focusable != json!(true) {
+                return Err("a navigation control cannot be reached with the keyboard".into());
+            }
+            Ok(())
+        })
+        .await;
+}
