@@ -377,3 +377,161 @@ async fn the_pages_fit_a_phone_and_changes_need_the_uis_header() {
         })
         .await;
 }
+
+/// Signs the browser in at `url` with `token`.
+async fn sign_in(c: &Client, url: &str, token: &str) -> Result<(), String> {
+    c.goto(url).await.map_err(fail("open"))?;
+    wait_for(c, "#token", 10)
+        .await?
+        .send_keys(token)
+        .await
+        .map_err(fail("type"))?;
+    c.find(Locator::Css("#sign-in"))
+        .await
+        .map_err(fail("find"))?
+        .click()
+        .await
+        .map_err(fail("click"))?;
+    wait_for(c, "#tasks", 10).await.map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_pick_watch_sandboxes_and_change_settings() {
+    let w = World::start(None, "").await;
+    let token = w.token();
+    let url = w.url.clone();
+    let repo = w.repo.to_string_lossy().into_owned();
+    // Two attempts: the second writes more.
+    let (status, created) = w
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/tasks",
+            Some(json!({"prompt": "Write notes", "repo": repo, "attempts": 2,
+                "command": "case \"$BACKSHIFT_BRANCH\" in *-2) seq 1 30 > notes.txt ;; *) echo one > notes.txt ;; esac"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let pair = created["id"].as_str().unwrap().to_owned();
+    w.wait(&pair).await;
+    // One that keeps its sandbox busy.
+    let (status, created) = w
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/tasks",
+            Some(json!({"prompt": "Take a while", "repo": repo, "command": "sleep 120"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let busy = created["id"].as_str().unwrap().to_owned();
+    // A secret, granted to the project.
+    let (code, out, err) = w
+        .cli_with_stdin(&["secrets", "set", "DEPLOY_KEY"], "s3cret-value-42\n")
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, view) = w
+        .api(reqwest::Method::GET, &format!("/api/v1/tasks/{pair}"), None)
+        .await;
+    let project = view["project_id"].as_str().unwrap().to_owned();
+    let (code, out, err) = w
+        .cli(&["secrets", "grant", "DEPLOY_KEY", &project, "--as", "KEY"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+
+    let (p2, b2) = (pair.clone(), busy.clone());
+    let browser = Browser::start(1280, 900).await;
+    browser
+        .run(
+            "compare_and_pick_watch_sandboxes_and_change_settings",
+            |c| async move {
+                sign_in(&c, &url, &token).await?;
+                // Side by side, best first; the other one can be delivered.
+                c.goto(&format!("{url}/#/task/{p2}"))
+                    .await
+                    .map_err(fail("open"))?;
+                let first = wait_for(&c, "#compare tbody tr", 10).await?;
+                let first = first.attr("data-attempt").await.map_err(fail("attr"))?;
+                if first.as_deref() != Some(format!("{p2}-1").as_str()) {
+                    return Err(format!(
+                        "the smaller change should rank first, got {first:?}"
+                    ));
+                }
+                wait_for_text(&c, "#compare", "chosen by auto", 10).await?;
+                wait_for(&c, &format!("button[data-pick='{p2}-2']"), 10)
+                    .await?
+                    .click()
+                    .await
+                    .map_err(fail("pick"))?;
+                wait_for_text(
+                    &c,
+                    "#compare",
+                    &format!("The result: {p2}-2 (chosen by token:admin)"),
+                    10,
+                )
+                .await?;
+                // The busy sandbox: measured, and gone when its task is cancelled.
+                c.find(Locator::LinkText("Sandboxes"))
+                    .await
+                    .map_err(fail("nav"))?
+                    .click()
+                    .await
+                    .map_err(fail("click"))?;
+                wait_for_text(&c, &format!("[data-sandbox] a[href*='{b2}']"), &b2, 30).await?;
+                wait_for_text(&c, "#sandboxes .memory", "MiB of", 10).await?;
+                wait_for(&c, &format!("button[data-cancel='{b2}']"), 10)
+                    .await?
+                    .click()
+                    .await
+                    .map_err(fail("cancel"))?;
+                wait_for_text(&c, "#sandboxes", "No sandbox is running", 30).await?;
+                // Settings: the secret's name and grant, never its value; a
+                // project rule added.
+                c.find(Locator::LinkText("Settings"))
+                    .await
+                    .map_err(fail("nav"))?
+                    .click()
+                    .await
+                    .map_err(fail("click"))?;
+                wait_for_text(&c, "#secrets", "DEPLOY_KEY", 10).await?;
+                wait_for_text(&c, "#secrets", "as KEY", 10).await?;
+                let source = c.source().await.map_err(fail("source"))?;
+                if source.contains("s3cret-value-42") {
+                    return Err("the secret's value is on the page".into());
+                }
+                wait_for(&c, ".project .rule-host", 10)
+                    .await?
+                    .send_keys("*.pythonhosted.org")
+                    .await
+                    .map_err(fail("type"))?;
+                c.find(Locator::Css(".project .rule-port"))
+                    .await
+                    .map_err(fail("port"))?
+                    .send_keys("443")
+                    .await
+                    .map_err(fail("type"))?;
+                c.find(Locator::Css(".project form button"))
+                    .await
+                    .map_err(fail("add"))?
+                    .click()
+                    .await
+                    .map_err(fail("click"))?;
+                wait_for_text(&c, ".project .rules", "allow *.pythonhosted.org:443", 10).await?;
+                Ok(())
+            },
+        )
+        .await;
+    let (_, project) = w
+        .api(
+            reqwest::Method::GET,
+            &format!("/api/v1/projects/{project}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        project["egress_rules"],
+        json!([{"host": "*.pythonhosted.org", "ports": [443], "action": "allow"}])
+    );
+    let (_, busy_view) = w
+        .api(reqwest::Method::GET, &format!("/api/v1/tasks/{busy}"), None)
+        .await;
+    assert_eq!(busy_view["state"], "cancelled");
+}

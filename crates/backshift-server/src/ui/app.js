@@ -111,7 +111,7 @@ async function route() {
   for (const a of nav.querySelectorAll("a")) {
     a.classList.toggle("current", a.dataset.nav === (page || "board"));
   }
-  const views = { "": board, login, new: newTask, task, diff, approvals };
+  const views = { "": board, login, new: newTask, task, diff, approvals, sandboxes, settings };
   const view = views[page || ""] || notFound;
   try {
     await view(decodeURIComponent(arg || ""));
@@ -397,9 +397,10 @@ async function task(id) {
   const params = new URLSearchParams(location.hash.split("?")[1] || "");
   let current = params.get("attempt") || t.winner || t.attempts[t.attempts.length - 1].id;
   const head = el("div", { id: "task-head" });
+  const compare = el("div", { id: "compare" });
   const tabs = el("div", { class: "tabs", role: "tablist" });
   const body = el("div", { id: "attempt" });
-  show(head, tabs, body);
+  show(head, compare, tabs, body);
 
   const renderHead = () => {
     fill(head,
@@ -413,6 +414,9 @@ async function task(id) {
         ev.target.disabled = true;
         try { t = await api("POST", `/api/v1/tasks/${t.id}/cancel`); renderHead(); } catch (e) { head.append(errorBox(e)); }
       } }, "Cancel task")) : null);
+    fill(compare, t.attempts.length > 1 ? comparison(t, async (attempt) => {
+      try { t = await api("POST", `/api/v1/tasks/${t.id}/pick`, { attempt }); renderHead(); } catch (e) { compare.append(errorBox(e)); }
+    }) : null);
     fill(tabs, ...(t.attempts.length > 1 ? t.attempts.map((a) => el("button", {
       role: "tab", "aria-selected": String(a.id === current), onclick: () => { current = a.id; renderHead(); openAttempt(); },
     }, `#${a.n} ${a.agent} `, stateBadge(a.state), t.winner === a.id ? " ★" : "")) : []));
@@ -467,6 +471,127 @@ async function task(id) {
   renderHead();
   await openAttempt();
   onLeave(() => source && source.close());
+}
+
+/// A task's attempts side by side, best first, with a pick button for
+/// those that succeeded.
+function comparison(t, pick) {
+  const rows = t.ranking.map((id) => t.attempts.find((a) => a.id === id)).filter(Boolean);
+  const cell = (v) => el("td", {}, v);
+  return el("div", { class: "card" },
+    el("h2", {}, "Attempts, best first"),
+    el("div", { class: "scroll" }, el("table", { class: "compare" },
+      el("thead", {}, el("tr", {}, ["Rank", "Attempt", "Agent", "State", "Tests", "Change", "Tokens", "Time", ""].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, rows.map((a) => {
+        const v = a.verification;
+        const tests = !v ? "–" : v.report.format === "exit_code" ? (v.passed ? "passed" : "failed")
+          : `${v.passed ? "passed" : "failed"} ${v.report.passed}/${v.report.passed + v.report.failed}`;
+        const u = a.usage;
+        return el("tr", { "data-attempt": a.id, class: t.winner === a.id ? "winner" : null },
+          cell(`${t.winner === a.id ? "★ " : ""}${a.rank}`),
+          cell(el("a", { href: `#/task/${t.id}?attempt=${a.id}` }, a.id)),
+          cell(a.agent), cell(stateBadge(a.state)), cell(tests),
+          cell(a.diff ? `+${a.diff.insertions} −${a.diff.deletions}` : "–"),
+          cell(u ? String(u.input_tokens + u.output_tokens) : "–"),
+          cell(a.duration_ms !== undefined ? `${(a.duration_ms / 1000).toFixed(1)} s` : "–"),
+          cell(a.state === "succeeded" && t.winner !== a.id
+            ? el("button", { "data-pick": a.id, onclick: () => pick(a.id) }, "Deliver this one") : ""));
+      })))),
+    t.winner ? el("p", { class: "muted" }, `The result: ${t.winner} (chosen by ${t.winner_by}).`)
+      : el("p", { class: "muted" }, "The result is chosen when every attempt has ended."));
+}
+
+// ---- sandboxes ---------------------------------------------------------
+
+const mib = (b) => `${Math.round(b / 1048576)} MiB`;
+
+async function sandboxes() {
+  const list = el("div", { id: "sandboxes", "aria-live": "polite" }, el("p", { class: "muted" }, "Measuring…"));
+  const status = el("p", { class: "status-line" });
+  show(el("h1", {}, "Sandboxes"), list, status);
+  const load = async () => {
+    try {
+      const boxes = await api("GET", "/api/v1/sandboxes");
+      if (boxes.length === 0) {
+        list.replaceChildren(el("p", { class: "muted" }, "No sandbox is running: none of the tasks is at work."));
+      } else {
+        list.replaceChildren(...boxes.map((b) => el("div", { class: "card sandbox", "data-sandbox": b.id },
+          el("div", { class: "row" },
+            el("strong", { class: "grow" }, b.attempt_id ? el("a", { href: `#/task/${b.task_id}?attempt=${b.attempt_id}` }, b.attempt_id) : b.id.slice(0, 12)),
+            el("span", { class: `state ${b.running ? "running" : "cancelled"}` }, b.running ? "running" : "stopped")),
+          el("div", { class: "row muted" },
+            el("span", {}, `CPU ${b.cpu_percent === null || b.cpu_percent === undefined ? "–" : b.cpu_percent.toFixed(1) + " %"}`),
+            el("span", { class: "memory" }, `memory ${mib(b.memory_bytes)} of ${mib(b.memory_limit_bytes)}`),
+            el("span", {}, `${b.pids} processes`),
+            el("span", {}, b.disk_bytes === null || b.disk_bytes === undefined ? "disk –" : `disk ${mib(b.disk_bytes)}${b.disk_limit_bytes ? ` of ${mib(b.disk_limit_bytes)}` : ""}`)),
+          b.disk_limit_note ? el("p", { class: "muted" }, b.disk_limit_note) : null,
+          b.task_id ? el("div", { class: "actions" }, el("button", { class: "danger", "data-cancel": b.task_id, onclick: async (ev) => {
+            ev.target.disabled = true;
+            try { await api("POST", `/api/v1/tasks/${b.task_id}/cancel`); load(); } catch (e) { list.append(errorBox(e)); }
+          } }, "Cancel its task (the sandbox goes)")) : null)));
+      }
+      status.textContent = `Measured ${new Date().toLocaleTimeString()}; every 5 s.`;
+    } catch (e) {
+      list.replaceChildren(errorBox(e));
+    }
+  };
+  await load();
+  const timer = setInterval(load, 5000);
+  onLeave(() => clearInterval(timer));
+}
+
+// ---- settings ----------------------------------------------------------
+
+function ruleText(r) {
+  let s = `${r.action} ${r.host}`;
+  if (r.ports && r.ports.length) s += `:${r.ports.join(",")}`;
+  if (r.methods && r.methods.length) s += ` ${r.methods.join(",")}`;
+  if (r.path_prefix) s += ` ${r.path_prefix}*`;
+  return s;
+}
+
+async function settings() {
+  const [projects, secrets, me] = await Promise.all([
+    api("GET", "/api/v1/projects"), api("GET", "/api/v1/secrets"), api("GET", "/ui/session")]);
+  const projectCards = projects.map((p) => {
+    const rules = el("ul", { class: "rules" });
+    const out = el("div", { "aria-live": "polite" });
+    const save = async (next) => {
+      try {
+        const saved = await api("PUT", `/api/v1/projects/${p.id}/egress`, { rules: next });
+        p.egress_rules = saved.egress_rules;
+        draw();
+        out.replaceChildren(el("p", { class: "muted" }, "Saved: the next request of its sandboxes follows it."));
+      } catch (e) {
+        out.replaceChildren(errorBox(e));
+      }
+    };
+    const draw = () => fill(rules, p.egress_rules.length === 0 ? el("li", { class: "muted" }, "No rules of its own: the server's apply.")
+      : p.egress_rules.map((r, i) => el("li", {}, el("code", {}, ruleText(r)), " ",
+        el("button", { class: "link", "data-remove": i, onclick: () => save(p.egress_rules.filter((_, j) => j !== i)) }, "remove"))));
+    draw();
+    const host = el("input", { placeholder: "host, e.g. *.pythonhosted.org", "aria-label": "Host", class: "rule-host" });
+    const port = el("input", { placeholder: "port (any)", type: "number", min: 1, max: 65535, "aria-label": "Port", class: "rule-port" });
+    const action = el("select", { "aria-label": "Action", class: "rule-action" }, ["allow", "ask", "deny"].map((a) => el("option", { value: a }, a)));
+    const add = el("form", { class: "row", onsubmit: (ev) => {
+      ev.preventDefault();
+      const r = { host: host.value.trim(), action: action.value };
+      if (port.value) r.ports = [parseInt(port.value, 10)];
+      save([...p.egress_rules, r]);
+    } }, host, port, action, el("button", { type: "submit" }, "Add rule"));
+    return el("div", { class: "card project", "data-project": p.id },
+      el("div", { class: "row" }, el("strong", {}, p.id), el("span", { class: "grow muted" }, p.source)),
+      el("h3", {}, "Network rules"), rules, add, out);
+  });
+  show(el("h1", {}, "Settings"),
+    el("p", { class: "muted" }, `Signed in with the token "${me.token}". Server-wide policy, limits and tokens are in the server's configuration file.`),
+    el("h2", {}, "Projects"),
+    projects.length ? projectCards : el("p", { class: "muted" }, "No project yet: one is made with its first task."),
+    el("h2", {}, "Secrets"),
+    el("p", { class: "muted" }, "Names only: values never leave the server (`backshift secrets set NAME` to add one)."),
+    secrets.length === 0 ? el("p", { class: "muted" }, "No secrets.")
+      : el("ul", { id: "secrets" }, secrets.map((x) => el("li", { "data-secret": x.name }, el("code", {}, x.name),
+        x.grants.length ? ` → ${x.grants.map((g) => `${g.project_id} as ${g.as}${g.setup_only ? " (setup only)" : ""}`).join(", ")}` : " (granted to no project)"))));
 }
 
 // ---- approvals ---------------------------------------------------------
