@@ -18,9 +18,10 @@ fn main() {
         Some("setup") => setup_tests(),
         Some("bench") => setup_tests().and_then(|()| bench(&args[1..])),
         Some("ci") => ci(),
+        Some("screenshots") => setup_tests().and_then(|()| screenshots(&args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|up|setup|bench|ci> [args]\n  test  set up Docker and the sandbox image, run the whole suite\n  up    set up, build release, start `backshift serve` (args are passed on)\n  setup only the setup (for the tests)\n  bench set up, run the benchmarks (args are passed on, e.g. --iterations 50)\n  ci    fmt --check, clippy -D warnings, then test"
+                "usage: cargo xtask <test|up|setup|bench|ci> [args]\n  test  set up Docker and the sandbox image, run the whole suite\n  up    set up, build release, start `backshift serve` (args are passed on)\n  setup only the setup (for the tests)\n  bench set up, run the benchmarks (args are passed on, e.g. --iterations 50)\n  ci    fmt --check, clippy -D warnings, then test\n  screenshots [DIR]  the web UI's main pages at desktop and phone width, as PNGs in DIR (docs/screenshots)"
             );
             std::process::exit(2);
         }
@@ -248,6 +249,37 @@ fn postgres() -> anyhow::Result<()> {
             .status();
     }
     Ok(())
+}
+
+/// The web UI's main pages in headless Chromium, at desktop and phone
+/// width, as PNGs in `DIR` (default `docs/screenshots`).
+fn screenshots(args: &[String]) -> anyhow::Result<()> {
+    let dir = args
+        .first()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("docs/screenshots"));
+    let dir = if dir.is_absolute() {
+        dir
+    } else {
+        root().join(dir)
+    };
+    step(&format!("taking screenshots into {}", dir.display()));
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args([
+            "test",
+            "-p",
+            "backshift",
+            "--test",
+            "ui",
+            "screenshots",
+            "--",
+            "--ignored",
+            "--exact",
+            "--nocapture",
+        ])
+        .env("UI_SCREENSHOTS_DIR", &dir)
+        .env("DOCKER_API_VERSION", "1.41"))
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {

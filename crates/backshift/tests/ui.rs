@@ -535,3 +535,105 @@ async fn compare_and_pick_watch_sandboxes_and_change_settings() {
         .await;
     assert_eq!(busy_view["state"], "cancelled");
 }
+
+/// `cargo xtask screenshots` runs this: the main pages at desktop and
+/// phone width, as PNGs in `$UI_SCREENSHOTS_DIR` (for the README).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by `cargo xtask screenshots`"]
+async fn screenshots() {
+    let dir = std::path::PathBuf::from(
+        std::env::var("UI_SCREENSHOTS_DIR").expect("set UI_SCREENSHOTS_DIR to a directory"),
+    );
+    std::fs::create_dir_all(&dir).unwrap();
+    // A finished task, one with two attempts, and one waiting for a person.
+    let s = script(json!({"mode": "turn", "steps": [
+        {"reply": {"content": "I will add the greeting and check it.", "tool_calls": [{"name": "write_file", "arguments": {"path": "hello.py", "content": "print('hello')\n"}}]}},
+        {"reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "python3 hello.py && curl -s -o /dev/null -w '%{http_code}\\n' http://docs.invalid/api"}}]}},
+        {"reply": {"tool_calls": [{"name": "finish", "arguments": {"summary": "Add hello.py\n\nIt prints hello."}}]}}
+    ]}));
+    let w = World::start(
+        Some(s),
+        "[approvals]\ntimeout_secs = 900\n[[egress.rules]]\nhost = \"docs.invalid\"\naction = \"ask\"\n",
+    )
+    .await;
+    let repo = w.repo.to_string_lossy().into_owned();
+    let create = |body: serde_json::Value| {
+        let w = &w;
+        async move {
+            let (status, v) = w
+                .api(reqwest::Method::POST, "/api/v1/tasks", Some(body))
+                .await;
+            assert_eq!(status, 201, "{v}");
+            v["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let pair = create(json!({"prompt": "Write release notes for 1.4", "repo": repo, "attempts": 2,
+        "command": "case \"$BACKSHIFT_BRANCH\" in *-2) seq 1 30 > NOTES.md ;; *) echo 'Faster checkouts.' > NOTES.md ;; esac"})).await;
+    w.wait(&pair).await;
+    let waiting =
+        create(json!({"prompt": "Add a hello script and check the docs", "repo": repo})).await;
+    for _ in 0..300 {
+        let (_, list) = w.api(reqwest::Method::GET, "/api/v1/approvals", None).await;
+        if !list.as_array().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (token, url) = (w.token(), w.url.clone());
+    for (label, width, height) in [("desktop", 1280, 900), ("phone", 390, 844)] {
+        let browser = Browser::start(width, height).await;
+        let (dir, token, url, pair, waiting) = (
+            dir.clone(),
+            token.clone(),
+            url.clone(),
+            pair.clone(),
+            waiting.clone(),
+        );
+        browser
+            .run(&format!("screenshots-{label}"), |c| async move {
+                c.goto(&url).await.map_err(fail("open"))?;
+                wait_for(&c, "#token", 10).await?;
+                let shots = [
+                    ("sign-in", format!("{url}/#/login"), "#token"),
+                    ("board", format!("{url}/#/"), "#tasks .task"),
+                    ("new-task", format!("{url}/#/new"), "#repo"),
+                    (
+                        "task-live",
+                        format!("{url}/#/task/{waiting}"),
+                        "#pending .approval",
+                    ),
+                    (
+                        "compare",
+                        format!("{url}/#/task/{pair}"),
+                        "#compare tbody tr",
+                    ),
+                    (
+                        "approvals",
+                        format!("{url}/#/approvals"),
+                        "#approvals .approval",
+                    ),
+                    ("diff", format!("{url}/#/diff/{pair}-1"), "pre.diff"),
+                    (
+                        "sandboxes",
+                        format!("{url}/#/sandboxes"),
+                        "#sandboxes .sandbox",
+                    ),
+                    ("settings", format!("{url}/#/settings"), ".project"),
+                ];
+                for (i, (name, page, ready)) in shots.iter().enumerate() {
+                    if i == 1 {
+                        sign_in(&c, &url, &token).await?;
+                    }
+                    c.goto(page).await.map_err(fail("open"))?;
+                    wait_for(&c, ready, 30).await?;
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    let png = c.screenshot().await.map_err(fail("screenshot"))?;
+                    std::fs::write(dir.join(format!("{name}-{label}.png")), png)
+                        .map_err(fail("write"))?;
+                }
+                Ok(())
+            })
+            .await;
+    }
+    eprintln!("screenshots in {}", dir.display());
+}

@@ -51,6 +51,16 @@ function ago(ts) {
   return new Date(ts).toLocaleString();
 }
 
+/// How long until `ts`, in words.
+function until(ts) {
+  const s = Math.round((Date.parse(ts) - Date.now()) / 1000);
+  if (!isFinite(s)) return ts;
+  if (s <= 0) return "now";
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.round(s / 60)} min`;
+  return `${Math.round(s / 3600)} h`;
+}
+
 const short = (s, n) => (s && s.length > n ? s.slice(0, n - 1) + "…" : s || "");
 const firstLine = (s) => (s || "").split("\n").find((l) => l.trim()) || "";
 
@@ -615,7 +625,7 @@ function approvalCard(p) {
   };
   const card = el("div", { class: "card approval", "data-approval": p.id },
     el("div", { class: "row" }, el("strong", { class: "grow" }, p.summary), el("span", { class: "muted" }, p.kind)),
-    el("div", { class: "muted" }, el("a", { href: `#/task/${p.task_id}` }, p.attempt_id), ` · denied ${ago(p.expires_at).replace(" ago", "")} unless answered (at ${new Date(p.expires_at).toLocaleTimeString()})`),
+    el("div", { class: "muted" }, el("a", { href: `#/task/${p.task_id}` }, p.attempt_id), ` · denied in ${until(p.expires_at)} unless answered (at ${new Date(p.expires_at).toLocaleTimeString()})`),
     el("div", { class: "actions" },
       el("button", { class: "primary", "data-answer": "once", onclick: () => answer("approve", "once") }, "Approve once"),
       el("button", { "data-answer": "task", onclick: () => answer("approve", "task") }, "For this task"),
