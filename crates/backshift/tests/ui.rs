@@ -147,6 +147,39 @@ pub async fn wait_for_text(c: &Client, css: &str, text: &str, secs: u64) -> Resu
     ))
 }
 
+/// The text of the element `css`, hidden parts (a folded tool call's
+/// output) included.
+pub async fn text_content(c: &Client, css: &str) -> Result<String, String> {
+    let v = c
+        .execute(
+            "const e = document.querySelector(arguments[0]); return e ? e.textContent : null;",
+            vec![json!(css)],
+        )
+        .await
+        .map_err(fail("read the page"))?;
+    v.as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no {css} on the page"))
+}
+
+/// Waits up to `secs` until `css`'s text, hidden parts included, holds
+/// `text`.
+pub async fn wait_for_content(c: &Client, css: &str, text: &str, secs: u64) -> Result<(), String> {
+    let mut seen = String::new();
+    for _ in 0..secs * 10 {
+        if let Ok(t) = text_content(c, css).await {
+            if t.contains(text) {
+                return Ok(());
+            }
+            seen = t;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!(
+        "{css} never held {text:?} in {secs} s; it held: {seen:?}"
+    ))
+}
+
 fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
@@ -239,7 +272,7 @@ async fn sign_in_create_watch_approve_review() {
             approve.click().await.map_err(fail("approve"))?;
             wait_for_text(&c, "#events", "approved (once) by", 30).await?;
             // The command's output (the denied connection) under its call.
-            wait_for_text(&c, "#events", "docs ", 30).await?;
+            wait_for_content(&c, "#events", "docs ", 30).await?;
             wait_for_text(&c, "#events", "hello.py", 60).await?;
             wait_for(&c, "#task-head .state[data-state=succeeded]", 90).await?;
             wait_for_text(&c, "#timeline", "succeeded", 10).await?;
@@ -636,4 +669,48 @@ async fn screenshots() {
             .await;
     }
     eprintln!("screenshots in {}", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_view_survives_a_server_restart_without_gaps_or_repeats() {
+    let mut w = World::start(None, "").await;
+    let token = w.token();
+    let url = w.url.clone();
+    let repo = w.repo.to_string_lossy().into_owned();
+    let (status, created) = w
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/tasks",
+            Some(json!({"prompt": "Count slowly", "repo": repo,
+                "command": "for i in $(seq 1 60); do echo \"line $i\"; sleep 0.25; done"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let task = created["id"].as_str().unwrap().to_owned();
+    let browser = Browser::start(1280, 900).await;
+    browser
+        .run("the_live_view_survives_a_server_restart", |c| async move {
+            sign_in(&c, &url, &token).await?;
+            c.goto(&format!("{url}/#/task/{task}"))
+                .await
+                .map_err(fail("open"))?;
+            wait_for_content(&c, "#events pre.output", "line 5\n", 30).await?;
+            // The server dies mid-stream (the command goes on in its
+            // sandbox) and comes back.
+            w.kill_server().await;
+            wait_for_text(&c, "#stream-status", "reconnecting", 15).await?;
+            w.restart_server().await;
+            wait_for_text(&c, "#stream-status", "The attempt has ended.", 90).await?;
+            let out = text_content(&c, "#events pre.output").await?;
+            let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("line ")).collect();
+            let want: Vec<String> = (1..=60).map(|i| format!("line {i}")).collect();
+            if lines != want {
+                return Err(format!(
+                    "the output shown is not lines 1 to 60, once each, in order:\n{out}"
+                ));
+            }
+            wait_for(&c, "#task-head .state[data-state=succeeded]", 20).await?;
+            Ok(())
+        })
+        .await;
 }

@@ -331,7 +331,8 @@ class EventView {
         const mark = el("span", { class: "mark" }, "…");
         const args = e.arguments || {};
         const what = e.title || args.command || args.path || JSON.stringify(args);
-        const details = el("details", { "data-call": e.call_id },
+        // Open while it runs, folded once it ended.
+        const details = el("details", { "data-call": e.call_id, open: true },
           el("summary", {}, mark, " ", e.name, " ", el("code", {}, short(what, 160))), out);
         this.calls.set(e.call_id, { out, mark });
         li("tool", details);
@@ -348,6 +349,7 @@ class EventView {
         const text = `${e.ok ? "✔" : "✗"}${e.exit_code !== null && e.exit_code !== undefined ? ` exit ${e.exit_code}` : ""} (${e.duration_ms} ms)`;
         if (c) {
           c.mark.textContent = e.ok ? "✔" : "✗";
+          c.out.closest("details").open = false;
           if (!c.out.textContent) c.out.append(e.output || "");
           c.out.append(`\n${text}`);
         } else li("result", `${e.name} ${text}`);
