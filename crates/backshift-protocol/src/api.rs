@@ -123,6 +123,32 @@ pub struct Delivery {
     pub at: String,
 }
 
+/// An API token, by name (its value is shown once, when it is made).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenView {
+    /// Its name.
+    pub name: String,
+    /// When it was made (RFC 3339).
+    pub created_at: String,
+}
+
+/// `POST /api/v1/tokens`: a new API token.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Its name (letters, digits, `-`, `_`, `.`; unique).
+    pub name: String,
+}
+
+/// A token just made: the only time its value is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    /// Its name.
+    pub name: String,
+    /// The token (`bs_...`); only its SHA-256 is kept.
+    pub token: String,
+}
+
 /// `POST /api/v1/tasks/{id}/pick`: choose the attempt that is the task's
 /// result.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -311,6 +311,24 @@ impl Store {
         rows.iter().map(TaskRow::from_row).collect()
     }
 
+    /// The API tokens' names and creation times (never their hashes),
+    /// oldest first.
+    pub async fn list_tokens(&self) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query("SELECT name, created_at FROM api_tokens ORDER BY created_at, name")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Deletes the tokens named `name`; returns how many there were.
+    pub async fn delete_token(&self, name: &str) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM api_tokens WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Records a webhook delivery's id for `source`; false when it was
     /// seen before (a replay).
     pub async fn first_delivery(&self, source: &str, id: &str, now: i64) -> Result<bool> {

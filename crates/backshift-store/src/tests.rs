@@ -245,6 +245,14 @@ async fn tokens_are_found_by_hash_only(store: Store) {
         Some("admin")
     );
     assert_eq!(store.token_by_hash("abd").await.unwrap(), None);
+    store.insert_token("t2", "ci", "def", 2).await.unwrap();
+    assert_eq!(
+        store.list_tokens().await.unwrap(),
+        [("admin".to_owned(), 1), ("ci".to_owned(), 2)]
+    );
+    assert_eq!(store.delete_token("ci").await.unwrap(), 1);
+    assert_eq!(store.token_by_hash("def").await.unwrap(), None);
+    assert_eq!(store.delete_token("ci").await.unwrap(), 0);
     assert_eq!(store.meta_init("instance", "x").await.unwrap(), "x");
     assert_eq!(store.meta_init("instance", "y").await.unwrap(), "x");
 }

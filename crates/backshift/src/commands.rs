@@ -2,7 +2,7 @@
 
 use crate::client::Client;
 use crate::render::event_lines;
-use crate::{AuditCommand, Cli, Command, ImageCommand, SecretsCommand};
+use crate::{AuditCommand, Cli, Command, ImageCommand, SecretsCommand, TokensCommand};
 use anyhow::{Context, bail};
 use backshift_core::AttemptId;
 use backshift_core::limits::LimitsRequest;
@@ -429,6 +429,7 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             clear,
         } => egress(&client, &project, &add, &remove, clear).await,
         Command::Secrets { command } => secrets(&client, command).await,
+        Command::Tokens { command } => tokens(&client, command).await,
         Command::Audit {
             command: Some(AuditCommand::Verify),
             ..
@@ -596,6 +597,40 @@ async fn egress(
     }
     for (i, r) in p.egress_rules.iter().enumerate() {
         println!("  {}. {}", i + 1, r.describe());
+    }
+    Ok(0)
+}
+
+async fn tokens(client: &Client, command: TokensCommand) -> anyhow::Result<i32> {
+    match command {
+        TokensCommand::Ls => {
+            let list: Vec<backshift_protocol::TokenView> = client
+                .send(client.request(Method::GET, "/api/v1/tokens"))
+                .await?;
+            println!("{:<24} CREATED", "NAME");
+            for t in list {
+                println!("{:<24} {}", t.name, t.created_at);
+            }
+        }
+        TokensCommand::Create { name } => {
+            let made: backshift_protocol::TokenCreated = client
+                .send(
+                    client
+                        .request(Method::POST, "/api/v1/tokens")
+                        .json(&backshift_protocol::CreateToken { name }),
+                )
+                .await?;
+            println!(
+                "token {} (shown this once; backshift keeps only its hash):\n{}",
+                made.name, made.token
+            );
+        }
+        TokensCommand::Revoke { name } => {
+            client
+                .send_raw(client.request(Method::DELETE, &format!("/api/v1/tokens/{name}")))
+                .await?;
+            println!("token {name} is revoked");
+        }
     }
     Ok(0)
 }

@@ -206,6 +206,11 @@ enum Command {
         #[command(subcommand)]
         command: SecretsCommand,
     },
+    /// API tokens: list, make (shown once), revoke.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
     /// The audit log: every API mutation and policy decision, in order.
     Audit {
         #[command(subcommand)]
@@ -234,6 +239,22 @@ enum Command {
         /// The shim's directory: its socket and journal.
         #[arg(long, default_value = backshift_shim::proto::SANDBOX_DIR)]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// List the tokens by name.
+    Ls,
+    /// Make a token; its value is printed once and kept nowhere.
+    Create {
+        /// Its name (e.g. ci, alice-laptop).
+        name: String,
+    },
+    /// Revoke a token: requests carrying it are refused from now on.
+    Revoke {
+        /// Its name.
+        name: String,
     },
 }
 

@@ -151,3 +151,64 @@ async fn mutations_and_decisions_are_audited_and_tampering_is_found() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_made_once_listed_by_name_and_revoked() {
+    let w = World::start(None, "").await;
+    let (code, out, err) = w.cli(&["tokens", "create", "ci"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let token = out.lines().last().unwrap().trim().to_owned();
+    assert!(token.starts_with("bs_"), "{out}");
+    // It works, like any token.
+    let http = reqwest::Client::new();
+    let ok = http
+        .get(format!("{}/api/v1/tasks", w.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let (code, listed, _) = w.cli(&["tokens", "ls"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        listed.contains("admin") && listed.contains("ci"),
+        "{listed}"
+    );
+    assert!(!listed.contains(&token), "a token's value is listed");
+    // Names are unique and well-formed.
+    let (status, body) = w
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/tokens",
+            Some(serde_json::json!({"name": "ci"})),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, _) = w
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/tokens",
+            Some(serde_json::json!({"name": "a b"})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    // Revoked: refused from now on; the last token cannot go.
+    let (code, out, err) = w.cli(&["tokens", "revoke", "ci"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let refused = http
+        .get(format!("{}/api/v1/tasks", w.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let (status, body) = w
+        .api(reqwest::Method::DELETE, "/api/v1/tokens/admin", None)
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (_, audit, _) = w.cli(&["audit"]).await;
+    assert!(
+        audit.contains("token.create") && audit.contains("token.revoke"),
+        "{audit}"
+    );
+}

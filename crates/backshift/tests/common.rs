@@ -219,13 +219,17 @@ impl World {
 
     /// All events of `attempt`, in order.
     pub async fn events(&self, attempt: &str) -> Vec<Value> {
-        let (_, v) = self
+        let (status, v) = self
             .api(
                 reqwest::Method::GET,
                 &format!("/api/v1/attempts/{attempt}/events?limit=10000"),
                 None,
             )
             .await;
+        assert_eq!(
+            status, 200,
+            "the events of {attempt} could not be read: {v}"
+        );
         v.as_array().cloned().unwrap_or_default()
     }
 

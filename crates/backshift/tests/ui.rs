@@ -548,6 +548,28 @@ async fn compare_and_pick_watch_sandboxes_and_change_settings() {
                     .await
                     .map_err(fail("click"))?;
                 wait_for_text(&c, ".project .rules", "allow *.pythonhosted.org:443", 10).await?;
+                // A token made (shown once) and revoked.
+                c.find(Locator::Css("#token-name"))
+                    .await
+                    .map_err(fail("name"))?
+                    .send_keys("ci")
+                    .await
+                    .map_err(fail("type"))?;
+                c.find(Locator::Css("#make-token"))
+                    .await
+                    .map_err(fail("make"))?
+                    .click()
+                    .await
+                    .map_err(fail("click"))?;
+                wait_for_text(&c, "#new-token", "bs_", 10).await?;
+                wait_for_text(&c, "#tokens", "ci", 10).await?;
+                c.find(Locator::Css("button[data-revoke='ci']"))
+                    .await
+                    .map_err(fail("revoke"))?
+                    .click()
+                    .await
+                    .map_err(fail("click"))?;
+                wait_for_content(&c, "main", "Revoked ci.", 10).await?;
                 Ok(())
             },
         )

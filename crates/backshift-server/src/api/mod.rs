@@ -11,6 +11,7 @@ mod projects;
 mod sandboxes;
 mod secrets;
 mod tasks;
+mod tokens;
 mod webhooks;
 
 pub use error::ApiError;
@@ -21,7 +22,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use std::sync::Arc;
 use utoipa::OpenApi;
 
@@ -36,6 +37,7 @@ use utoipa::OpenApi;
         projects::list_projects, projects::get_project, projects::set_egress,
         secrets::list_secrets, secrets::set_secret, secrets::delete_secret, secrets::grant_secret,
         secrets::revoke_secret, secrets::rotate, sandboxes::list_sandboxes,
+        tokens::list_tokens, tokens::create_token, tokens::revoke_token,
         attempts::get_attempt, attempts::list_events, attempts::stream_events, attempts::get_diff,
         health::healthz, health::readyz,
     ),
@@ -43,6 +45,7 @@ use utoipa::OpenApi;
         backshift_protocol::CreateTaskRequest, backshift_protocol::TaskView, backshift_protocol::AttemptView,
         backshift_protocol::TaskCreated, backshift_protocol::ErrorBody, backshift_protocol::ReadyView,
         backshift_protocol::Event, backshift_protocol::EventKind,
+        backshift_protocol::TokenView, backshift_protocol::CreateToken, backshift_protocol::TokenCreated,
         backshift_protocol::PickAttempt, backshift_protocol::DiffSummary, backshift_protocol::Delivery,
         backshift_protocol::VerificationResult, backshift_protocol::TestReport, backshift_protocol::TestFailure,
         backshift_protocol::ApprovalView, backshift_protocol::AnswerApproval,
@@ -95,6 +98,11 @@ pub fn router(app: Arc<App>) -> Router {
             put(secrets::grant_secret).delete(secrets::revoke_secret),
         )
         .route("/api/v1/sandboxes", get(sandboxes::list_sandboxes))
+        .route(
+            "/api/v1/tokens",
+            get(tokens::list_tokens).post(tokens::create_token),
+        )
+        .route("/api/v1/tokens/{name}", delete(tokens::revoke_token))
         .route("/api/v1/secrets", get(secrets::list_secrets))
         .route("/api/v1/secrets/rotate", post(secrets::rotate))
         .route(

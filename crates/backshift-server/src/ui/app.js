@@ -563,8 +563,34 @@ function ruleText(r) {
 }
 
 async function settings() {
-  const [projects, secrets, me] = await Promise.all([
-    api("GET", "/api/v1/projects"), api("GET", "/api/v1/secrets"), api("GET", "/ui/session")]);
+  const [projects, secrets, me, tokens] = await Promise.all([
+    api("GET", "/api/v1/projects"), api("GET", "/api/v1/secrets"), api("GET", "/ui/session"),
+    api("GET", "/api/v1/tokens")]);
+  const tokenList = el("ul", { id: "tokens" });
+  const tokenOut = el("div", { "aria-live": "polite" });
+  const drawTokens = (list) => fill(tokenList, list.map((t) => el("li", { "data-token": t.name },
+    el("code", {}, t.name), ` made ${ago(t.created_at)}`, t.name === me.token ? " (this session)" : "", " ",
+    el("button", { class: "link", "data-revoke": t.name, onclick: async () => {
+      if (t.name === me.token && !confirm("Revoke the token this session uses? You will be signed out.")) return;
+      try {
+        await api("DELETE", `/api/v1/tokens/${encodeURIComponent(t.name)}`);
+        drawTokens(await api("GET", "/api/v1/tokens"));
+        tokenOut.replaceChildren(el("p", { class: "muted" }, `Revoked ${t.name}.`));
+      } catch (e) { tokenOut.replaceChildren(errorBox(e)); }
+    } }, "revoke"))));
+  drawTokens(tokens);
+  const tokenName = el("input", { id: "token-name", placeholder: "name, e.g. ci", "aria-label": "New token's name" });
+  const tokenForm = el("form", { class: "row", onsubmit: async (ev) => {
+    ev.preventDefault();
+    try {
+      const made = await api("POST", "/api/v1/tokens", { name: tokenName.value.trim() });
+      tokenName.value = "";
+      drawTokens(await api("GET", "/api/v1/tokens"));
+      tokenOut.replaceChildren(el("div", { class: "card" },
+        el("p", {}, `Token ${made.name}: copy it now, it is not shown again.`),
+        el("pre", { id: "new-token" }, made.token)));
+    } catch (e) { tokenOut.replaceChildren(errorBox(e)); }
+  } }, tokenName, el("button", { type: "submit", id: "make-token" }, "Make a token"));
   const projectCards = projects.map((p) => {
     const rules = el("ul", { class: "rules" });
     const out = el("div", { "aria-live": "polite" });
@@ -596,9 +622,12 @@ async function settings() {
       el("h3", {}, "Network rules"), rules, add, out);
   });
   show(el("h1", {}, "Settings"),
-    el("p", { class: "muted" }, `Signed in with the token "${me.token}". Server-wide policy, limits and tokens are in the server's configuration file.`),
+    el("p", { class: "muted" }, `Signed in with the token "${me.token}". Server-wide policy and limits are in the server's configuration file.`),
     el("h2", {}, "Projects"),
     projects.length ? projectCards : el("p", { class: "muted" }, "No project yet: one is made with its first task."),
+    el("h2", {}, "API tokens"),
+    el("p", { class: "muted" }, "Each can do everything the API does. Only their hashes are kept."),
+    tokenList, tokenForm, tokenOut,
     el("h2", {}, "Secrets"),
     el("p", { class: "muted" }, "Names only: values never leave the server (`backshift secrets set NAME` to add one)."),
     secrets.length === 0 ? el("p", { class: "muted" }, "No secrets.")
