@@ -111,8 +111,43 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                 .first()
                 .cloned()
                 .context("the server created no attempt")?;
+            if created.attempts.len() == 1 {
+                follow_events(&client, &attempt, 0, false).await?;
+                return finish_report(&client, &attempt).await;
+            }
+            // Several: the first one's events, then all of them side by
+            // side once every one has ended.
+            println!(
+                "following {attempt}; the other {} run alongside",
+                created.attempts.len() - 1
+            );
             follow_events(&client, &attempt, 0, false).await?;
-            finish_report(&client, &attempt).await
+            let mut waited_for_choice = 0;
+            let task = loop {
+                let task: TaskView = client
+                    .send(client.request(Method::GET, &format!("/api/v1/tasks/{}", created.id)))
+                    .await?;
+                // Ended, and its result chosen when one succeeded (that
+                // follows the last attempt's end by a moment).
+                let ended = task.attempts.iter().all(|a| a.state.is_terminal());
+                let chosen = task.winner.is_some()
+                    || !task
+                        .attempts
+                        .iter()
+                        .any(|a| a.state == backshift_core::AttemptState::Succeeded);
+                if ended {
+                    waited_for_choice += 1;
+                }
+                if ended && (chosen || waited_for_choice > 30) {
+                    break task;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            };
+            println!();
+            print!("{}", crate::render::comparison(&task));
+            Ok(i32::from(
+                task.state != backshift_core::AttemptState::Succeeded,
+            ))
         }
         Command::Ls => {
             let tasks: Vec<TaskView> = client

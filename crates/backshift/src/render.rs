@@ -391,7 +391,12 @@ pub fn comparison(task: &backshift_protocol::TaskView) -> String {
     }
     match (&task.winner, &task.winner_by) {
         (Some(w), Some(by)) => out.push_str(&format!("★ the task's result: {w} (chosen by {by})\n")),
-        _ if task.attempts.iter().any(|a| !a.state.is_terminal()) => {
+        _ if task.attempts.iter().any(|a| !a.state.is_terminal())
+            || task
+                .attempts
+                .iter()
+                .any(|a| a.state == backshift_core::AttemptState::Succeeded) =>
+        {
             out.push_str("the result is chosen when every attempt has ended (or pick one: backshift pick TASK N)\n")
         }
         _ => out.push_str("no attempt succeeded: there is no result to deliver\n"),

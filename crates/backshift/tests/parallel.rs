@@ -45,11 +45,20 @@ esac"#;
             "3",
             "--max-iterations",
             "1",
+            "--follow",
         ])
         .await;
+    // Followed: the first attempt's events, then all three side by side,
+    // and exit 0 because the task has a result.
     assert_eq!(code, 0, "{out}{err}");
     let id = out.split_whitespace().nth(1).unwrap().to_owned();
     assert!(out.contains(&format!("{id}-1, {id}-2, {id}-3")), "{out}");
+    assert!(
+        out.contains(&format!("following {id}-1; the other 2 run alongside")),
+        "{out}"
+    );
+    assert!(out.contains("✗ verification failed"), "{out}");
+    assert!(out.contains(&format!("★1   {id}-3")), "{out}");
     let task = w.wait(&id).await;
     // `wait` returns once the task's state is terminal: every attempt ended.
     let branches: Vec<&str> = task["attempts"]
