@@ -180,6 +180,36 @@ pub async fn wait_for_content(c: &Client, css: &str, text: &str, secs: u64) -> R
     ))
 }
 
+/// Clicks the element `css`.
+pub async fn click(c: &Client, css: &str) -> Result<(), String> {
+    c.find(Locator::Css(css))
+        .await
+        .map_err(fail(css))?
+        .click()
+        .await
+        .map_err(fail(css))
+}
+
+/// Follows the link reading `text`.
+pub async fn click_link(c: &Client, text: &str) -> Result<(), String> {
+    c.find(Locator::LinkText(text))
+        .await
+        .map_err(fail(text))?
+        .click()
+        .await
+        .map_err(fail(text))
+}
+
+/// Types `text` into the element `css`.
+pub async fn type_into(c: &Client, css: &str, text: &str) -> Result<(), String> {
+    c.find(Locator::Css(css))
+        .await
+        .map_err(fail(css))?
+        .send_keys(text)
+        .await
+        .map_err(fail(css))
+}
+
 fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
@@ -208,12 +238,7 @@ async fn sign_in_create_watch_approve_review() {
             // Signed out: the sign-in page. A wrong token is refused.
             let input = wait_for(&c, "#token", 10).await?;
             input.send_keys("not-a-token").await.map_err(fail("type"))?;
-            c.find(Locator::Css("#sign-in"))
-                .await
-                .map_err(fail("find sign in"))?
-                .click()
-                .await
-                .map_err(fail("click"))?;
+            click(&c, "#sign-in").await?;
             wait_for_text(&c, "[role=alert]", "not valid for this server", 10).await?;
             let input = c
                 .find(Locator::Css("#token"))
@@ -221,12 +246,7 @@ async fn sign_in_create_watch_approve_review() {
                 .map_err(fail("token"))?;
             input.clear().await.map_err(fail("clear"))?;
             input.send_keys(&token).await.map_err(fail("type"))?;
-            c.find(Locator::Css("#sign-in"))
-                .await
-                .map_err(fail("find sign in"))?
-                .click()
-                .await
-                .map_err(fail("click"))?;
+            click(&c, "#sign-in").await?;
             // The board, empty, says so.
             wait_for_text(&c, "#tasks", "No tasks yet.", 10).await?;
             // The session cookie is not readable by scripts.
@@ -240,29 +260,14 @@ async fn sign_in_create_watch_approve_review() {
                 ));
             }
             // A new task.
-            c.find(Locator::LinkText("New task"))
-                .await
-                .map_err(fail("nav"))?
-                .click()
-                .await
-                .map_err(fail("click"))?;
+            click_link(&c, "New task").await?;
             wait_for(&c, "#repo", 10)
                 .await?
                 .send_keys(&repo)
                 .await
                 .map_err(fail("repo"))?;
-            c.find(Locator::Css("#prompt"))
-                .await
-                .map_err(fail("prompt"))?
-                .send_keys("Add a hello script")
-                .await
-                .map_err(fail("type"))?;
-            c.find(Locator::Css("#create"))
-                .await
-                .map_err(fail("create"))?
-                .click()
-                .await
-                .map_err(fail("click"))?;
+            type_into(&c, "#prompt", "Add a hello script").await?;
+            click(&c, "#create").await?;
             // Its events appear live: the agent's words and its command.
             wait_for_text(&c, "#events", "Checking the docs first.", 60).await?;
             wait_for_text(&c, "#events", "curl", 30).await?;
@@ -301,27 +306,12 @@ async fn sign_in_create_watch_approve_review() {
                 return Err(format!("the first added line reads {text:?}"));
             }
             // Nothing else waits; the board shows the task succeeded.
-            c.find(Locator::LinkText("Approvals"))
-                .await
-                .map_err(fail("nav"))?
-                .click()
-                .await
-                .map_err(fail("click"))?;
+            click_link(&c, "Approvals").await?;
             wait_for_text(&c, "#approvals", "Nothing is waiting for a decision.", 10).await?;
-            c.find(Locator::LinkText("Tasks"))
-                .await
-                .map_err(fail("nav"))?
-                .click()
-                .await
-                .map_err(fail("click"))?;
+            click_link(&c, "Tasks").await?;
             wait_for(&c, "#tasks .task .state[data-state=succeeded]", 10).await?;
             // Signing out ends the session.
-            c.find(Locator::Css("#sign-out"))
-                .await
-                .map_err(fail("sign out"))?
-                .click()
-                .await
-                .map_err(fail("click"))?;
+            click(&c, "#sign-out").await?;
             wait_for(&c, "#token", 10).await?;
             c.goto(&format!("{url}/#/")).await.map_err(fail("reload"))?;
             wait_for(&c, "#token", 10).await?;
@@ -377,8 +367,7 @@ async fn the_pages_fit_a_phone_and_changes_need_the_uis_header() {
         .run("the_pages_fit_a_phone", |c| async move {
             c.goto(&url).await.map_err(fail("open"))?;
             wait_for(&c, "#token", 10).await?.send_keys(&token).await.map_err(fail("type"))?;
-            c.find(Locator::Css("#sign-in")).await.map_err(fail("find"))?
-                .click().await.map_err(fail("click"))?;
+            click(&c, "#sign-in").await?;
             wait_for(&c, "#tasks .task", 10).await?;
             for page in ["#/", "#/new", "#/approvals"] {
                 c.goto(&format!("{url}/{page}")).await.map_err(fail("open"))?;
@@ -419,12 +408,7 @@ async fn sign_in(c: &Client, url: &str, token: &str) -> Result<(), String> {
         .send_keys(token)
         .await
         .map_err(fail("type"))?;
-    c.find(Locator::Css("#sign-in"))
-        .await
-        .map_err(fail("find"))?
-        .click()
-        .await
-        .map_err(fail("click"))?;
+    click(c, "#sign-in").await?;
     wait_for(c, "#tasks", 10).await.map(|_| ())
 }
 
@@ -502,12 +486,7 @@ async fn compare_and_pick_watch_sandboxes_and_change_settings() {
                 )
                 .await?;
                 // The busy sandbox: measured, and gone when its task is cancelled.
-                c.find(Locator::LinkText("Sandboxes"))
-                    .await
-                    .map_err(fail("nav"))?
-                    .click()
-                    .await
-                    .map_err(fail("click"))?;
+                click_link(&c, "Sandboxes").await?;
                 wait_for_text(&c, &format!("[data-sandbox] a[href*='{b2}']"), &b2, 30).await?;
                 wait_for_text(&c, "#sandboxes .memory", "MiB of", 10).await?;
                 wait_for(&c, &format!("button[data-cancel='{b2}']"), 10)
@@ -518,12 +497,7 @@ async fn compare_and_pick_watch_sandboxes_and_change_settings() {
                 wait_for_text(&c, "#sandboxes", "No sandbox is running", 30).await?;
                 // Settings: the secret's name and grant, never its value; a
                 // project rule added.
-                c.find(Locator::LinkText("Settings"))
-                    .await
-                    .map_err(fail("nav"))?
-                    .click()
-                    .await
-                    .map_err(fail("click"))?;
+                click_link(&c, "Settings").await?;
                 wait_for_text(&c, "#secrets", "DEPLOY_KEY", 10).await?;
                 wait_for_text(&c, "#secrets", "as KEY", 10).await?;
                 let source = c.source().await.map_err(fail("source"))?;
@@ -535,40 +509,15 @@ async fn compare_and_pick_watch_sandboxes_and_change_settings() {
                     .send_keys("*.pythonhosted.org")
                     .await
                     .map_err(fail("type"))?;
-                c.find(Locator::Css(".project .rule-port"))
-                    .await
-                    .map_err(fail("port"))?
-                    .send_keys("443")
-                    .await
-                    .map_err(fail("type"))?;
-                c.find(Locator::Css(".project form button"))
-                    .await
-                    .map_err(fail("add"))?
-                    .click()
-                    .await
-                    .map_err(fail("click"))?;
+                type_into(&c, ".project .rule-port", "443").await?;
+                click(&c, ".project form button").await?;
                 wait_for_text(&c, ".project .rules", "allow *.pythonhosted.org:443", 10).await?;
                 // A token made (shown once) and revoked.
-                c.find(Locator::Css("#token-name"))
-                    .await
-                    .map_err(fail("name"))?
-                    .send_keys("ci")
-                    .await
-                    .map_err(fail("type"))?;
-                c.find(Locator::Css("#make-token"))
-                    .await
-                    .map_err(fail("make"))?
-                    .click()
-                    .await
-                    .map_err(fail("click"))?;
+                type_into(&c, "#token-name", "ci").await?;
+                click(&c, "#make-token").await?;
                 wait_for_text(&c, "#new-token", "bs_", 10).await?;
                 wait_for_text(&c, "#tokens", "ci", 10).await?;
-                c.find(Locator::Css("button[data-revoke='ci']"))
-                    .await
-                    .map_err(fail("revoke"))?
-                    .click()
-                    .await
-                    .map_err(fail("click"))?;
+                click(&c, "button[data-revoke='ci']").await?;
                 wait_for_content(&c, "main", "Revoked ci.", 10).await?;
                 Ok(())
             },
