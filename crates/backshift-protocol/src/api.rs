@@ -87,7 +87,8 @@ pub struct TaskView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<Delivery>,
     /// When every attempt ended and none succeeded: what was tried, the
-    /// last failing output and where the work stands (Markdown).
+    /// last failing output and where the work stands (Markdown). In the
+    /// view of one task, not in lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<String>,
 }

@@ -1945,6 +1945,21 @@ async fn acp_setup(
     Ok((launch, resume))
 }
 
+/// A publishing step's failure.
+fn publish_failed(what: &str, e: &dyn std::fmt::Display) -> Failure {
+    Failure(FailureReason::PublishFailed, format!("{what}: {e}"))
+}
+
+/// The attempt's base commit (pinned before its work began) and branch.
+fn base_and_branch(run: &Run) -> Result<(String, String), Failure> {
+    let base = run
+        .attempt
+        .base_commit
+        .clone()
+        .ok_or_else(|| Failure(FailureReason::Internal, "no base commit".into()))?;
+    Ok((base, run.attempt.branch.clone()))
+}
+
 /// Where the attempt's committed work is kept in the git store until it
 /// is published on its branch (verification checks it out from there).
 fn work_ref(run: &Run) -> String {
@@ -1959,15 +1974,7 @@ fn work_ref(run: &Run) -> String {
 async fn commit_work(run: &mut Run, summary: &str) -> Result<String, Halt> {
     let app = run.app.clone();
     let (driver, id) = run.sandbox()?;
-    let failed = |what: &str, e: &dyn std::fmt::Display| {
-        Failure(FailureReason::PublishFailed, format!("{what}: {e}"))
-    };
-    let base = run
-        .attempt
-        .base_commit
-        .clone()
-        .ok_or_else(|| Failure(FailureReason::Internal, "no base commit".into()))?;
-    let branch = run.attempt.branch.clone();
+    let (base, branch) = base_and_branch(run)?;
     let git = &app.config.git;
     let message = commit_message(summary, &run.task.id);
     // Commit everything the agent left, as backshift, hooks disabled; then
@@ -1997,11 +2004,11 @@ async fn commit_work(run: &mut Run, summary: &str) -> Result<String, Halt> {
             if !checkpoint::sandbox_alive(driver.as_ref(), &run.attempt.id, &id).await {
                 return Err(Halt::Lost("the sandbox stopped while publishing".into()));
             }
-            other.map_err(|e| failed("cannot run git in the sandbox", &e))?
+            other.map_err(|e| publish_failed("cannot run git in the sandbox", &e))?
         }
     };
     if out.exit_code != 0 {
-        return Err(failed(
+        return Err(publish_failed(
             "git commit in the sandbox failed",
             &String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         )
@@ -2014,20 +2021,20 @@ async fn commit_work(run: &mut Run, summary: &str) -> Result<String, Halt> {
         app.git
             .set_ref(&run.task.project_id, &work, &base)
             .await
-            .map_err(|e| failed("cannot record the work", &e))?;
+            .map_err(|e| publish_failed("cannot record the work", &e))?;
         base.clone()
     } else {
         let tar = driver
             .copy_out(&id, "/tmp/backshift.bundle")
             .await
-            .map_err(|e| failed("cannot copy the bundle out of the sandbox", &e))?;
+            .map_err(|e| publish_failed("cannot copy the bundle out of the sandbox", &e))?;
         let bundle =
-            first_file(&tar).map_err(|e| failed("the bundle archive is unreadable", &e))?;
+            first_file(&tar).map_err(|e| publish_failed("the bundle archive is unreadable", &e))?;
         let file = tempfile::NamedTempFile::new_in(app.data_dir.join("tmp"))
-            .map_err(|e| failed("scratch file", &e))?;
+            .map_err(|e| publish_failed("scratch file", &e))?;
         tokio::fs::write(file.path(), &bundle)
             .await
-            .map_err(|e| failed("scratch file", &e))?;
+            .map_err(|e| publish_failed("scratch file", &e))?;
         app.git
             .import_bundle_ref(
                 &run.task.project_id,
@@ -2036,7 +2043,7 @@ async fn commit_work(run: &mut Run, summary: &str) -> Result<String, Halt> {
                 &work,
             )
             .await
-            .map_err(|e| failed("cannot import the branch into the git store", &e))?
+            .map_err(|e| publish_failed("cannot import the branch into the git store", &e))?
     };
     Ok(head)
 }
@@ -2045,25 +2052,17 @@ async fn commit_work(run: &mut Run, summary: &str) -> Result<String, Halt> {
 /// work, verified when verification is on) and records the diff.
 async fn publish(run: &mut Run, summary: &str, head: &str) -> Result<(), Halt> {
     let app = run.app.clone();
-    let failed = |what: &str, e: &dyn std::fmt::Display| {
-        Failure(FailureReason::PublishFailed, format!("{what}: {e}"))
-    };
-    let base = run
-        .attempt
-        .base_commit
-        .clone()
-        .ok_or_else(|| Failure(FailureReason::Internal, "no base commit".into()))?;
-    let branch = run.attempt.branch.clone();
+    let (base, branch) = base_and_branch(run)?;
     let head = head.to_owned();
     app.git
         .set_branch(&run.task.project_id, &branch, &head)
         .await
-        .map_err(|e| failed("cannot set the branch", &e))?;
+        .map_err(|e| publish_failed("cannot set the branch", &e))?;
     let stat = app
         .git
         .diff_stat(&run.task.project_id, &base, &head)
         .await
-        .map_err(|e| failed("cannot compute the diff", &e))?;
+        .map_err(|e| publish_failed("cannot compute the diff", &e))?;
     app.store
         .update_attempt(
             &run.attempt.id,

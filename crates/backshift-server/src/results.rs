@@ -9,8 +9,20 @@ use backshift_core::rank::{Candidate, Verdict, rank, why_first};
 use backshift_protocol::{AttemptView, DiffSummary, EventKind, TaskView, format_ts, now_ms};
 use backshift_store::{AttemptRow, StoreError, TaskRow};
 
-/// A task with its attempts, ranked.
+/// A task with its attempts, ranked, and its handoff note when it ended
+/// without a result.
 pub async fn task_view(app: &App, t: TaskRow) -> Result<TaskView, StoreError> {
+    view(app, t, true).await
+}
+
+/// [`task_view`] for a list of tasks: without the handoff note, which
+/// reads every failed attempt's branch from the git store (the board asks
+/// for the list every few seconds).
+pub async fn task_list_view(app: &App, t: TaskRow) -> Result<TaskView, StoreError> {
+    view(app, t, false).await
+}
+
+async fn view(app: &App, t: TaskRow, handoff: bool) -> Result<TaskView, StoreError> {
     let mut attempts = Vec::new();
     for a in app.store.attempts_of(&t.id).await? {
         attempts.push(attempt_view(app, &t, a).await?);
@@ -47,7 +59,8 @@ pub async fn task_view(app: &App, t: TaskRow) -> Result<TaskView, StoreError> {
         attempts,
     };
     // Every attempt ended and none succeeded: the handoff note.
-    if view.attempts.iter().all(|a| a.state.is_terminal())
+    if handoff
+        && view.attempts.iter().all(|a| a.state.is_terminal())
         && !view.attempts.is_empty()
         && view.state != AttemptState::Succeeded
     {

@@ -128,23 +128,10 @@ pub async fn wait_for(
         .map_err(|e| format!("{css} did not appear in {secs} s: {e}"))
 }
 
-/// Waits up to `secs` until the element `css` holds `text`.
+/// Waits up to `secs` until the element `css` holds `text` where a
+/// person sees it.
 pub async fn wait_for_text(c: &Client, css: &str, text: &str, secs: u64) -> Result<(), String> {
-    let mut seen = String::new();
-    for _ in 0..secs * 10 {
-        if let Ok(e) = c.find(Locator::Css(css)).await
-            && let Ok(t) = e.text().await
-        {
-            if t.contains(text) {
-                return Ok(());
-            }
-            seen = t;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(format!(
-        "{css} never said {text:?} in {secs} s; it said: {seen:?}"
-    ))
+    wait_until_holds(c, css, text, secs, false).await
 }
 
 /// The text of the element `css`, hidden parts (a folded tool call's
@@ -165,9 +152,29 @@ pub async fn text_content(c: &Client, css: &str) -> Result<String, String> {
 /// Waits up to `secs` until `css`'s text, hidden parts included, holds
 /// `text`.
 pub async fn wait_for_content(c: &Client, css: &str, text: &str, secs: u64) -> Result<(), String> {
+    wait_until_holds(c, css, text, secs, true).await
+}
+
+/// Waits up to `secs` until `css`'s text (`hidden`: its hidden parts
+/// too) holds `text`; the error says what it held last.
+async fn wait_until_holds(
+    c: &Client,
+    css: &str,
+    text: &str,
+    secs: u64,
+    hidden: bool,
+) -> Result<(), String> {
     let mut seen = String::new();
     for _ in 0..secs * 10 {
-        if let Ok(t) = text_content(c, css).await {
+        let read = if hidden {
+            text_content(c, css).await
+        } else {
+            match c.find(Locator::Css(css)).await {
+                Ok(e) => e.text().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        if let Ok(t) = read {
             if t.contains(text) {
                 return Ok(());
             }

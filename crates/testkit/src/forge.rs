@@ -274,15 +274,20 @@ impl Inner {
     }
 }
 
-async fn unknown(State(f): State<Arc<Inner>>, method: Method, uri: Uri) -> Response {
-    f.seen()
-        .failures
-        .push(format!("{method} {uri}: no such endpoint"));
+/// GitHub's answer for a missing repository or endpoint.
+fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
         axum::Json(json!({"message": "Not Found"})),
     )
         .into_response()
+}
+
+async fn unknown(State(f): State<Arc<Inner>>, method: Method, uri: Uri) -> Response {
+    f.seen()
+        .failures
+        .push(format!("{method} {uri}: no such endpoint"));
+    not_found()
 }
 
 fn challenge() -> Response {
@@ -356,11 +361,7 @@ async fn repo_info(
         return *r;
     }
     if f.repo(&owner, &repo).is_none() {
-        return (
-            StatusCode::NOT_FOUND,
-            axum::Json(json!({"message": "Not Found"})),
-        )
-            .into_response();
+        return not_found();
     }
     axum::Json(json!({
         "full_name": format!("{owner}/{repo}"),
@@ -426,11 +427,7 @@ async fn create_pull(
         return *r;
     }
     let Some(path) = f.repo(&owner, &repo) else {
-        return (
-            StatusCode::NOT_FOUND,
-            axum::Json(json!({"message": "Not Found"})),
-        )
-            .into_response();
+        return not_found();
     };
     let s = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     let mut errors = Vec::new();

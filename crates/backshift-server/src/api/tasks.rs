@@ -288,7 +288,7 @@ async fn resolve_repo(repo: &str, base_ref: Option<&str>) -> Result<String, ApiE
 pub async fn list_tasks(State(app): State<Arc<App>>) -> Result<Json<Vec<TaskView>>, ApiError> {
     let mut out = Vec::new();
     for t in app.store.list_tasks(200).await? {
-        out.push(task_view(&app, t).await?);
+        out.push(crate::results::task_list_view(&app, t).await?);
     }
     Ok(Json(out))
 }
