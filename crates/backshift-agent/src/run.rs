@@ -111,6 +111,36 @@ impl Conversation {
             replay: Replay::default(),
         }
     }
+
+    /// A conversation taken up again after its sandbox was stopped and
+    /// started again (a person paused the attempt): `messages` ends with a
+    /// completed turn; the files are as the stop left them.
+    pub fn after_stop(mut messages: Vec<Value>, turns: u32, tokens_used: u64) -> Conversation {
+        messages.push(json!({"role": "user", "content":
+            "[backshift] A person paused this task: the sandbox was stopped and has now been started again. The files are as they were when it stopped, including whatever a step that was cut short had changed; commands and background processes that were running then were ended. Continue with the task."
+        }));
+        Conversation {
+            messages,
+            turns,
+            tokens_used,
+            replay: Replay::default(),
+        }
+    }
+
+    /// The messages up to the last completed turn: a last assistant
+    /// message whose tool calls do not all have results is dropped with
+    /// the results it has.
+    pub fn completed_prefix(mut messages: Vec<Value>) -> Vec<Value> {
+        let pending = pending_calls(&messages);
+        if !pending.is_empty()
+            && let Some(last) = messages
+                .iter()
+                .rposition(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+        {
+            messages.truncate(last);
+        }
+        messages
+    }
 }
 
 /// The tool calls of the conversation's last assistant message that have
@@ -498,6 +528,35 @@ const ELIDED: &str =
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_conversation_after_a_stop_keeps_completed_turns_only() {
+        let call = |id: &str| json!({"id": id, "type": "function", "function": {"name": "run_command", "arguments": "{}"}});
+        let done = vec![
+            json!({"role": "system", "content": "s"}),
+            json!({"role": "user", "content": "u"}),
+            json!({"role": "assistant", "content": "", "tool_calls": [call("a")]}),
+            json!({"role": "tool", "tool_call_id": "a", "content": "done"}),
+        ];
+        assert_eq!(Conversation::completed_prefix(done.clone()), done);
+        let mut cut = done.clone();
+        cut.push(json!({"role": "assistant", "content": "", "tool_calls": [call("b"), call("c")]}));
+        cut.push(json!({"role": "tool", "tool_call_id": "b", "content": "done"}));
+        assert_eq!(
+            Conversation::completed_prefix(cut),
+            done,
+            "the cut turn goes"
+        );
+        let c = Conversation::after_stop(done.clone(), 1, 42);
+        assert_eq!(c.messages.len(), 5);
+        assert_eq!((c.turns, c.tokens_used), (1, 42));
+        let note = c.messages[4]["content"].as_str().unwrap();
+        assert!(
+            note.contains("stopped") && note.contains("were ended"),
+            "{note}"
+        );
+        assert!(pending_calls(&c.messages).is_empty());
+    }
 
     #[test]
     fn pending_calls_are_the_last_assistant_calls_without_results() {

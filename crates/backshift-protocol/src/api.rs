@@ -234,6 +234,12 @@ pub struct AttemptView {
     /// From its start to its end (or now), once started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// A person asked to pause it and the runner has not done so yet.
+    #[serde(default)]
+    pub pause_requested: bool,
+    /// A person asked to resume it and it waits for a runner (a free slot).
+    #[serde(default)]
+    pub resume_requested: bool,
 }
 
 /// Model tokens used and what they cost.
@@ -443,6 +449,12 @@ pub struct SandboxView {
     pub attempt_id: Option<String>,
     /// The task.
     pub task_id: Option<String>,
+    /// Its attempt's state (`paused`: stopped on request, files kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_state: Option<backshift_core::AttemptState>,
+    /// What it is for: `agent` (the attempt's own) or `verify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
     /// Alive (running, or paused for a moment for a snapshot).
     pub running: bool,
     /// CPU, percent of one CPU, over the last second.

@@ -29,6 +29,8 @@ pub mod labels {
     pub const ATTEMPT: &str = "dev.backshift.attempt";
     /// The host directory of the sandbox's shim (socket and journal).
     pub const SHIM_DIR: &str = "dev.backshift.shim-dir";
+    /// What the sandbox is for: `agent` (the attempt's own) or `verify`.
+    pub const ROLE: &str = "dev.backshift.role";
 }
 
 /// A sandbox's id within its driver.

@@ -108,6 +108,9 @@ struct Run {
     /// What the last failed verification found, for the agent's next
     /// iteration.
     feedback: Option<String>,
+    /// Why an installed agent's session is reopened, when not after a
+    /// restart or a lost sandbox (a person paused the attempt).
+    reopen_note: Option<String>,
 }
 
 impl Run {
@@ -253,29 +256,40 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         verifier: None,
         iteration: 1,
         feedback: None,
+        reopen_note: None,
     };
-    let begun = if run.state == AttemptState::Queued {
-        run.step(Transition::Start, None).await
-    } else {
-        let detail = format!(
-            "the server stopped while this attempt was {}; recovering from its last checkpoint",
-            run.state
-        );
-        run.step(Transition::Interrupted, Some(detail)).await
-    };
-    if let Err(e) = begun {
-        // Cancelled (or otherwise moved) before it could start.
-        tracing::info!(attempt = %run.attempt.id, "not started: {}", e.1);
-        return;
+    // A runner told to stop before it began only ends the attempt (one
+    // cancelled or out of time while nobody drove it: a paused one).
+    let ending = stop.is_requested();
+    if !ending {
+        let begun = match run.state {
+            AttemptState::Queued => run.step(Transition::Start, None).await,
+            AttemptState::Paused => {
+                run.step(Transition::Resume, Some("resumed on request".into()))
+                    .await
+            }
+            _ => {
+                let detail = format!(
+                    "the server stopped while this attempt was {}; recovering from its last checkpoint",
+                    run.state
+                );
+                run.step(Transition::Interrupted, Some(detail)).await
+            }
+        };
+        if let Err(e) = begun {
+            // Cancelled (or otherwise moved) before it could start.
+            tracing::info!(attempt = %run.attempt.id, "not started: {}", e.1);
+            return;
+        }
+        // A request held for a person before a restart died with the old
+        // process; its approval is settled so nobody answers into the void.
+        crate::approvals::expire_pending(
+            &app,
+            &run.attempt.id,
+            "the control plane restarted and the held request was dropped; the agent may ask again",
+        )
+        .await;
     }
-    // A request held for a person before a restart died with the old
-    // process; its approval is settled so nobody answers into the void.
-    crate::approvals::expire_pending(
-        &app,
-        &run.attempt.id,
-        "the control plane restarted and the held request was dropped; the agent may ask again",
-    )
-    .await;
     // The wall-time budget counts from the first start, across restarts.
     let now = backshift_protocol::now_ms();
     let started_at = run.attempt.started_at.unwrap_or(now);
@@ -297,14 +311,28 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         Stopped,
         TimedOut,
     }
-    let end = {
-        let attempt_id = run.attempt.id.clone();
-        let work = drive(&mut run);
-        tokio::select! {
-            r = work => End::Done(r),
-            () = wall_clock(&app, &attempt_id, started_at, wall) => End::TimedOut,
-            () = stop.requested() => End::Stopped,
+    let attempt_id = run.attempt.id.clone();
+    let end = loop {
+        if ending {
+            break End::Stopped;
         }
+        let end = {
+            let work = drive(&mut run);
+            tokio::select! {
+                r = work => End::Done(r),
+                () = wall_clock(&app, &attempt_id, started_at, wall) => End::TimedOut,
+                () = stop.requested() => End::Stopped,
+            }
+        };
+        if let (End::Stopped, StopReason::Pause(detail)) = (&end, stop.reason()) {
+            match pause(&mut run, &stop, detail).await {
+                // The runner leaves; the attempt waits for a person.
+                Ok(true) => return,
+                Ok(false) => continue,
+                Err(f) => break End::Done(Err(f)),
+            }
+        }
+        break end;
     };
     let (transition, detail) = match end {
         End::Done(Ok(())) => (None, None),
@@ -317,6 +345,8 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
                 tracing::warn!(attempt = %run.attempt.id, "leaving the attempt: {why}");
                 return;
             }
+            // Carried out above.
+            StopReason::Pause(_) => return,
         },
         End::TimedOut => (
             Some(Transition::Timeout),
@@ -361,6 +391,101 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
     }
     // A task from a webhook hears back where it came from.
     crate::origin::report(&app, &run.task.id).await;
+}
+
+/// Carries out a pause request: a running attempt (or one waiting for a
+/// person) is paused and its sandbox stopped, files kept; `Ok(true)`, and
+/// the runner leaves it. One that had moved on to a state that cannot
+/// pause (verifying, publishing, ...) goes on: its work, cut short, is
+/// picked up as after a restart, and `Ok(false)`.
+async fn pause(run: &mut Run, stop: &Stop, detail: String) -> Result<bool, Failure> {
+    let app = run.app.clone();
+    let id = run.attempt.id.clone();
+    // The work was dropped mid-step: the store says where it is.
+    if let Ok(Some(a)) = app.store.attempt(&id).await {
+        run.state = a.state;
+    }
+    let pausable = matches!(
+        run.state,
+        AttemptState::Running | AttemptState::WaitingApproval
+    );
+    if pausable && run.sandbox.is_some() {
+        cancel_agent(run).await;
+        catch_up_output(run).await;
+        match transition_following_approvals(&app, &id, run.state, Transition::Pause, Some(detail))
+            .await
+        {
+            Ok(s) => {
+                run.state = s;
+                stop_sandbox(run).await;
+                crate::approvals::expire_pending(
+                    &app,
+                    &id,
+                    "the attempt was paused; the agent may ask again once it is resumed",
+                )
+                .await;
+                return Ok(true);
+            }
+            Err(e) => {
+                tracing::info!(attempt = %id, "not paused: {e}");
+                if let Ok(Some(a)) = app.store.attempt(&id).await {
+                    run.state = a.state;
+                }
+            }
+        }
+    }
+    if run.state.is_terminal() {
+        return Err(Failure(
+            FailureReason::Internal,
+            format!("the attempt ended ({}) as it was being paused", run.state),
+        ));
+    }
+    let _ = app.store.drop_pause_request(&id).await;
+    stop.withdraw();
+    run.progress(format!(
+        "a pause was asked for while the attempt was {}, which cannot pause; it goes on",
+        run.state
+    ))
+    .await;
+    // What was under way is picked up as after a restart: the sandbox,
+    // untouched, is adopted again.
+    if let Some(v) = run.verifier.take() {
+        v.discard().await;
+    }
+    run.endpoints = None;
+    run.sandbox = None;
+    run.shim_dir = None;
+    run.step(
+        Transition::Interrupted,
+        Some("the work was cut short by a pause request that could not be carried out".into()),
+    )
+    .await?;
+    Ok(false)
+}
+
+/// Stops the paused attempt's sandbox (its files stay) and lets go of it:
+/// its model gateway, egress proxy and git endpoint close.
+async fn stop_sandbox(run: &mut Run) {
+    run.endpoints = None;
+    run.shim_dir = None;
+    let Some((driver, id)) = run.sandbox.take() else {
+        return;
+    };
+    let short = &id.0[..12.min(id.0.len())];
+    match driver.stop(&id).await {
+        Ok(()) => {
+            run.progress(format!(
+                "sandbox {short} stopped; its files are kept until the attempt is resumed or ends"
+            ))
+            .await
+        }
+        Err(e) => {
+            run.progress(format!(
+                "sandbox {short} could not be stopped ({e}); it is left as it is and taken up again on resume"
+            ))
+            .await
+        }
+    }
 }
 
 /// An attempt that ended without success keeps its last work on its
@@ -612,6 +737,8 @@ async fn drive(run: &mut Run) -> Result<(), Failure> {
                 }
                 recover(run).await
             }
+            // Only a paused attempt a person resumed starts out running.
+            AttemptState::Running => resume(run).await,
             other => {
                 return Err(Failure(
                     FailureReason::Internal,
@@ -759,6 +886,109 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
         ..conversation
     };
     let saved = checkpoint.as_ref().map_or(0, |c| c.messages);
+    finish(run, checkpoint.as_ref(), saved, conversation).await
+}
+
+/// A paused attempt, resumed: its stopped sandbox starts again with its
+/// files as they were (its shim afresh: what ran in it was ended by the
+/// stop), and the agent goes on from its last completed turn, told what
+/// happened. A sandbox gone meanwhile is a lost one: rebuilt from the
+/// last checkpoint.
+async fn resume(run: &mut Run) -> Result<(), Halt> {
+    let app = run.app.clone();
+    let id = run.attempt.id.clone();
+    let internal = |e: &dyn std::fmt::Display| Failure(FailureReason::Internal, e.to_string());
+    let driver = docker(&app).await?;
+    let row = app
+        .store
+        .attempt(&id)
+        .await
+        .map_err(|e| internal(&e))?
+        .ok_or_else(|| internal(&"the attempt is gone"))?;
+    let found = driver
+        .list(&[
+            (labels::MANAGED, "true"),
+            (labels::INSTANCE, app.instance.as_str()),
+            (labels::ATTEMPT, id.as_str()),
+        ])
+        .await
+        .map_err(|e| Halt::Lost(format!("cannot list the attempt's sandboxes: {e}")))?;
+    let driver: Arc<dyn SandboxDriver> = driver;
+    let mut kept = None;
+    for sb in found {
+        let dir = sb.labels.get(labels::SHIM_DIR).map(PathBuf::from);
+        let ours = row.prepared_sandbox.as_deref() == Some(sb.id.0.as_str());
+        match dir {
+            Some(dir) if ours && kept.is_none() => kept = Some((sb, dir)),
+            dir => {
+                let _ = driver.destroy(&sb.id).await;
+                if let Some(dir) = dir {
+                    remove_shim_dir(&dir).await;
+                }
+            }
+        }
+    }
+    let Some((sb, dir)) = kept else {
+        return Err(Halt::Lost(
+            "its stopped sandbox is gone (removed while the attempt was paused)".into(),
+        ));
+    };
+    let short = sb.id.0[..12.min(sb.id.0.len())].to_owned();
+    // The shim makes its socket and journal anew when it starts.
+    let _ = tokio::fs::remove_file(dir.join(backshift_shim::proto::SOCKET)).await;
+    if !sb.running
+        && let Err(e) = driver.resume(&sb.id).await
+    {
+        let _ = driver.destroy(&sb.id).await;
+        remove_shim_dir(&dir).await;
+        return Err(Halt::Lost(format!(
+            "its stopped sandbox {short} could not be started again: {e}"
+        )));
+    }
+    run.sandbox = Some((driver, sb.id));
+    run.shim_dir = Some(dir.clone());
+    shim_ready(&dir).await.map_err(|f| Halt::Lost(f.1))?;
+    run.endpoints = Some(Endpoints::start(&app, &id, &dir)?);
+    run.progress(format!(
+        "sandbox {short} started again with its files as they were; what ran in it was ended when it stopped"
+    ))
+    .await;
+    run.reopen_note =
+        Some("a person paused the task: its sandbox was stopped and started again".into());
+    let checkpoint = app
+        .store
+        .latest_checkpoint(&id)
+        .await
+        .map_err(|e| internal(&e))?;
+    let tokens_used = app
+        .store
+        .model_tokens_used(&id)
+        .await
+        .map_err(|e| internal(&e))?;
+    let live = app
+        .store
+        .live_messages(&id)
+        .await
+        .map_err(|e| internal(&e))?
+        .iter()
+        .map(|b| serde_json::from_str(b))
+        .collect::<Result<Vec<serde_json::Value>, _>>()
+        .map_err(|e| internal(&format!("stored message: {e}")))?;
+    let live = Conversation::completed_prefix(live);
+    let saved = live.len() as u32;
+    app.store
+        .set_conversation_len(&id, saved)
+        .await
+        .map_err(|e| internal(&e))?;
+    let conversation = if live.is_empty() {
+        Conversation {
+            tokens_used,
+            ..Conversation::new(&run.task.prompt, WORKDIR)
+        }
+    } else {
+        let turns = completed_turns(&live);
+        Conversation::after_stop(live, turns, tokens_used)
+    };
     finish(run, checkpoint.as_ref(), saved, conversation).await
 }
 
@@ -1211,7 +1441,7 @@ fn sandbox_spec(run: &Run, image: &str, shim_dir: &Path, role: &str) -> SandboxS
             (labels::TASK.to_owned(), run.task.id.clone()),
             (labels::ATTEMPT.to_owned(), run.attempt.id.clone()),
             (labels::SHIM_DIR.to_owned(), shim_dir.display().to_string()),
-            (ROLE_LABEL.to_owned(), role.to_owned()),
+            (labels::ROLE.to_owned(), role.to_owned()),
         ]),
         limits: ResourceLimits {
             memory_bytes: app.config.sandbox.memory_mb * 1024 * 1024,
@@ -1270,9 +1500,6 @@ fn sandbox_spec(run: &Run, image: &str, shim_dir: &Path, role: &str) -> SandboxS
         command: Some(vec![SANDBOX_BINARY.into(), "shim".into()]),
     }
 }
-
-/// The label saying what a sandbox is for: `agent` or `verify`.
-pub const ROLE_LABEL: &str = "dev.backshift.role";
 
 /// Creates a sandbox from `spec` (without the disk limit when the
 /// storage driver cannot apply one; `warn`: say so on the attempt's log).
@@ -1933,7 +2160,9 @@ async fn acp_setup(
                     .unwrap_or(0);
                 resume.generation = resume.generation.max(n + 1);
                 resume.session_id = Some(session_id);
-                resume.why = Some("the control plane restarted or the sandbox was lost".into());
+                resume.why = Some(run.reopen_note.clone().unwrap_or_else(|| {
+                    "the control plane restarted or the sandbox was lost".into()
+                }));
             }
             EventKind::ToolCall { .. } => resume.tool_calls += 1,
             // A session before a verification ended its turn: reopening

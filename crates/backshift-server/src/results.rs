@@ -145,6 +145,8 @@ async fn attempt_view(app: &App, t: &TaskRow, a: AttemptRow) -> Result<AttemptVi
         usage,
         verifications: verifications.len() as u32,
         verification: verifications.into_iter().last(),
+        pause_requested: a.pause_requested.is_some(),
+        resume_requested: a.resume_requested.is_some(),
     })
 }
 

@@ -41,7 +41,7 @@ pub struct Alive {
 /// How a runner is told to stop, and why.
 #[derive(Default)]
 pub struct Stop {
-    token: CancellationToken,
+    token: Mutex<CancellationToken>,
     why: Mutex<Option<StopReason>>,
 }
 
@@ -52,6 +52,9 @@ pub enum StopReason {
     End(Transition, String),
     /// Walk away without touching it: another replica drives it now.
     Abandon(String),
+    /// Stop its sandbox, files kept, until a person resumes it (the
+    /// detail says who asked).
+    Pause(String),
 }
 
 impl Stop {
@@ -66,17 +69,42 @@ impl Stop {
         self.request(StopReason::Abandon(why));
     }
 
+    /// Asks the runner to pause the attempt.
+    pub fn pause(&self, detail: String) {
+        self.request(StopReason::Pause(detail));
+    }
+
     fn request(&self, reason: StopReason) {
         let mut why = self.why.lock().unwrap_or_else(|p| p.into_inner());
         if why.is_none() {
             *why = Some(reason);
         }
-        self.token.cancel();
+        self.token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cancel();
     }
 
     /// Resolves when a stop was asked for.
     pub async fn requested(&self) {
-        self.token.cancelled().await
+        let token = self.token.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        token.cancelled().await
+    }
+
+    /// Whether a stop was asked for (and not withdrawn).
+    pub fn is_requested(&self) -> bool {
+        self.token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_cancelled()
+    }
+
+    /// Withdraws a request that could not be carried out (a pause that
+    /// came as the attempt moved on): the runner listens again.
+    pub fn withdraw(&self) {
+        let mut why = self.why.lock().unwrap_or_else(|p| p.into_inner());
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = CancellationToken::new();
+        *why = None;
     }
 
     /// What was asked for (cancellation when nothing was said).
@@ -148,6 +176,19 @@ impl Supervisor {
         }
     }
 
+    /// Asks the runner of `attempt` to pause it; false when it is not
+    /// running here.
+    pub fn pause(&self, attempt: &str, detail: String) -> bool {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        match running.get(attempt) {
+            Some(stop) => {
+                stop.pause(detail);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn running_count(&self) -> usize {
         self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -206,7 +247,9 @@ async fn take_over(app: &Arc<App>, started: &[AttemptRow], sweep: bool) -> anyho
     let now = backshift_protocol::now_ms();
     let orphans: Vec<AttemptRow> = started
         .iter()
-        .filter(|a| a.state != AttemptState::Paused)
+        // A paused attempt is left alone until a person resumes or
+        // cancels it.
+        .filter(|a| a.state != AttemptState::Paused || a.cancel_requested.is_some())
         .filter(|a| !app.supervisor.is_running(&a.id))
         .filter(|a| {
             a.owner.is_none()
@@ -248,17 +291,8 @@ async fn take_over(app: &Arc<App>, started: &[AttemptRow], sweep: bool) -> anyho
             continue; // another replica was quicker
         }
         if a.cancel_requested.is_some() {
-            // Nobody drives it: end it here; the sweep removes its sandbox.
-            let _ = app
-                .hub
-                .transition(
-                    &a.id,
-                    a.state,
-                    Transition::Cancel,
-                    Some("cancelled on request".into()),
-                )
-                .await;
-            let _ = app.store.release(&a.id, &app.replica).await;
+            // Nobody drives it: a runner ends it (and cleans up after it).
+            spawn_ending(app, a, Transition::Cancel, "cancelled on request".into());
             continue;
         }
         let whose = match &a.owner {
@@ -292,6 +326,11 @@ async fn heartbeat(app: &Arc<App>) {
         .cancel_requests(&app.replica)
         .await
         .unwrap_or_default();
+    let pauses = app
+        .store
+        .pause_requests(&app.replica)
+        .await
+        .unwrap_or_default();
     let until = backshift_protocol::now_ms() + lease_ms(app);
     for (id, stop) in running {
         if cancels.contains(&id) {
@@ -299,6 +338,9 @@ async fn heartbeat(app: &Arc<App>) {
                 Transition::Cancel,
                 "cancelled on request (through another replica)".into(),
             );
+        }
+        if pauses.contains(&id) {
+            stop.pause("paused on request (through another replica)".into());
         }
         match app.store.renew(&id, &app.replica, until).await {
             Ok(true) => {}
@@ -443,12 +485,20 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
     app.supervisor.shutdown().await;
 }
 
+/// Starts queued attempts, and paused ones a person asked to resume
+/// (those first: their sandboxes already hold resources).
 async fn start_queued(app: &Arc<App>) -> anyhow::Result<()> {
+    let resumed = app
+        .store
+        .attempts_in_states(&[AttemptState::Paused])
+        .await?
+        .into_iter()
+        .filter(|a| a.resume_requested.is_some() && a.cancel_requested.is_none());
     let queued = app
         .store
         .attempts_in_states(&[AttemptState::Queued])
         .await?;
-    for a in queued {
+    for a in resumed.chain(queued) {
         if app.supervisor.running_count() >= app.config.max_concurrent_attempts {
             break;
         }
@@ -557,20 +607,38 @@ async fn enforce_deadlines(app: &Arc<App>, started: &[AttemptRow]) -> anyhow::Re
             Some(stop) => stop.stop(Transition::Timeout, detail),
             // Another replica drives it: its supervisor ends it.
             None if !orphan => {}
+            // Nobody drives it (a paused one, or its replica died): a
+            // runner ends it and cleans up after it.
             None => {
-                let _ = app
-                    .hub
-                    .transition(&a.id, a.state, Transition::Timeout, Some(detail))
-                    .await;
+                if app
+                    .store
+                    .claim(&a.id, &app.replica, now, now + lease_ms(app))
+                    .await?
+                {
+                    spawn_ending(app, a.clone(), Transition::Timeout, detail);
+                }
             }
         }
     }
     Ok(())
 }
 
-/// Starts a runner for `a` (from the queue, or resuming an interrupted one).
+/// Starts a runner for `a` (from the queue, resuming an interrupted or
+/// paused one).
 fn spawn(app: &Arc<App>, a: AttemptRow) {
+    spawn_with(app, a, Arc::new(Stop::default()));
+}
+
+/// Starts a runner that only ends `a` with `transition`: it removes what
+/// the attempt left (sandboxes, snapshot), keeps its work, and chooses
+/// and reports the task's result, as any runner does at the end.
+fn spawn_ending(app: &Arc<App>, a: AttemptRow, transition: Transition, detail: String) {
     let stop = Arc::new(Stop::default());
+    stop.stop(transition, detail);
+    spawn_with(app, a, stop);
+}
+
+fn spawn_with(app: &Arc<App>, a: AttemptRow, stop: Arc<Stop>) {
     app.supervisor
         .running
         .lock()

@@ -435,9 +435,18 @@ impl Store {
         } else {
             "0"
         };
+        // A pause request is carried out by pausing (or moot once the
+        // attempt ends); a resume request by leaving `paused`.
+        let mut settled = String::new();
+        if change.to == AttemptState::Paused || change.to.is_terminal() {
+            settled.push_str(", pause_requested = NULL");
+        }
+        if change.from == AttemptState::Paused || change.to.is_terminal() {
+            settled.push_str(", resume_requested = NULL");
+        }
         let sql = format!(
             "UPDATE attempts SET state = $1, reason = COALESCE($2, reason), detail = COALESCE($3, detail), \
-             held_ms = held_ms + {held}, updated_at = $4 WHERE id = $5 AND state = $6"
+             held_ms = held_ms + {held}, updated_at = $4{settled} WHERE id = $5 AND state = $6"
         );
         let detail = change
             .detail
@@ -774,6 +783,54 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Records that a person asked to stop (pause) an attempt, for the
+    /// replica that drives it to act on.
+    pub async fn request_pause(&self, attempt_id: &str, now: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE attempts SET pause_requested = COALESCE(pause_requested, $1) WHERE id = $2",
+        )
+        .bind(now)
+        .bind(attempt_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets a pause request that cannot be carried out (the attempt had
+    /// moved on to a state that cannot pause).
+    pub async fn drop_pause_request(&self, attempt_id: &str) -> Result<()> {
+        sqlx::query("UPDATE attempts SET pause_requested = NULL WHERE id = $1")
+            .bind(attempt_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Attempts `owner` drives that someone asked to pause.
+    pub async fn pause_requests(&self, owner: &str) -> Result<Vec<String>> {
+        let rows =
+            sqlx::query("SELECT id FROM attempts WHERE owner = $1 AND pause_requested IS NOT NULL")
+                .bind(owner)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Records that a person asked to resume a paused attempt; false when
+    /// it is not paused.
+    pub async fn request_resume(&self, attempt_id: &str, now: i64) -> Result<bool> {
+        let updated = sqlx::query(
+            "UPDATE attempts SET resume_requested = COALESCE(resume_requested, $1) \
+             WHERE id = $2 AND state = 'paused'",
+        )
+        .bind(now)
+        .bind(attempt_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(updated == 1)
     }
 
     /// Gives up `owner`'s lease on an attempt (it ended, or the replica

@@ -16,7 +16,7 @@ macro_rules! attempt_select {
     () => {
         "SELECT id, task_id, n, state, reason, detail, branch, base_commit, head_commit, summary, \
          sandbox_id, created_at, updated_at, started_at, owner, lease_until, \
-         cancel_requested, held_ms, snapshot_image, prepared_sandbox, gateway_token_sha256, agent FROM attempts"
+         cancel_requested, held_ms, snapshot_image, prepared_sandbox, gateway_token_sha256, agent, pause_requested, resume_requested FROM attempts"
     };
 }
 pub(crate) use attempt_select;
@@ -168,6 +168,12 @@ pub struct AttemptRow {
     pub gateway_token_sha256: Option<String>,
     /// Its own agent, when not the task's.
     pub agent: Option<String>,
+    /// When a person asked to stop (pause) it, unix ms; cleared once it is
+    /// paused or ends.
+    pub pause_requested: Option<i64>,
+    /// When a person asked to resume it, unix ms; cleared once it leaves
+    /// `paused`.
+    pub resume_requested: Option<i64>,
 }
 
 /// A checkpoint: the working tree at the end of a turn, tied to the event
@@ -223,6 +229,8 @@ impl AttemptRow {
             prepared_sandbox: r.get(19),
             gateway_token_sha256: r.get(20),
             agent: r.get(21),
+            pause_requested: r.get(22),
+            resume_requested: r.get(23),
         })
     }
 }

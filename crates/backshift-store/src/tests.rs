@@ -439,6 +439,60 @@ async fn time_held_by_a_person_is_added_up_by_the_transitions_that_end_it(store:
     );
 }
 
+async fn pause_and_resume_requests_last_until_the_state_change_that_carries_them_out(store: Store) {
+    use AttemptState as S;
+    let attempt = one_task(&store).await;
+    let mut seq = 0;
+    let mut step = |from: S, to: S| {
+        seq += 1;
+        let store = &store;
+        let attempt = attempt.clone();
+        async move {
+            let change = StateChange {
+                attempt_id: &attempt,
+                from,
+                to,
+                reason: None,
+                detail: None,
+            };
+            let ev = state_event(&attempt, seq, from, to);
+            assert!(store.record_transition(&change, &ev, 10).await.unwrap());
+        }
+    };
+    step(S::Queued, S::Provisioning).await;
+    step(S::Provisioning, S::Preparing).await;
+    step(S::Preparing, S::Running).await;
+    assert!(store.claim(&attempt, "r1", 0, 1000).await.unwrap());
+    // Not paused: nothing to resume.
+    assert!(!store.request_resume(&attempt, 20).await.unwrap());
+    store.request_pause(&attempt, 20).await.unwrap();
+    store.request_pause(&attempt, 30).await.unwrap();
+    assert_eq!(store.pause_requests("r1").await.unwrap(), vec![attempt.clone()]);
+    assert!(store.pause_requests("r2").await.unwrap().is_empty());
+    let row = store.attempt(&attempt).await.unwrap().unwrap();
+    assert_eq!(row.pause_requested, Some(20), "the first request stands");
+    // A swing to a person and back does not carry it out.
+    step(S::Running, S::WaitingApproval).await;
+    step(S::WaitingApproval, S::Running).await;
+    assert_eq!(store.pause_requests("r1").await.unwrap().len(), 1);
+    step(S::Running, S::Paused).await;
+    assert!(store.pause_requests("r1").await.unwrap().is_empty());
+    assert!(store.request_resume(&attempt, 40).await.unwrap());
+    let row = store.attempt(&attempt).await.unwrap().unwrap();
+    assert_eq!(row.resume_requested, Some(40));
+    step(S::Paused, S::Running).await;
+    let row = store.attempt(&attempt).await.unwrap().unwrap();
+    assert_eq!(row.resume_requested, None);
+    // One that cannot be carried out is dropped; an end settles both.
+    store.request_pause(&attempt, 50).await.unwrap();
+    store.drop_pause_request(&attempt).await.unwrap();
+    assert!(store.pause_requests("r1").await.unwrap().is_empty());
+    store.request_pause(&attempt, 60).await.unwrap();
+    step(S::Running, S::Cancelled).await;
+    let row = store.attempt(&attempt).await.unwrap().unwrap();
+    assert_eq!((row.pause_requested, row.resume_requested), (None, None));
+}
+
 async fn approvals_are_answered_once_and_grants_apply_to_their_task_or_project(store: Store) {
     let attempt = one_task(&store).await;
     let task = attempt.trim_end_matches("-1").to_owned();
@@ -698,6 +752,7 @@ on_both!(
     the_audit_log_is_a_gapless_hash_chain_even_with_concurrent_writers,
     approvals_are_answered_once_and_grants_apply_to_their_task_or_project,
     time_held_by_a_person_is_added_up_by_the_transitions_that_end_it,
+    pause_and_resume_requests_last_until_the_state_change_that_carries_them_out,
     the_live_conversation_runs_ahead_of_checkpoints,
     a_created_task_reads_back_with_a_queued_attempt,
     projects_are_one_per_source,

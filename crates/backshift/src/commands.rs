@@ -4,9 +4,9 @@ use crate::client::Client;
 use crate::render::event_lines;
 use crate::{AuditCommand, Cli, Command, ImageCommand, SecretsCommand, TokensCommand};
 use anyhow::{Context, bail};
-use backshift_core::AttemptId;
 use backshift_core::limits::LimitsRequest;
 use backshift_core::policy::{Action, Rule};
+use backshift_core::{AttemptId, AttemptState};
 use backshift_protocol::{
     AnswerApproval, ApprovalView, AttemptView, AuditEntry, AuditVerification, CreateTaskRequest,
     Decision, Event, GrantSecret, ProjectView, RotationView, SandboxView, Scope, SecretView,
@@ -375,6 +375,8 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             println!("task {} is {}", task.id, task.state);
             Ok(0)
         }
+        Command::Pause { id } => pause_or_resume(&client, &id, true).await,
+        Command::Resume { id } => pause_or_resume(&client, &id, false).await,
         Command::Approvals { all } => {
             let path = if all {
                 "/api/v1/approvals?state=all"
@@ -430,7 +432,15 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                     format!("{} / {}", mib(s.memory_bytes), mib(s.memory_limit_bytes)),
                     s.pids,
                     disk,
-                    if s.running { "" } else { "  (stopped)" }
+                    match (s.running, s.attempt_state) {
+                        (false, Some(AttemptState::Paused)) =>
+                            "  (paused: `backshift resume` starts it again)".to_owned(),
+                        (false, _) => "  (stopped)".to_owned(),
+                        (true, _) => match s.role.as_deref() {
+                            Some(role) if role != "agent" => format!("  ({role})"),
+                            _ => String::new(),
+                        },
+                    }
                 );
             }
             if let Some(note) = list.iter().find_map(|s| s.disk_limit_note.as_deref()) {
@@ -822,6 +832,75 @@ async fn answer(
         )
         .await?;
     println!("{}", approval_line(&a));
+    Ok(0)
+}
+
+/// Pauses (or resumes) an attempt, or each of a task's attempts that can
+/// be; prints where each stands.
+async fn pause_or_resume(client: &Client, id: &str, pause: bool) -> anyhow::Result<i32> {
+    let verb = if pause { "pause" } else { "resume" };
+    let ids: Vec<String> = if AttemptId::parse(id).is_some() {
+        vec![id.to_owned()]
+    } else {
+        let task: TaskView = client
+            .send(client.request(Method::GET, &format!("/api/v1/tasks/{id}")))
+            .await?;
+        let fits = |s: AttemptState| {
+            if pause {
+                matches!(s, AttemptState::Running | AttemptState::WaitingApproval)
+            } else {
+                s == AttemptState::Paused
+            }
+        };
+        let ids: Vec<String> = task
+            .attempts
+            .iter()
+            .filter(|a| fits(a.state))
+            .map(|a| a.id.clone())
+            .collect();
+        if ids.is_empty() {
+            let states: Vec<String> = task
+                .attempts
+                .iter()
+                .map(|a| format!("{} is {}", a.id, a.state))
+                .collect();
+            anyhow::bail!(
+                "task {id} has no attempt to {verb} ({}): {}",
+                states.join(", "),
+                if pause {
+                    "only a running attempt, or one waiting for approval, can be paused"
+                } else {
+                    "only a paused attempt can be resumed"
+                }
+            );
+        }
+        ids
+    };
+    for attempt in ids {
+        eprintln!("{verb} {attempt}: waiting for it to get there…");
+        let view: AttemptView = client
+            .send(client.request(Method::POST, &format!("/api/v1/attempts/{attempt}/{verb}")))
+            .await?;
+        let pending = if pause {
+            view.pause_requested
+        } else {
+            view.resume_requested
+        };
+        if pending {
+            println!(
+                "attempt {} is {}; the {verb} is under way{}",
+                view.id,
+                view.state,
+                if pause {
+                    ""
+                } else {
+                    " (it waits for a free slot: [supervisor] max_concurrent_attempts)"
+                }
+            );
+        } else {
+            println!("attempt {} is {}", view.id, view.state);
+        }
+    }
     Ok(0)
 }
 

@@ -153,6 +153,19 @@ enum Command {
         /// Task id.
         id: String,
     },
+    /// Stop a task's sandbox, its files kept, until `backshift resume`:
+    /// the agent stops, what runs in the sandbox ends, and the wall-time
+    /// clock stops.
+    Pause {
+        /// Task id (its running attempts) or attempt id (TASK-N).
+        id: String,
+    },
+    /// Start a paused task's sandbox again; the agent goes on from its
+    /// last completed step.
+    Resume {
+        /// Task id (its paused attempts) or attempt id (TASK-N).
+        id: String,
+    },
     /// List approvals: what agents are waiting for a person to decide.
     Approvals {
         /// Also the answered and expired ones.

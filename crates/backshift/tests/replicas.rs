@@ -286,3 +286,107 @@ async fn a_cancel_through_one_replica_stops_an_attempt_the_other_drives() {
     a.start_kill().unwrap();
     b.start_kill().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_through_one_replica_stops_an_attempt_the_other_drives_and_a_resume_starts_it_again()
+ {
+    let c = Cluster::new(json!([
+        {"reply": {"tool_calls": [{"name": "run_command", "arguments": {"command": "sleep 600"}}]}}
+    ]))
+    .await;
+    let (mut b, b_url) = c.replica("replica-b").await;
+    let token = c.token(&b_url);
+    let created = api(
+        &b_url,
+        &token,
+        reqwest::Method::POST,
+        "/api/v1/tasks",
+        Some(json!({"prompt": "wait", "repo": &c.repo})),
+    )
+    .await;
+    let task = created["id"].as_str().unwrap().to_owned();
+    let attempt = format!("{task}-1");
+    let calls = |evs: &[Value]| evs.iter().filter(|e| e["type"] == "tool_call").count();
+    let mut running = false;
+    for _ in 0..300 {
+        if calls(&events(&b_url, &token, &attempt).await) == 1 {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running, "replica B never started the command");
+
+    // Replica A is asked to pause what B drives: B carries it out.
+    let (mut a, a_url) = c.replica("replica-a").await;
+    let view = api(
+        &a_url,
+        &token,
+        reqwest::Method::POST,
+        &format!("/api/v1/attempts/{attempt}/pause"),
+        None,
+    )
+    .await;
+    assert_eq!(view["state"], "paused", "{view}");
+    let evs = events(&a_url, &token, &attempt).await;
+    let paused = evs
+        .iter()
+        .find(|e| e["type"] == "state_changed" && e["to"] == "paused")
+        .unwrap();
+    assert_eq!(paused["driver"], "replica-b", "{paused}");
+    assert!(
+        paused["detail"]
+            .as_str()
+            .unwrap()
+            .contains("through another replica"),
+        "{paused}"
+    );
+    // Resumed through A: a replica takes it up from its stopped sandbox,
+    // and the agent starts its command again.
+    let view = api(
+        &a_url,
+        &token,
+        reqwest::Method::POST,
+        &format!("/api/v1/attempts/{attempt}/resume"),
+        None,
+    )
+    .await;
+    assert_eq!(view["state"], "running", "{view}");
+    let mut again = false;
+    for _ in 0..300 {
+        if calls(&events(&a_url, &token, &attempt).await) == 2 {
+            again = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(again, "the resumed agent never ran its command again");
+    let evs = events(&a_url, &token, &attempt).await;
+    assert!(
+        evs.iter().any(|e| e["type"] == "progress"
+            && e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("started again")),
+        "the stopped sandbox was started again, not rebuilt"
+    );
+    let left = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=dev.backshift.attempt={attempt}"),
+    ])
+    .unwrap();
+    assert_eq!(left.lines().count(), 1, "one sandbox, running: {left}");
+    let view = api(
+        &a_url,
+        &token,
+        reqwest::Method::POST,
+        &format!("/api/v1/tasks/{task}/cancel"),
+        None,
+    )
+    .await;
+    assert_eq!(view["state"], "cancelled", "{view}");
+    a.start_kill().unwrap();
+    b.start_kill().unwrap();
+}

@@ -492,10 +492,24 @@ async fn compare_and_pick_watch_sandboxes_and_change_settings() {
                     10,
                 )
                 .await?;
-                // The busy sandbox: measured, and gone when its task is cancelled.
+                // The busy sandbox: measured, paused and resumed, and gone
+                // when its task is cancelled.
                 click_link(&c, "Sandboxes").await?;
                 wait_for_text(&c, &format!("[data-sandbox] a[href*='{b2}']"), &b2, 30).await?;
                 wait_for_text(&c, "#sandboxes .memory", "MiB of", 10).await?;
+                // Stopped with its files kept, then started again.
+                wait_for(&c, &format!("button[data-pause='{b2}-1']"), 10)
+                    .await?
+                    .click()
+                    .await
+                    .map_err(fail("pause"))?;
+                wait_for_text(&c, "#sandboxes", "stopped (paused)", 30).await?;
+                wait_for(&c, &format!("button[data-resume='{b2}-1']"), 10)
+                    .await?
+                    .click()
+                    .await
+                    .map_err(fail("resume"))?;
+                wait_for(&c, &format!("button[data-pause='{b2}-1']"), 30).await?;
                 wait_for(&c, &format!("button[data-cancel='{b2}']"), 10)
                     .await?
                     .click()

@@ -1,13 +1,15 @@
-//! Attempts: show, events (a page, or a live SSE stream), diff.
+//! Attempts: show, events (a page, or a live SSE stream), diff, pause
+//! and resume.
 
-use super::ApiError;
+use super::{ApiError, Caller};
 use crate::serve::App;
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use backshift_protocol::{AttemptView, Event, EventKind, EventsQuery};
+use backshift_core::AttemptState;
+use backshift_protocol::{AttemptView, Event, EventKind, EventsQuery, now_ms};
 use futures::Stream;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -45,6 +47,113 @@ pub async fn get_attempt(
         .find(|v| v.id == a.id)
         .map(Json)
         .ok_or_else(|| ApiError::not_found("attempt", &id))
+}
+
+/// How long pause and resume wait for the attempt to get there before
+/// answering with where it is.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The attempt's view once `done` holds of its state (or [`SETTLE`] ran
+/// out: the view says where it is).
+async fn settled(
+    app: &Arc<App>,
+    id: &str,
+    done: impl Fn(AttemptState) -> bool,
+) -> Result<Json<AttemptView>, ApiError> {
+    let until = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let (_, a) = load(app, id).await?;
+        if done(a.state) || tokio::time::Instant::now() >= until {
+            return get_attempt(State(app.clone()), Path(id.to_owned())).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Stops an attempt's sandbox, its files kept: the agent stops (an
+/// installed agent is asked to cancel its turn), what runs in the sandbox
+/// ends, pending approvals expire, and its wall time stops counting until
+/// it is resumed. Answers once it is paused (or after 20 s, with the
+/// request standing: `pause_requested`).
+#[utoipa::path(post, path = "/api/v1/attempts/{id}/pause", params(("id" = String, Path, description = "Attempt id (TASK-N)")),
+    responses((status = 200, body = AttemptView), (status = 404, body = backshift_protocol::ErrorBody),
+        (status = 409, description = "The attempt is not running or waiting for approval", body = backshift_protocol::ErrorBody)))]
+pub async fn pause_attempt(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<AttemptView>, ApiError> {
+    let (_, a) = load(&app, &id).await?;
+    match a.state {
+        AttemptState::Paused => return get_attempt(State(app), Path(id)).await,
+        AttemptState::Running | AttemptState::WaitingApproval => {}
+        s => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "not_pausable",
+                format!(
+                    "attempt {id} is {s}: only a running attempt, or one waiting for approval, can be paused"
+                ),
+                Some(if s.is_terminal() {
+                    "it has ended; nothing runs to pause"
+                } else {
+                    "try again once it is running"
+                }),
+            ));
+        }
+    }
+    let actor = caller.actor();
+    app.audit(
+        &actor,
+        "attempt.pause",
+        &id,
+        serde_json::json!({"state": a.state}),
+    )
+    .await;
+    if !app.supervisor.pause(&id, format!("paused by {actor}")) {
+        // Another replica drives it: it acts on its next heartbeat.
+        app.store.request_pause(&id, now_ms()).await?;
+    }
+    settled(&app, &id, |s| {
+        !matches!(s, AttemptState::Running | AttemptState::WaitingApproval)
+    })
+    .await
+}
+
+/// Starts a paused attempt's sandbox again with its files as they were;
+/// the agent goes on from its last completed step, told what happened.
+/// It waits for a free slot like a queued one (`resume_requested` until
+/// then). Answers once it left `paused` (or after 20 s).
+#[utoipa::path(post, path = "/api/v1/attempts/{id}/resume", params(("id" = String, Path, description = "Attempt id (TASK-N)")),
+    responses((status = 200, body = AttemptView), (status = 404, body = backshift_protocol::ErrorBody),
+        (status = 409, description = "The attempt is not paused", body = backshift_protocol::ErrorBody)))]
+pub async fn resume_attempt(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<AttemptView>, ApiError> {
+    load(&app, &id).await?;
+    if !app.store.request_resume(&id, now_ms()).await? {
+        let (_, a) = load(&app, &id).await?;
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_paused",
+            format!(
+                "attempt {id} is {}: only a paused attempt can be resumed",
+                a.state
+            ),
+            None,
+        ));
+    }
+    app.audit(
+        &caller.actor(),
+        "attempt.resume",
+        &id,
+        serde_json::json!({}),
+    )
+    .await;
+    app.supervisor.wake();
+    settled(&app, &id, |s| s != AttemptState::Paused).await
 }
 
 /// A page of an attempt's events, in order.

@@ -38,7 +38,7 @@ use utoipa::OpenApi;
         secrets::list_secrets, secrets::set_secret, secrets::delete_secret, secrets::grant_secret,
         secrets::revoke_secret, secrets::rotate, sandboxes::list_sandboxes,
         tokens::list_tokens, tokens::create_token, tokens::revoke_token,
-        attempts::get_attempt, attempts::list_events, attempts::stream_events, attempts::get_diff,
+        attempts::get_attempt, attempts::pause_attempt, attempts::resume_attempt, attempts::list_events, attempts::stream_events, attempts::get_diff,
         health::healthz, health::readyz,
     ),
     components(schemas(
@@ -112,6 +112,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/audit", get(audit::list_audit))
         .route("/api/v1/audit/verify", get(audit::verify_audit))
         .route("/api/v1/attempts/{id}", get(attempts::get_attempt))
+        .route("/api/v1/attempts/{id}/pause", post(attempts::pause_attempt))
+        .route(
+            "/api/v1/attempts/{id}/resume",
+            post(attempts::resume_attempt),
+        )
         .route("/api/v1/attempts/{id}/events", get(attempts::list_events))
         .route(
             "/api/v1/attempts/{id}/events/stream",

@@ -28,6 +28,18 @@ pub async fn list_sandboxes(
         .list(&[(labels::MANAGED, "true"), (labels::INSTANCE, &app.instance)])
         .await
         .map_err(ApiError::internal)?;
+    let states: std::collections::HashMap<String, backshift_core::AttemptState> = app
+        .store
+        .attempts_in_states(
+            &backshift_core::AttemptState::ALL
+                .into_iter()
+                .filter(|s| !s.is_terminal())
+                .collect::<Vec<_>>(),
+        )
+        .await?
+        .into_iter()
+        .map(|a| (a.id, a.state))
+        .collect();
     let note = app
         .config
         .sandbox
@@ -36,12 +48,19 @@ pub async fn list_sandboxes(
     let views = futures::future::join_all(sandboxes.into_iter().map(|s| {
         let driver = driver.clone();
         let note = note.clone();
+        let attempt_state = s
+            .labels
+            .get(labels::ATTEMPT)
+            .and_then(|a| states.get(a))
+            .copied();
         async move {
             let usage = driver.usage(&s.id).await.unwrap_or_default();
             SandboxView {
                 id: s.id.0.clone(),
                 attempt_id: s.labels.get(labels::ATTEMPT).cloned(),
                 task_id: s.labels.get(labels::TASK).cloned(),
+                attempt_state,
+                role: s.labels.get(labels::ROLE).cloned(),
                 running: usage.running,
                 cpu_percent: usage.cpu_percent,
                 memory_bytes: usage.memory_bytes,

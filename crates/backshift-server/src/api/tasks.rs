@@ -346,6 +346,8 @@ pub async fn cancel_task(
         // Not running here: the replica that drives it (or takes it over)
         // acts on the request.
         app.store.request_cancel(&a.id, now_ms()).await?;
+        // A paused one is ended by a runner the supervisor starts.
+        app.supervisor.wake();
         if a.state == AttemptState::Queued {
             // Not started: cancel it in place. If it started meanwhile, the
             // compare-and-set fails and the runner's token is used instead.

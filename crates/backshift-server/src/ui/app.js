@@ -404,6 +404,21 @@ function diffBlock(text) {
   return pre;
 }
 
+const PAUSABLE = ["running", "waiting_approval"];
+
+// Pause (stop the sandbox, files kept) or resume an attempt; nothing for
+// an attempt in another state. The request answers once it is done.
+function pauseButton(a, done, failed) {
+  if (!a || !(PAUSABLE.includes(a.state) || a.state === "paused")) return null;
+  const verb = a.state === "paused" ? "resume" : "pause";
+  const label = verb === "pause" ? "Pause (stop its sandbox, keep its files)" : "Resume";
+  return el("button", { [`data-${verb}`]: a.id, onclick: async (ev) => {
+    ev.target.disabled = true;
+    ev.target.textContent = verb === "pause" ? "Pausing…" : "Resuming…";
+    try { await api("POST", `/api/v1/attempts/${a.id}/${verb}`); await done(); } catch (e) { failed(e); ev.target.disabled = false; ev.target.textContent = label; }
+  } }, label);
+}
+
 async function task(id) {
   let t = await api("GET", `/api/v1/tasks/${encodeURIComponent(id)}`);
   const params = new URLSearchParams(location.hash.split("?")[1] || "");
@@ -422,10 +437,14 @@ async function task(id) {
       t.prompt.includes("\n") ? el("details", {}, el("summary", {}, "Full task"), el("pre", {}, t.prompt)) : null,
       t.delivery && t.delivery.pull_request_url ? el("p", {}, "Pull request: ", el("a", { href: t.delivery.pull_request_url }, t.delivery.pull_request_url)) : null,
       t.handoff ? el("details", { open: true }, el("summary", {}, "Handoff"), el("pre", {}, t.handoff)) : null,
-      ACTIVE.includes(t.state) ? el("div", { class: "actions" }, el("button", { class: "danger", id: "cancel", onclick: async (ev) => {
-        ev.target.disabled = true;
-        try { t = await api("POST", `/api/v1/tasks/${t.id}/cancel`); renderHead(); } catch (e) { head.append(errorBox(e)); }
-      } }, "Cancel task")) : null);
+      ACTIVE.includes(t.state) ? el("div", { class: "actions" },
+        pauseButton(t.attempts.find((x) => x.id === current), async () => {
+          t = await api("GET", `/api/v1/tasks/${t.id}`); renderHead();
+        }, (e) => head.append(errorBox(e))),
+        el("button", { class: "danger", id: "cancel", onclick: async (ev) => {
+          ev.target.disabled = true;
+          try { t = await api("POST", `/api/v1/tasks/${t.id}/cancel`); renderHead(); } catch (e) { head.append(errorBox(e)); }
+        } }, "Cancel task")) : null);
     fill(compare, t.attempts.length > 1 ? comparison(t, async (attempt) => {
       try { t = await api("POST", `/api/v1/tasks/${t.id}/pick`, { attempt }); renderHead(); } catch (e) { compare.append(errorBox(e)); }
     }) : null);
@@ -530,14 +549,17 @@ async function sandboxes() {
         list.replaceChildren(...boxes.map((b) => el("div", { class: "card sandbox", "data-sandbox": b.id },
           el("div", { class: "row" },
             el("strong", { class: "grow" }, b.attempt_id ? el("a", { href: `#/task/${b.task_id}?attempt=${b.attempt_id}` }, b.attempt_id) : b.id.slice(0, 12)),
-            el("span", { class: `state ${b.running ? "running" : "cancelled"}` }, b.running ? "running" : "stopped")),
+            el("span", { class: `state ${b.running ? "running" : b.attempt_state === "paused" ? "paused" : "cancelled"}` },
+              b.running ? (b.role && b.role !== "agent" ? `running (${b.role})` : "running") : b.attempt_state === "paused" ? "stopped (paused)" : "stopped")),
           el("div", { class: "row muted" },
             el("span", {}, `CPU ${b.cpu_percent === null || b.cpu_percent === undefined ? "–" : b.cpu_percent.toFixed(1) + " %"}`),
             el("span", { class: "memory" }, `memory ${mib(b.memory_bytes)} of ${mib(b.memory_limit_bytes)}`),
             el("span", {}, `${b.pids} processes`),
             el("span", {}, b.disk_bytes === null || b.disk_bytes === undefined ? "disk –" : `disk ${mib(b.disk_bytes)}${b.disk_limit_bytes ? ` of ${mib(b.disk_limit_bytes)}` : ""}`)),
           b.disk_limit_note ? el("p", { class: "muted" }, b.disk_limit_note) : null,
-          b.task_id ? el("div", { class: "actions" }, el("button", { class: "danger", "data-cancel": b.task_id, onclick: async (ev) => {
+          b.task_id ? el("div", { class: "actions" },
+            b.role === "agent" && b.attempt_state ? pauseButton({ id: b.attempt_id, state: b.attempt_state }, load, (e) => list.append(errorBox(e))) : null,
+            el("button", { class: "danger", "data-cancel": b.task_id, onclick: async (ev) => {
             ev.target.disabled = true;
             try { await api("POST", `/api/v1/tasks/${b.task_id}/cancel`); load(); } catch (e) { list.append(errorBox(e)); }
           } }, "Cancel its task (the sandbox goes)")) : null)));
