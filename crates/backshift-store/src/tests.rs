@@ -467,7 +467,10 @@ async fn pause_and_resume_requests_last_until_the_state_change_that_carries_them
     assert!(!store.request_resume(&attempt, 20).await.unwrap());
     store.request_pause(&attempt, 20).await.unwrap();
     store.request_pause(&attempt, 30).await.unwrap();
-    assert_eq!(store.pause_requests("r1").await.unwrap(), vec![attempt.clone()]);
+    assert_eq!(
+        store.pause_requests("r1").await.unwrap(),
+        vec![attempt.clone()]
+    );
     assert!(store.pause_requests("r2").await.unwrap().is_empty());
     let row = store.attempt(&attempt).await.unwrap().unwrap();
     assert_eq!(row.pause_requested, Some(20), "the first request stands");
