@@ -109,9 +109,10 @@ fn docker_answers() -> bool {
         .unwrap_or(false)
 }
 
-/// Docker engine installed and running, default image present.
+/// Docker engine installed and running, default image present; and
+/// bubblewrap, for the process driver (sandboxes without Docker).
 fn setup() -> anyhow::Result<()> {
-    apt_install(&["docker.io", "debootstrap", "git", "procps"])?;
+    apt_install(&["docker.io", "debootstrap", "git", "procps", "bubblewrap"])?;
     if docker_answers() {
         step("Docker engine is running");
     } else {

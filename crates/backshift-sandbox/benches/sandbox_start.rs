@@ -1,6 +1,7 @@
 //! Sandbox start: how long from "create a sandbox" until its first command
 //! has run, through the Docker driver, next to `docker run --rm IMAGE true`
-//! measured in the same run on the same image.
+//! measured in the same run on the same image; then through the process
+//! driver, next to a bare bubblewrap run of `true`.
 //!
 //! Run with `cargo xtask bench` (or `cargo bench -p backshift-sandbox
 //! --bench sandbox_start -- --iterations N`). Needs dockerd and the default
@@ -117,7 +118,57 @@ fn run() -> BenchResult<()> {
             p50.as_secs_f64() / base.as_secs_f64()
         );
     }
-    rt.block_on(snapshots(&driver, &spec, &docker_cli, n))
+    rt.block_on(snapshots(&driver, &spec, &docker_cli, n))?;
+    process(&rt, &spec, n)
+}
+
+/// The process driver (bubblewrap): create → first exec, next to a bare
+/// `bwrap --unshare-all --ro-bind / / --proc /proc --dev /dev true` and
+/// to `docker run --rm IMAGE true`'s figure from this run.
+fn process(rt: &tokio::runtime::Runtime, spec: &SandboxSpec, n: usize) -> BenchResult<()> {
+    let root = tempfile::Builder::new().prefix("bs-bench-").tempdir()?;
+    let driver = rt
+        .block_on(backshift_sandbox::process::ProcessDriver::new(root.path(), Vec::new()))
+        .map_err(|e| format!("{e}; `cargo xtask setup` installs bubblewrap"))?;
+    let mut first_exec = Vec::with_capacity(n);
+    let mut full_cycle = Vec::with_capacity(n);
+    let mut baseline = Vec::with_capacity(n);
+    for i in 0..WARMUP + n {
+        let (to_exec, destroy) = rt.block_on(driver_once(&driver, spec))?;
+        let start = Instant::now();
+        let out = Command::new("bwrap")
+            .args(["--unshare-all", "--ro-bind", "/", "/", "--proc", "/proc"])
+            .args(["--dev", "/dev", "true"])
+            .output()?;
+        let raw = start.elapsed();
+        if !out.status.success() {
+            return Err(format!(
+                "bwrap failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+            .into());
+        }
+        if i >= WARMUP {
+            first_exec.push(to_exec);
+            full_cycle.push(to_exec + destroy);
+            baseline.push(raw);
+        }
+    }
+    let base = percentile(&mut baseline, 50);
+    for (name, samples) in [
+        ("process create -> first exec", &mut first_exec),
+        ("process create -> exec -> destroy", &mut full_cycle),
+    ] {
+        let p50 = percentile(samples, 50);
+        println!(
+            "{name:<38} {:>8} {:>8}   {:<28} {:>5.2}x",
+            ms(p50),
+            ms(percentile(samples, 90)),
+            format!("bwrap ... true {}", ms(base)),
+            p50.as_secs_f64() / base.as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 /// Filesystem snapshots: the driver's (`docker commit` through the API,
@@ -185,7 +236,7 @@ async fn snapshots(
 
 /// One sandbox: time to first exec, then time to destroy.
 async fn driver_once(
-    driver: &DockerDriver,
+    driver: &dyn SandboxDriver,
     spec: &SandboxSpec,
 ) -> BenchResult<(Duration, Duration)> {
     let start = Instant::now();

@@ -11,6 +11,7 @@
 
 pub mod docker;
 pub mod image;
+pub mod process;
 pub mod tarball;
 
 use async_trait::async_trait;

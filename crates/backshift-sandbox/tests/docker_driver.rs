@@ -1,14 +1,13 @@
-//! Conformance of the Docker driver against a real daemon and the real
-//! default image. Needs dockerd running and the image built: `cargo xtask
+//! What is the Docker driver's own (images, snapshots, hardening as
+//! Docker applies it, usage through the daemon), against a real daemon
+//! and the real default image; `conformance.rs` holds what every driver
+//! must do. Needs dockerd running and the image built: `cargo xtask
 //! test` sets both up.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use backshift_sandbox::docker::DockerDriver;
 use backshift_sandbox::image::{SANDBOX_UID, default_image_tag};
-use backshift_sandbox::tarball::{Owner, archive_dir, archive_file, first_file};
-use backshift_sandbox::{
-    ExecSpec, OutputChunk, ResourceLimits, SandboxDriver, SandboxId, SandboxSpec, labels,
-};
+use backshift_sandbox::{ExecSpec, ResourceLimits, SandboxDriver, SandboxId, SandboxSpec, labels};
 use std::collections::BTreeMap;
 
 struct Sandbox {
@@ -83,79 +82,6 @@ async fn sh(sb: &Sandbox, script: &str) -> (i64, String, String) {
     )
 }
 
-#[tokio::test]
-async fn exec_streams_output_in_order_and_reports_exit_codes() {
-    let sb = sandbox("exec").await;
-    let mut chunks = Vec::new();
-    let code = sb
-        .driver
-        .exec(
-            &sb.id,
-            &ExecSpec::new([
-                "bash",
-                "-c",
-                "echo one; echo two >&2; sleep 0.2; echo three; exit 7",
-            ]),
-            &mut |c| chunks.push(c),
-        )
-        .await
-        .unwrap();
-    assert_eq!(code, 7);
-    let text: String = chunks
-        .iter()
-        .map(|c| match c {
-            OutputChunk::Stdout(b) => format!("out:{}", String::from_utf8_lossy(b)),
-            OutputChunk::Stderr(b) => format!("err:{}", String::from_utf8_lossy(b)),
-        })
-        .collect();
-    assert!(text.contains("out:one"), "{text}");
-    assert!(text.contains("err:two"), "{text}");
-    assert!(text.find("one").unwrap() < text.find("three").unwrap());
-    let (code, out, _) = sh(&sb, "echo $BACKSHIFT_TEST; pwd").await;
-    assert_eq!((code, out.as_str()), (0, "1\n/workspace\n"));
-}
-
-#[tokio::test]
-async fn stdin_is_delivered_and_closed() {
-    let sb = sandbox("stdin").await;
-    let mut spec = ExecSpec::new(["bash", "-c", "cat > /tmp/in.txt && wc -c < /tmp/in.txt"]);
-    spec.stdin = Some(vec![b'x'; 100_000].into());
-    let out = sb.driver.exec_collect(&sb.id, &spec).await.unwrap();
-    assert_eq!(out.exit_code, 0);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000");
-}
-
-#[tokio::test]
-async fn files_go_in_owned_by_the_sandbox_user_and_come_back_out() {
-    let sb = sandbox("files").await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("sub")).unwrap();
-    std::fs::write(dir.path().join("sub/a.txt"), "hello").unwrap();
-    let owner = Owner {
-        uid: SANDBOX_UID,
-        gid: SANDBOX_UID,
-    };
-    let tar = archive_dir(dir.path(), "workspace", owner).unwrap();
-    sb.driver.copy_in(&sb.id, "/", tar.into()).await.unwrap();
-    let (code, out, err) = sh(
-        &sb,
-        "stat -c '%u %n' /workspace /workspace/sub/a.txt && echo more >> sub/a.txt",
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(out, "1000 /workspace\n1000 /workspace/sub/a.txt\n");
-    let back = sb
-        .driver
-        .copy_out(&sb.id, "/workspace/sub/a.txt")
-        .await
-        .unwrap();
-    assert_eq!(first_file(&back).unwrap(), b"hellomore\n");
-    let one = archive_file("note.txt", b"n", 0o644, owner).unwrap();
-    sb.driver.copy_in(&sb.id, "/tmp", one.into()).await.unwrap();
-    assert_eq!(sh(&sb, "cat /tmp/note.txt").await.1, "n");
-    assert!(sb.driver.copy_out(&sb.id, "/nope").await.is_err());
-}
-
 /// The hardening, read from inside the sandbox as the agent would see it.
 #[tokio::test]
 async fn sandboxes_are_hardened_as_seen_from_inside() {
@@ -207,32 +133,6 @@ async fn sandboxes_are_hardened_as_seen_from_inside() {
     assert_eq!(ifaces.trim(), "lo", "no network interface but loopback");
     let (code, _, _) = sh(&sb, "sudo true || su -c true").await;
     assert_ne!(code, 0, "cannot become root");
-}
-
-#[tokio::test]
-async fn sandboxes_are_listed_by_label_and_destroyed() {
-    let sb = sandbox("listing").await;
-    let found = sb
-        .driver
-        .list(&[("dev.backshift.test", "listing")])
-        .await
-        .unwrap();
-    assert_eq!(found.len(), 1);
-    assert_eq!(found[0].id, sb.id);
-    assert!(found[0].running);
-    assert_eq!(
-        found[0].labels.get(labels::MANAGED).map(String::as_str),
-        Some("true")
-    );
-    sb.driver.destroy(&sb.id).await.unwrap();
-    sb.driver.destroy(&sb.id).await.unwrap(); // idempotent
-    assert!(
-        sb.driver
-            .list(&[("dev.backshift.test", "listing")])
-            .await
-            .unwrap()
-            .is_empty()
-    );
 }
 
 #[tokio::test]
