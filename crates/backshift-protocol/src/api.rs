@@ -540,7 +540,8 @@ pub struct ReadyView {
 /// One readiness check.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ReadyCheck {
-    /// What is checked (`database`, `docker`, `image`, `model`).
+    /// What is checked (`database`, `sandboxes`, `docker`, `image`,
+    /// `limits`, `model`).
     pub name: String,
     /// Whether it passed.
     pub ok: bool,

@@ -128,7 +128,10 @@ fn run() -> BenchResult<()> {
 fn process(rt: &tokio::runtime::Runtime, spec: &SandboxSpec, n: usize) -> BenchResult<()> {
     let root = tempfile::Builder::new().prefix("bs-bench-").tempdir()?;
     let driver = rt
-        .block_on(backshift_sandbox::process::ProcessDriver::new(root.path(), Vec::new()))
+        .block_on(backshift_sandbox::process::ProcessDriver::new(
+            root.path(),
+            Vec::new(),
+        ))
         .map_err(|e| format!("{e}; `cargo xtask setup` installs bubblewrap"))?;
     let mut first_exec = Vec::with_capacity(n);
     let mut full_cycle = Vec::with_capacity(n);

@@ -47,6 +47,10 @@ pub const HOME: &str = "/home/agent";
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The host's trees a sandbox sees (read-only), besides the `/bin`,
+/// `/lib`... links into them.
+const SHOWN: [&str; 3] = ["/usr", "/etc", "/opt"];
+
 /// Sandboxes of Linux namespaces (see the module's documentation).
 #[derive(Clone)]
 pub struct ProcessDriver {
@@ -216,14 +220,9 @@ impl ProcessDriver {
             ]
         };
         args.extend(["--new-session", "--hostname", "sandbox"].map(String::from));
-        for d in ["usr", "etc", "opt"] {
-            let host = Path::new("/").join(d);
-            if host.is_dir() {
-                args.extend([
-                    "--ro-bind".into(),
-                    host.display().to_string(),
-                    format!("/{d}"),
-                ]);
+        for d in SHOWN {
+            if Path::new(d).is_dir() {
+                args.extend(["--ro-bind".into(), d.to_owned(), d.to_owned()]);
             }
         }
         args.extend(system_links());
@@ -234,15 +233,25 @@ impl ProcessDriver {
             "/dev".into(),
         ]);
         args.extend(["--tmpfs".into(), "/run".into()]);
-        // The home directory's parent as a system has it (bubblewrap
-        // would make it private to root).
-        let home_parent = Path::new(HOME).parent().unwrap_or(Path::new("/"));
-        args.extend([
-            "--perms".into(),
-            "0755".into(),
-            "--dir".into(),
-            home_parent.display().to_string(),
-        ]);
+        // The directories that hold mount points, as a system has them
+        // (bubblewrap would make them private to root).
+        let targets = [HOME, "/tmp", "/var", r.workdir.as_str()]
+            .into_iter()
+            .chain(r.mounts.iter().map(|(_, t, _)| t.as_str()));
+        let mut parents: Vec<&Path> = targets
+            .flat_map(|t| Path::new(t).ancestors().skip(1))
+            .filter(|p| *p != Path::new("/") && !SHOWN.iter().any(|t| p.starts_with(t)))
+            .collect();
+        parents.sort_by_key(|p| p.components().count());
+        parents.dedup();
+        for p in parents {
+            args.extend([
+                "--perms".into(),
+                "0755".into(),
+                "--dir".into(),
+                p.display().to_string(),
+            ]);
+        }
         for (area, target) in [
             ("home", HOME.to_owned()),
             ("tmp", "/tmp".to_owned()),
@@ -252,6 +261,11 @@ impl ProcessDriver {
             args.extend(["--bind".into(), fs.join(area).display().to_string(), target]);
         }
         for hidden in &self.inner.hide {
+            // Only what the sandbox would see: the rest is absent anyway
+            // (and naming it would make its path appear).
+            if !SHOWN.iter().any(|t| hidden.starts_with(t)) {
+                continue;
+            }
             let Ok(meta) = std::fs::metadata(hidden) else {
                 continue;
             };

@@ -170,7 +170,7 @@ impl Run {
 /// runner's to know of. When an attempt ends, none of its sandboxes
 /// remain.
 async fn remove_leftovers(app: &App, attempt: &str) {
-    let Ok(driver) = app.docker().await else {
+    let Ok(driver) = app.driver().await else {
         return;
     };
     let found = driver
@@ -195,7 +195,7 @@ async fn remove_snapshot(app: &App, attempt: &str) {
     let Some(image) = row.snapshot_image else {
         return;
     };
-    if let Ok(driver) = app.docker().await {
+    if let Ok(driver) = app.driver().await {
         match driver.remove_snapshot(&image).await {
             Ok(()) => {
                 let _ = app.store.set_snapshot(attempt, None).await;
@@ -898,7 +898,7 @@ async fn resume(run: &mut Run) -> Result<(), Halt> {
     let app = run.app.clone();
     let id = run.attempt.id.clone();
     let internal = |e: &dyn std::fmt::Display| Failure(FailureReason::Internal, e.to_string());
-    let driver = docker(&app).await?;
+    let driver = driver(&app).await?;
     let row = app
         .store
         .attempt(&id)
@@ -913,7 +913,6 @@ async fn resume(run: &mut Run) -> Result<(), Halt> {
         ])
         .await
         .map_err(|e| Halt::Lost(format!("cannot list the attempt's sandboxes: {e}")))?;
-    let driver: Arc<dyn SandboxDriver> = driver;
     let mut kept = None;
     for sb in found {
         let dir = sb.labels.get(labels::SHIM_DIR).map(PathBuf::from);
@@ -1004,6 +1003,9 @@ async fn usable_snapshot(run: &mut Run) -> Option<String> {
         .flatten()?
         .snapshot_image?;
     run.attempt.snapshot_image = Some(image.clone());
+    if !app.uses_docker() {
+        return None;
+    }
     let driver = app.docker().await.ok()?;
     match driver.image_exists(&image).await {
         Ok(true) => Some(image),
@@ -1188,7 +1190,7 @@ async fn finish(
 /// others. Returns whether it adopted.
 async fn adopt(run: &mut Run) -> Result<bool, Halt> {
     let app = run.app.clone();
-    let Ok(driver) = app.docker().await else {
+    let Ok(driver) = app.driver().await else {
         return Ok(false);
     };
     let found = match app.supervisor.take_survivors(&run.attempt.id) {
@@ -1202,7 +1204,6 @@ async fn adopt(run: &mut Run) -> Result<bool, Halt> {
             .await
             .unwrap_or_default(),
     };
-    let driver: Arc<dyn SandboxDriver> = driver;
     // Only a sandbox whose checkout was completely copied in: one the
     // interruption caught while it was being prepared is rebuilt.
     let prepared = app
@@ -1290,23 +1291,26 @@ impl Endpoints {
 /// installed packages and caches), otherwise from the configured image.
 async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure> {
     let app = run.app.clone();
-    let driver = docker(&app).await?;
     let image = match (snapshot, &run.env) {
         (Some(s), _) => s.to_owned(),
         (None, Some(env)) => env.image.clone(),
         (None, None) => app.config.image(),
     };
-    let pull = match (snapshot, &run.env) {
-        (Some(_), _) => false,
-        // A devcontainer's image (built ones exist already).
-        (None, Some(_)) => {
-            app.config.sandbox.pull == crate::config::PullPolicy::Missing
-                && !driver.image_exists(&image).await.unwrap_or(true)
+    // Images are Docker's (the process driver runs the host's tools).
+    if app.uses_docker() {
+        let driver = docker(&app).await?;
+        let pull = match (snapshot, &run.env) {
+            (Some(_), _) => false,
+            // A devcontainer's image (built ones exist already).
+            (None, Some(_)) => {
+                app.config.sandbox.pull == crate::config::PullPolicy::Missing
+                    && !driver.image_exists(&image).await.unwrap_or(true)
+            }
+            (None, None) => app.config.pulls_image(),
+        };
+        if pull {
+            ensure_pulled(run, &driver, &image).await?;
         }
-        (None, None) => app.config.pulls_image(),
-    };
-    if pull {
-        ensure_pulled(run, &driver, &image).await?;
     }
     // The project's granted secrets, as the variables its grants name.
     let secrets = crate::secrets::sandbox_env(&app, &run.task.project_id, false)
@@ -1317,7 +1321,12 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
                 format!("{e}. Fix the key configuration ([secrets] key_file, previous_key_files) or set the secret again (`backshift secrets set`), then submit the task again."),
             )
         })?;
-    run.progress(format!("creating sandbox from {image}")).await;
+    run.progress(if app.uses_docker() {
+        format!("creating sandbox from {image}")
+    } else {
+        "creating sandbox (process driver: this host's own tools)".to_owned()
+    })
+    .await;
     let shim_dir = new_shim_dir(&app, &run.attempt.id).map_err(|e| {
         Failure(
             FailureReason::SandboxFailed,
@@ -1392,6 +1401,17 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
     run.progress(format!("sandbox {} is up", &id.0[..12.min(id.0.len())]))
         .await;
     Ok(())
+}
+
+/// The server's sandbox driver, or why the attempt cannot have a sandbox.
+async fn driver(app: &App) -> Result<Arc<dyn SandboxDriver>, Failure> {
+    if !app.uses_docker() {
+        return app
+            .driver()
+            .await
+            .map_err(|e| Failure(FailureReason::SandboxFailed, e));
+    }
+    Ok(docker(app).await?)
 }
 
 /// The Docker driver, or why the attempt cannot have a sandbox.
@@ -1511,8 +1531,7 @@ async fn create_sandbox(
     warn: bool,
 ) -> Result<(Arc<dyn SandboxDriver>, SandboxId), Failure> {
     let app = run.app.clone();
-    let driver = docker(&app).await?;
-    let driver: Arc<dyn SandboxDriver> = driver;
+    let driver = driver(&app).await?;
     let mut created = driver.create(spec).await;
     if let Err(SandboxError::DiskLimitUnsupported(why)) = &created {
         // Later sandboxes do not ask again.
@@ -1532,7 +1551,8 @@ async fn create_sandbox(
                 &run.attempt.id,
                 EventKind::Warning {
                     message: format!(
-                        "the disk limit ([sandbox] disk_mb) is not applied: Docker's storage driver here cannot limit a container's disk ({why}); sandboxes run without one (their disk use is in GET /api/v1/sandboxes)"
+                        "the disk limit ([sandbox] disk_mb) is not applied: {} cannot limit a sandbox's disk ({why}); sandboxes run without one (their disk use is in GET /api/v1/sandboxes)",
+                        if app.uses_docker() { "Docker's storage driver here" } else { "the process driver" }
                     ),
                 },
             )

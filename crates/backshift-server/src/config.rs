@@ -378,6 +378,10 @@ pub enum PermissionPolicySetting {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SandboxConfig {
+    /// Which sandboxes: `auto` (Docker when it answers at start, else the
+    /// process driver), `docker` or `process` (bubblewrap namespaces over
+    /// this host's own tools, for hosts without Docker).
+    pub driver: DriverSetting,
     /// Image of every sandbox; the bootstrapped default image when absent.
     pub image: Option<String>,
     /// Whether a configured `image` missing on the Docker host is pulled
@@ -411,6 +415,19 @@ pub struct SandboxConfig {
     /// apply one (overlay2 on xfs with project quotas); where it cannot,
     /// each attempt says so in a warning and runs without.
     pub disk_mb: Option<u64>,
+}
+
+/// `[sandbox] driver`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverSetting {
+    /// Docker when it answers at start, else the process driver.
+    #[default]
+    Auto,
+    /// Docker only.
+    Docker,
+    /// The process driver only.
+    Process,
 }
 
 /// When a configured sandbox image is pulled.
@@ -528,6 +545,7 @@ impl Default for Config {
 impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
+            driver: DriverSetting::Auto,
             image: None,
             pull: PullPolicy::Missing,
             memory_mb: 2048,

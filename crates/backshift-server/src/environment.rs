@@ -134,6 +134,34 @@ pub async fn resolve(
             env.push((k, v));
         }
     }
+    // Without Docker there are no images: the sandbox is this host's
+    // own tools; the variables and lifecycle commands still apply, and
+    // setup runs every time (nothing can be snapshotted).
+    if !app.uses_docker() {
+        let what = match &dc.source {
+            Source::Image(image) => format!("its image {image}"),
+            Source::Build { dockerfile, .. } => format!("its Dockerfile {dockerfile}"),
+        };
+        say(
+            app,
+            attempt,
+            EventKind::Warning {
+                message: format!(
+                    "{path}: {what} is not used: this server's sandboxes run on the host's own tools ({}); its variables and lifecycle commands still apply",
+                    app.driver_choice
+                ),
+            },
+        )
+        .await;
+        return Ok(Some(Environment {
+            image: app.config.image(),
+            env,
+            post_create: dc.post_create,
+            post_start: dc.post_start,
+            setup_image: None,
+            setup_cached: false,
+        }));
+    }
     let driver = app.docker().await.map_err(|e| {
         (
             FailureReason::SandboxFailed,

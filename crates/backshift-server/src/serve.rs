@@ -9,7 +9,9 @@ use backshift_agent::ModelConfig;
 use backshift_core::TaskId;
 use backshift_git::GitStore;
 use backshift_protocol::now_ms;
+use backshift_sandbox::SandboxDriver;
 use backshift_sandbox::docker::DockerDriver;
+use backshift_sandbox::process::ProcessDriver;
 use backshift_store::Store;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -53,9 +55,28 @@ pub struct App {
     /// created without one (each attempt is told).
     pub disk_limit_unsupported: std::sync::OnceLock<String>,
     docker: Mutex<Option<Arc<DockerDriver>>>,
+    /// The process driver, when this server uses it instead of Docker.
+    pub process: Option<Arc<ProcessDriver>>,
+    /// Which driver this server uses and why (for readyz and the log).
+    pub driver_choice: String,
 }
 
 impl App {
+    /// The sandbox driver this server uses: the process driver when it was
+    /// chosen at start, else Docker (connecting on first use).
+    pub async fn driver(&self) -> Result<Arc<dyn SandboxDriver>, String> {
+        if let Some(p) = &self.process {
+            return Ok(p.clone());
+        }
+        Ok(self.docker().await?)
+    }
+
+    /// Whether sandboxes are Docker containers (images, builds, snapshots
+    /// exist only there).
+    pub fn uses_docker(&self) -> bool {
+        self.process.is_none()
+    }
+
     /// The Docker driver, connecting on first use (so a daemon started
     /// after the server is picked up).
     pub async fn docker(&self) -> Result<Arc<DockerDriver>, String> {
@@ -203,6 +224,73 @@ async fn prepull(app: Arc<App>) {
     }
 }
 
+/// How long `auto` waits for Docker to answer at start.
+const DOCKER_PROBE: Duration = Duration::from_secs(5);
+
+/// The sandbox driver, from `[sandbox] driver`: the process driver (kept
+/// under `<data>/sandboxes`, the data directory and `/etc/backshift`
+/// hidden from its sandboxes) or Docker (`None`); and why, in words.
+async fn choose_driver(
+    config: &Config,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(Option<Arc<ProcessDriver>>, String)> {
+    use crate::config::DriverSetting;
+    let process = || async {
+        ProcessDriver::new(
+            &data_dir.join("sandboxes"),
+            vec![data_dir.to_owned(), PathBuf::from("/etc/backshift")],
+        )
+        .await
+        .map(Arc::new)
+    };
+    let limits = |p: &ProcessDriver| match p.limits_unsupported() {
+        Some(why) => format!("; {why}"),
+        None => String::new(),
+    };
+    match config.sandbox.driver {
+        DriverSetting::Docker => Ok((None, "Docker ([sandbox] driver = \"docker\")".into())),
+        DriverSetting::Process => {
+            let p = process()
+                .await
+                .map_err(|e| anyhow::anyhow!("[sandbox] driver = \"process\", but {e}"))?;
+            let why = format!(
+                "the process driver, bubblewrap over this host's own tools ([sandbox] driver = \"process\"){}",
+                limits(&p)
+            );
+            Ok((Some(p), why))
+        }
+        DriverSetting::Auto => {
+            let docker = async {
+                let d = DockerDriver::connect().await.map_err(|e| e.to_string())?;
+                d.ping().await.map_err(|e| e.to_string())
+            };
+            let unreachable = match tokio::time::timeout(DOCKER_PROBE, docker).await {
+                Ok(Ok(version)) => {
+                    return Ok((None, format!("Docker {version} (it answered at start)")));
+                }
+                Ok(Err(e)) => e,
+                Err(_) => format!("no answer within {}s", DOCKER_PROBE.as_secs()),
+            };
+            match process().await {
+                Ok(p) => {
+                    let why = format!(
+                        "the process driver, bubblewrap over this host's own tools, because Docker is not reachable ({unreachable}){}",
+                        limits(&p)
+                    );
+                    tracing::warn!("{why}");
+                    Ok((Some(p), why))
+                }
+                Err(e) => Ok((
+                    None,
+                    format!(
+                        "Docker, which is not reachable ({unreachable}); the process driver cannot stand in: {e}"
+                    ),
+                )),
+            }
+        }
+    }
+}
+
 pub async fn start(config: Config) -> anyhow::Result<Server> {
     let data_dir = config.data_dir();
     for sub in ["", "git", "tmp"] {
@@ -255,7 +343,11 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         })?;
     let addr = listener.local_addr()?;
     let (replica, replica_lock) = claim_replica_id(&config, &data_dir)?;
+    let (process, driver_choice) = choose_driver(&config, &data_dir).await?;
+    tracing::info!("sandboxes: {driver_choice}");
     let app = Arc::new(App {
+        process,
+        driver_choice,
         git: GitStore::new(data_dir.join("git")),
         hub: EventHub::new(store.clone(), &replica),
         audit: crate::audit::Audit::new(store.clone(), &data_dir),
@@ -292,7 +384,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         .await;
     }
     supervisor::recover(&app).await?;
-    if app.config.pulls_image() {
+    if app.config.pulls_image() && app.uses_docker() {
         tokio::spawn(prepull(app.clone()));
     }
 

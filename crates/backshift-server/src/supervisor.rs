@@ -5,7 +5,7 @@
 use crate::attempt;
 use crate::serve::App;
 use backshift_core::{AttemptState, Transition};
-use backshift_sandbox::{SandboxDriver, SandboxInfo, labels};
+use backshift_sandbox::{SandboxInfo, labels};
 use backshift_store::AttemptRow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -357,7 +357,7 @@ async fn heartbeat(app: &Arc<App>) {
 
 /// The sandboxes of this installation (`None` when Docker does not answer).
 async fn list_sandboxes(app: &App) -> Option<Vec<SandboxInfo>> {
-    let driver = app.docker().await.ok()?;
+    let driver = app.driver().await.ok()?;
     driver
         .list(&[(labels::MANAGED, "true"), (labels::INSTANCE, &app.instance)])
         .await
@@ -381,7 +381,7 @@ async fn remove_strays(app: &App) -> Option<Vec<SandboxInfo>> {
         .into_iter()
         .map(|a| a.id)
         .collect();
-    let driver = app.docker().await.ok()?;
+    let driver = app.driver().await.ok()?;
     let mut kept = Vec::new();
     for sb in found {
         let attempt = sb.labels.get(labels::ATTEMPT).cloned().unwrap_or_default();

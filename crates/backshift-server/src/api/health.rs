@@ -36,34 +36,53 @@ pub async fn readyz(State(app): State<Arc<App>>) -> (StatusCode, Json<ReadyView>
             Some("check the data directory's disk and permissions"),
         ),
     });
+    // Which sandboxes, and why (chosen at start).
+    checks.push(check("sandboxes", true, app.driver_choice.clone(), None));
     let image = app.config.image();
-    match app.docker().await {
-        Ok(d) => {
-            let version = d.ping().await.unwrap_or_default();
-            checks.push(check(
-                "docker",
+    if let Some(process) = &app.process {
+        checks.push(match process.limits_unsupported() {
+            None => check(
+                "limits",
                 true,
-                format!("Docker {version} reachable"),
+                "memory, process and CPU limits applied through control groups".into(),
                 None,
-            ));
-            checks.push(match d.image_exists(&image).await {
-                Ok(true) => check(
-                    "image",
+            ),
+            // Sandboxes run; they are just not limited.
+            Some(why) => check(
+                "limits",
+                true,
+                format!("not applied: {why}"),
+                Some("run backshift as root to apply them"),
+            ),
+        });
+    } else {
+        match app.docker().await {
+            Ok(d) => {
+                let version = d.ping().await.unwrap_or_default();
+                checks.push(check(
+                    "docker",
                     true,
-                    format!("sandbox image {image} present"),
+                    format!("Docker {version} reachable"),
                     None,
-                ),
-                Ok(false) => check(
-                    "image",
-                    false,
-                    format!("sandbox image {image} is not on the Docker host"),
-                    Some(app.config.missing_image_fix()),
-                ),
-                Err(e) => check("image", false, e.to_string(), None),
-            });
-        }
-        Err(e) => {
-            checks.push(check(
+                ));
+                checks.push(match d.image_exists(&image).await {
+                    Ok(true) => check(
+                        "image",
+                        true,
+                        format!("sandbox image {image} present"),
+                        None,
+                    ),
+                    Ok(false) => check(
+                        "image",
+                        false,
+                        format!("sandbox image {image} is not on the Docker host"),
+                        Some(app.config.missing_image_fix()),
+                    ),
+                    Err(e) => check("image", false, e.to_string(), None),
+                });
+            }
+            Err(e) => {
+                checks.push(check(
                 "docker",
                 false,
                 format!("Docker is not reachable: {e}"),
@@ -71,12 +90,13 @@ pub async fn readyz(State(app): State<Arc<App>>) -> (StatusCode, Json<ReadyView>
                     "install and start the engine (`cargo xtask up` does both), or set DOCKER_HOST",
                 ),
             ));
-            checks.push(check(
-                "image",
-                false,
-                format!("cannot check {image} without Docker"),
-                None,
-            ));
+                checks.push(check(
+                    "image",
+                    false,
+                    format!("cannot check {image} without Docker"),
+                    None,
+                ));
+            }
         }
     }
     checks.push(match app.model_config() {

@@ -6,7 +6,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use backshift_protocol::SandboxView;
-use backshift_sandbox::{SandboxDriver, labels};
+use backshift_sandbox::labels;
 use std::sync::Arc;
 
 /// Every sandbox of this server: its attempt, CPU, memory, processes and
@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub async fn list_sandboxes(
     State(app): State<Arc<App>>,
 ) -> Result<Json<Vec<SandboxView>>, ApiError> {
-    let driver = app.docker().await.map_err(|e| {
+    let driver = app.driver().await.map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "docker_unreachable",

@@ -372,10 +372,12 @@ async fn run_in_fresh_sandbox(
     let image = match &run.env {
         Some(env) => {
             let setup = match &env.setup_image {
-                Some(tag) if env.post_create.is_some() => match app.docker().await {
-                    Ok(d) if d.image_exists(tag).await.unwrap_or(false) => Some(tag.clone()),
-                    _ => None,
-                },
+                Some(tag) if env.post_create.is_some() && app.uses_docker() => {
+                    match app.docker().await {
+                        Ok(d) if d.image_exists(tag).await.unwrap_or(false) => Some(tag.clone()),
+                        _ => None,
+                    }
+                }
                 _ => None,
             };
             setup.unwrap_or_else(|| env.image.clone())
