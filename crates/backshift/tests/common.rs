@@ -82,12 +82,23 @@ pub async fn spawn_server_logging(
     dir: &Path,
     level: &str,
 ) -> (tokio::process::Child, String) {
+    spawn_server_with(config_path, dir, level, &[]).await
+}
+
+/// [`spawn_server_logging`] with more environment variables.
+pub async fn spawn_server_with(
+    config_path: &Path,
+    dir: &Path,
+    level: &str,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, String) {
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_backshift"))
         .args(["serve", "--config"])
         .arg(config_path)
         .env("BACKSHIFT_CONFIG_DIR", dir.join("config"))
         .env("BACKSHIFT_LOG", level)
         .env(PROVIDER_KEY_ENV, PROVIDER_KEY)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -140,6 +151,17 @@ impl World {
 
     /// [`World::start`] with the server's log at `level`.
     pub async fn start_logging(script: Option<Script>, extra: &str, level: &str) -> World {
+        Self::start_with(script, extra, level, &[]).await
+    }
+
+    /// [`World::start_logging`] with more environment variables for the
+    /// server.
+    pub async fn start_with(
+        script: Option<Script>,
+        extra: &str,
+        level: &str,
+        env: &[(&str, &str)],
+    ) -> World {
         let dir = tempfile::tempdir().unwrap();
         let fake = match script {
             Some(s) => Some(FakeModel::start(s).await.unwrap()),
@@ -168,7 +190,7 @@ impl World {
         std::fs::create_dir_all(&repo).unwrap();
         sh(&repo, "git init -q -b main && printf '# Demo\\n' > README.md && mkdir src && printf 'x = 1\\n' > src/app.py && git add . && git commit -qm init").await;
 
-        let (server, url) = spawn_server_logging(&config_path, dir.path(), level).await;
+        let (server, url) = spawn_server_with(&config_path, dir.path(), level, env).await;
         // Restarts come back on the same address (the CLI's credentials
         // are keyed by it).
         let config = std::fs::read_to_string(&config_path).unwrap().replace(

@@ -126,3 +126,37 @@ async fn a_process_sandbox_pauses_with_its_files_and_resumes() {
     );
     assert_eq!(containers_of(&attempt), "", "no container was made");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_docker_the_server_takes_the_process_driver_and_says_so() {
+    // A Docker host that does not exist: `auto` falls back.
+    let w = World::start_with(
+        None,
+        "",
+        "info",
+        &[("DOCKER_HOST", "unix:///nonexistent.invalid/docker.sock")],
+    )
+    .await;
+    let (status, ready) = w.api(Method::GET, "/readyz", None).await;
+    assert_eq!(status, 200, "ready without Docker: {ready}");
+    let checks = ready["checks"].as_array().unwrap();
+    let sandboxes = checks.iter().find(|c| c["name"] == "sandboxes").unwrap();
+    let message = sandboxes["message"].as_str().unwrap();
+    assert!(
+        message.contains("the process driver") && message.contains("Docker is not reachable"),
+        "{ready}"
+    );
+    let limits = checks.iter().find(|c| c["name"] == "limits").unwrap();
+    assert_eq!(limits["ok"], true, "{ready}");
+    let log = std::fs::read_to_string(w.dir.path().join("server.log")).unwrap();
+    assert!(
+        log.contains("sandboxes: the process driver"),
+        "the log says which: {log}"
+    );
+    // And a task runs.
+    let (task, view) = w
+        .run_task("Say hi", &["--command", "echo hi > hi.txt"])
+        .await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    assert_eq!(containers_of(&format!("{task}-1")), "");
+}
