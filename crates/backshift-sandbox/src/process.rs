@@ -517,6 +517,14 @@ impl ProcessDriver {
             Some(s) => s,
             None => child.wait().await?,
         };
+        // nsenter failing because the sandbox went meanwhile is the
+        // sandbox's end, not the command's.
+        if !status.success() && Self::running_pid(r).is_none() {
+            return Err(SandboxError::Backend {
+                op: "exec",
+                message: format!("sandbox {} stopped while the command ran", r.id),
+            });
+        }
         Ok(exit_code(status))
     }
 

@@ -409,6 +409,22 @@ async fn pause(run: &mut Run, stop: &Stop, detail: String) -> Result<bool, Failu
         run.state,
         AttemptState::Running | AttemptState::WaitingApproval
     );
+    if pausable && run.sandbox.is_none() {
+        // Cut short while taking its sandbox up again (a resume): the
+        // prepared one is what stops.
+        if let (Ok(driver), Ok(Some(row))) = (app.driver().await, app.store.attempt(&id).await) {
+            let found = driver
+                .list(&[(labels::MANAGED, "true"), (labels::ATTEMPT, id.as_str())])
+                .await
+                .unwrap_or_default();
+            if let Some((sb, dir)) =
+                keep_prepared(&driver, found, row.prepared_sandbox.as_deref(), |_| true).await
+            {
+                run.sandbox = Some((driver, sb.id));
+                run.shim_dir = Some(dir);
+            }
+        }
+    }
     if pausable && run.sandbox.is_some() {
         cancel_agent(run).await;
         catch_up_output(run).await;
@@ -827,13 +843,7 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
         .model_tokens_used(&run.attempt.id)
         .await
         .map_err(|e| internal(&e))?;
-    let parse = |bodies: Vec<String>| {
-        bodies
-            .iter()
-            .map(|b| serde_json::from_str(b))
-            .collect::<Result<Vec<serde_json::Value>, _>>()
-            .map_err(|e| fail(FailureReason::Internal, format!("stored message: {e}")))
-    };
+    let parse = |bodies: Vec<String>| stored_messages(&bodies).map_err(Halt::Fail);
     if adopted {
         let live = parse(
             app.store
@@ -913,20 +923,7 @@ async fn resume(run: &mut Run) -> Result<(), Halt> {
         ])
         .await
         .map_err(|e| Halt::Lost(format!("cannot list the attempt's sandboxes: {e}")))?;
-    let mut kept = None;
-    for sb in found {
-        let dir = sb.labels.get(labels::SHIM_DIR).map(PathBuf::from);
-        let ours = row.prepared_sandbox.as_deref() == Some(sb.id.0.as_str());
-        match dir {
-            Some(dir) if ours && kept.is_none() => kept = Some((sb, dir)),
-            dir => {
-                let _ = driver.destroy(&sb.id).await;
-                if let Some(dir) = dir {
-                    remove_shim_dir(&dir).await;
-                }
-            }
-        }
-    }
+    let kept = keep_prepared(&driver, found, row.prepared_sandbox.as_deref(), |_| true).await;
     let Some((sb, dir)) = kept else {
         return Err(Halt::Lost(
             "its stopped sandbox is gone (removed while the attempt was paused)".into(),
@@ -964,15 +961,12 @@ async fn resume(run: &mut Run) -> Result<(), Halt> {
         .model_tokens_used(&id)
         .await
         .map_err(|e| internal(&e))?;
-    let live = app
-        .store
-        .live_messages(&id)
-        .await
-        .map_err(|e| internal(&e))?
-        .iter()
-        .map(|b| serde_json::from_str(b))
-        .collect::<Result<Vec<serde_json::Value>, _>>()
-        .map_err(|e| internal(&format!("stored message: {e}")))?;
+    let live = stored_messages(
+        &app.store
+            .live_messages(&id)
+            .await
+            .map_err(|e| internal(&e))?,
+    )?;
     let live = Conversation::completed_prefix(live);
     let saved = live.len() as u32;
     app.store
@@ -989,6 +983,42 @@ async fn resume(run: &mut Run) -> Result<(), Halt> {
         Conversation::after_stop(live, turns, tokens_used)
     };
     finish(run, checkpoint.as_ref(), saved, conversation).await
+}
+
+/// The conversation's messages as the store keeps them (JSON text).
+fn stored_messages(bodies: &[String]) -> Result<Vec<serde_json::Value>, Failure> {
+    bodies
+        .iter()
+        .map(|b| serde_json::from_str(b))
+        .collect::<Result<_, _>>()
+        .map_err(|e| Failure(FailureReason::Internal, format!("stored message: {e}")))
+}
+
+/// Of the attempt's sandboxes (`found`), the one whose checkout was
+/// completely copied in (`prepared`), with its shim directory, when it
+/// is `usable`; the others are removed with their shim directories.
+async fn keep_prepared(
+    driver: &Arc<dyn SandboxDriver>,
+    found: Vec<backshift_sandbox::SandboxInfo>,
+    prepared: Option<&str>,
+    usable: impl Fn(&backshift_sandbox::SandboxInfo) -> bool,
+) -> Option<(backshift_sandbox::SandboxInfo, PathBuf)> {
+    let mut kept = None;
+    for sb in found {
+        let dir = sb.labels.get(labels::SHIM_DIR).map(PathBuf::from);
+        match dir {
+            Some(dir) if kept.is_none() && prepared == Some(sb.id.0.as_str()) && usable(&sb) => {
+                kept = Some((sb, dir));
+            }
+            dir => {
+                let _ = driver.destroy(&sb.id).await;
+                if let Some(dir) = dir {
+                    remove_shim_dir(&dir).await;
+                }
+            }
+        }
+    }
+    kept
 }
 
 /// The attempt's newest filesystem snapshot, when its image is still on
@@ -1213,22 +1243,11 @@ async fn adopt(run: &mut Run) -> Result<bool, Halt> {
         .ok()
         .flatten()
         .and_then(|a| a.prepared_sandbox);
-    let mut adopted = None;
-    for sb in found {
-        let dir = sb.labels.get(labels::SHIM_DIR).map(PathBuf::from);
-        let ready = sb.running && prepared.as_deref() == Some(sb.id.0.as_str());
-        if let (true, None, Some(dir)) = (ready, &adopted, &dir) {
-            adopted = Some((sb.id, dir.clone()));
-        } else {
-            let _ = driver.destroy(&sb.id).await;
-            if let Some(dir) = dir {
-                remove_shim_dir(&dir).await;
-            }
-        }
-    }
-    let Some((id, dir)) = adopted else {
+    let Some((sb, dir)) = keep_prepared(&driver, found, prepared.as_deref(), |sb| sb.running).await
+    else {
         return Ok(false);
     };
+    let id = sb.id;
     let short = &id.0[..12.min(id.0.len())];
     match ShimClient::new(&dir).status().await {
         Ok(status) => {

@@ -492,6 +492,21 @@ async fn compare_and_pick_watch_sandboxes_and_change_settings() {
                     10,
                 )
                 .await?;
+                // The busy task paused and resumed from its page.
+                c.goto(&format!("{url}/#/task/{b2}"))
+                    .await
+                    .map_err(fail("open"))?;
+                wait_for(&c, &format!("button[data-pause='{b2}-1']"), 30)
+                    .await?
+                    .click()
+                    .await
+                    .map_err(fail("pause"))?;
+                wait_for(&c, &format!("button[data-resume='{b2}-1']"), 30)
+                    .await?
+                    .click()
+                    .await
+                    .map_err(fail("resume"))?;
+                wait_for(&c, &format!("button[data-pause='{b2}-1']"), 30).await?;
                 // The busy sandbox: measured, paused and resumed, and gone
                 // when its task is cancelled.
                 click_link(&c, "Sandboxes").await?;
