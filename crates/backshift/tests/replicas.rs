@@ -65,6 +65,40 @@ async fn events(url: &str, token: &str, attempt: &str) -> Vec<Value> {
 
 /// What both replicas share: one database, one scripted model, one data
 /// directory, one repository.
+/// Submits a task through `url` and waits until its attempt has made
+/// `calls` tool calls; returns (task, attempt).
+async fn submit_until_a_call(
+    url: &str,
+    token: &str,
+    repo: &std::path::Path,
+    calls: usize,
+) -> (String, String) {
+    let created = api(
+        url,
+        token,
+        reqwest::Method::POST,
+        "/api/v1/tasks",
+        Some(json!({"prompt": "wait", "repo": repo})),
+    )
+    .await;
+    let task = created["id"].as_str().unwrap().to_owned();
+    let attempt = format!("{task}-1");
+    wait_for_calls(url, token, &attempt, calls).await;
+    (task, attempt)
+}
+
+/// Waits until `attempt` has made `calls` tool calls.
+async fn wait_for_calls(url: &str, token: &str, attempt: &str, calls: usize) {
+    for _ in 0..300 {
+        let evs = events(url, token, attempt).await;
+        if evs.iter().filter(|e| e["type"] == "tool_call").count() >= calls {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{attempt} never made {calls} tool calls");
+}
+
 struct Cluster {
     db: PgDatabase,
     fake: fake_model::FakeModel,
@@ -225,30 +259,7 @@ async fn a_cancel_through_one_replica_stops_an_attempt_the_other_drives() {
     .await;
     let (mut b, b_url) = c.replica("replica-b").await;
     let token = c.token(&b_url);
-    let repo = &c.repo;
-    let created = api(
-        &b_url,
-        &token,
-        reqwest::Method::POST,
-        "/api/v1/tasks",
-        Some(json!({"prompt": "wait", "repo": repo})),
-    )
-    .await;
-    let task = created["id"].as_str().unwrap().to_owned();
-    let attempt = format!("{task}-1");
-    let mut running = false;
-    for _ in 0..300 {
-        if events(&b_url, &token, &attempt)
-            .await
-            .iter()
-            .any(|e| e["type"] == "tool_call")
-        {
-            running = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(running, "replica B never started the command");
+    let (task, attempt) = submit_until_a_call(&b_url, &token, &c.repo, 1).await;
 
     // Replica A joins and is asked to cancel what B drives.
     let (mut a, a_url) = c.replica("replica-a").await;
@@ -296,26 +307,7 @@ async fn a_pause_through_one_replica_stops_an_attempt_the_other_drives_and_a_res
     .await;
     let (mut b, b_url) = c.replica("replica-b").await;
     let token = c.token(&b_url);
-    let created = api(
-        &b_url,
-        &token,
-        reqwest::Method::POST,
-        "/api/v1/tasks",
-        Some(json!({"prompt": "wait", "repo": &c.repo})),
-    )
-    .await;
-    let task = created["id"].as_str().unwrap().to_owned();
-    let attempt = format!("{task}-1");
-    let calls = |evs: &[Value]| evs.iter().filter(|e| e["type"] == "tool_call").count();
-    let mut running = false;
-    for _ in 0..300 {
-        if calls(&events(&b_url, &token, &attempt).await) == 1 {
-            running = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(running, "replica B never started the command");
+    let (task, attempt) = submit_until_a_call(&b_url, &token, &c.repo, 1).await;
 
     // Replica A is asked to pause what B drives: B carries it out.
     let (mut a, a_url) = c.replica("replica-a").await;
@@ -352,15 +344,7 @@ async fn a_pause_through_one_replica_stops_an_attempt_the_other_drives_and_a_res
     )
     .await;
     assert_eq!(view["state"], "running", "{view}");
-    let mut again = false;
-    for _ in 0..300 {
-        if calls(&events(&a_url, &token, &attempt).await) == 2 {
-            again = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(again, "the resumed agent never ran its command again");
+    wait_for_calls(&a_url, &token, &attempt, 2).await;
     let evs = events(&a_url, &token, &attempt).await;
     assert!(
         evs.iter().any(|e| e["type"] == "progress"
