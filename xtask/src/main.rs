@@ -145,8 +145,8 @@ fn setup() -> anyhow::Result<()> {
 
 /// What `setup` does, plus what only the tests need: a local image
 /// registry (Debian's `docker-registry`, started by the tests themselves),
-/// PostgreSQL with the tests' role, and Chromium with its WebDriver for
-/// the UI's browser tests.
+/// PostgreSQL with the tests' role, Chromium with its WebDriver for the
+/// UI's browser tests, and the Docker engine image.
 fn setup_tests() -> anyhow::Result<()> {
     apt_install(&[
         "docker-registry",
@@ -163,6 +163,14 @@ fn setup_tests() -> anyhow::Result<()> {
     }
     postgres()?;
     setup()?;
+    // The tests of Docker inside a sandbox need the engine image (built
+    // once per Docker host: its tag carries the recipe's hash).
+    step("ensuring the Docker engine image");
+    run(Command::new(target_dir().join("debug/backshift")).args([
+        "image",
+        "bootstrap",
+        "--engine",
+    ]))?;
     test_agents()
 }
 

@@ -365,6 +365,18 @@ pub struct ProjectView {
     pub egress_rules: Vec<backshift_core::policy::Rule>,
     /// When it was first used (RFC 3339).
     pub created_at: String,
+    /// Whether its sandboxes get a Docker engine of their own.
+    #[serde(default)]
+    pub docker_engine: bool,
+}
+
+/// `PUT /api/v1/projects/{id}/docker`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetDockerEngine {
+    /// Whether the project's next sandboxes get a Docker engine of their
+    /// own (a privileged container: see the README's risks).
+    pub enabled: bool,
 }
 
 /// `PUT /api/v1/projects/{id}/egress`.

@@ -2,8 +2,8 @@
 //! client negotiates the version and uses no newer field.
 
 use crate::{
-    ExecSpec, OutputChunk, Result, SandboxDriver, SandboxError, SandboxId, SandboxInfo,
-    SandboxSpec, SandboxUsage,
+    ExecSpec, OutputChunk, ResourceLimits, Result, SandboxDriver, SandboxError, SandboxId,
+    SandboxInfo, SandboxSpec, SandboxUsage,
 };
 use async_trait::async_trait;
 use bollard::Docker;
@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use rand::Rng;
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use tokio::io::AsyncWriteExt;
 
 /// Sandboxes as Docker containers: non-root, all capabilities dropped,
@@ -150,6 +151,138 @@ impl DockerDriver {
             }) => Ok(false),
             Err(e) => Err(backend("inspect image", e)),
         }
+    }
+}
+
+/// A sandbox's own Docker engine: what [`DockerDriver::create_engine`]
+/// makes.
+#[derive(Debug, Clone)]
+pub struct EngineSpec {
+    /// The sandbox whose network namespace the engine joins (its
+    /// loopback is the only network either has).
+    pub sandbox: SandboxId,
+    /// Image with `dockerd` (see [`crate::image::ENGINE`]).
+    pub image: String,
+    /// A readable name prefix.
+    pub name: String,
+    /// Labels (the sandbox's, with its role).
+    pub labels: BTreeMap<String, String>,
+    /// Limits (the sandbox's: what the engine runs counts against them).
+    pub limits: ResourceLimits,
+    /// Host directory for the engine's images and containers.
+    pub data_dir: PathBuf,
+    /// Host directory where the engine makes `docker.sock`, which the
+    /// sandbox has mounted.
+    pub socket_dir: PathBuf,
+    /// The group given the socket (the sandbox user's).
+    pub socket_gid: u64,
+    /// Environment of `dockerd` (the egress proxy, for pulls).
+    pub env: Vec<(String, String)>,
+}
+
+/// Where the engine container has its socket directory.
+const ENGINE_SOCKET_DIR: &str = "/run/backshift-docker";
+
+impl DockerDriver {
+    /// Starts a Docker engine for one sandbox: a privileged container
+    /// running `dockerd` in the sandbox's network namespace, with its
+    /// data in `data_dir` and its socket in `socket_dir` (never the
+    /// host's socket). It has no bridge and no iptables: its containers
+    /// get the sandbox's loopback with `--network host`, else none.
+    /// Removing it (`destroy`) removes everything it ran.
+    pub async fn create_engine(&self, spec: &EngineSpec) -> Result<SandboxId> {
+        if !self.image_exists(&spec.image).await? {
+            return Err(SandboxError::ImageMissing(spec.image.clone()));
+        }
+        let suffix: u32 = rand::rng().random();
+        let name = format!("{}-{suffix:08x}", spec.name);
+        let bind = |host: &Path, target: &str| Mount {
+            target: Some(target.into()),
+            source: Some(host.display().to_string()),
+            typ: Some(MountType::BIND),
+            read_only: Some(false),
+            ..Default::default()
+        };
+        let host_config = HostConfig {
+            // dockerd makes namespaces, cgroups and mounts: it gets every
+            // capability (but CAP_SYS_RESOURCE, which some hosts' daemons
+            // do not hold themselves, so `privileged` fails there), no
+            // seccomp or AppArmor profile, and the host's cgroup tree,
+            // writable (its containers go under its own group). This is
+            // the risk the README states.
+            cap_add: Some(vec!["ALL".into()]),
+            cap_drop: Some(vec!["SYS_RESOURCE".into()]),
+            security_opt: Some(vec![
+                "seccomp=unconfined".into(),
+                "apparmor=unconfined".into(),
+            ]),
+            // /proc and /sys as they are (`systempaths=unconfined`).
+            masked_paths: Some(Vec::new()),
+            readonly_paths: Some(Vec::new()),
+            memory: Some(spec.limits.memory_bytes),
+            memory_swap: Some(spec.limits.memory_bytes),
+            nano_cpus: Some(spec.limits.nano_cpus),
+            pids_limit: Some(spec.limits.pids),
+            init: Some(true),
+            network_mode: Some(format!("container:{}", spec.sandbox.0)),
+            mounts: Some(vec![
+                bind(&spec.data_dir, "/var/lib/docker"),
+                bind(&spec.socket_dir, ENGINE_SOCKET_DIR),
+                bind(Path::new("/sys/fs/cgroup"), "/sys/fs/cgroup"),
+            ]),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            user: Some("0:0".into()),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(spec.labels.clone().into_iter().collect::<HashMap<_, _>>()),
+            // Its containers' groups under the engine's own (found at
+            // start: cgroup v1 shows the host's path, v2 its namespace's
+            // root), so the engine's limits hold them too.
+            cmd: Some(vec![
+                "sh".into(),
+                "-c".into(),
+                format!(
+                    r#"parent=$(awk -F: '$2 == "memory" || $2 == "" {{ print $3; exit }}' /proc/self/cgroup); exec dockerd --host=unix://{ENGINE_SOCKET_DIR}/docker.sock --group={} --bridge=none --iptables=false --ip6tables=false --userland-proxy=false --storage-driver=overlay2 --cgroup-parent="${{parent%/}}/engine""#,
+                    spec.socket_gid
+                ),
+            ]),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(name),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| backend("create engine container", e))?;
+        let id = SandboxId(created.id);
+        if let Err(e) = self.docker.start_container(&id.0, None).await {
+            let _ = self.destroy(&id).await;
+            return Err(backend("start engine container", e));
+        }
+        Ok(id)
+    }
+
+    /// The end of a container's output (an engine that would not start
+    /// says why there).
+    pub async fn log_tail(&self, id: &SandboxId, lines: usize) -> String {
+        let options = bollard::query_parameters::LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: lines.to_string(),
+            ..Default::default()
+        };
+        let mut out = String::new();
+        let mut logs = self.docker.logs(&id.0, Some(options));
+        while let Some(Ok(chunk)) = logs.next().await {
+            out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+        }
+        out
     }
 }
 

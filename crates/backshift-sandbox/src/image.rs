@@ -44,17 +44,64 @@ const CHANGES: &[&str] = &[
     "CMD [\"sleep\", \"infinity\"]",
 ];
 
-/// The tag of the default image for the current recipe, e.g.
-/// `backshift-default:bookworm-3f2a9c1d`.
+/// Packages of the engine image: the default image's and Debian's Docker
+/// engine (`dockerd`, containerd, runc and the `docker` CLI).
+pub const ENGINE_PACKAGES: &[&str] = &[
+    "bash",
+    "ca-certificates",
+    "coreutils",
+    "curl",
+    "git",
+    "procps",
+    "python3",
+    "docker.io",
+];
+
+/// What an image built by [`bootstrap`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recipe {
+    /// The image's repository name.
+    pub name: &'static str,
+    /// Packages beyond `minbase`.
+    pub packages: &'static [&'static str],
+}
+
+/// The default sandbox image.
+pub const DEFAULT: Recipe = Recipe {
+    name: "backshift-default",
+    packages: PACKAGES,
+};
+
+/// The image of a sandbox's own Docker engine, which is also the sandbox
+/// image of projects that have one (it has the `docker` CLI).
+pub const ENGINE: Recipe = Recipe {
+    name: "backshift-engine",
+    packages: ENGINE_PACKAGES,
+};
+
+impl Recipe {
+    /// The tag for this recipe, e.g. `backshift-default:bookworm-3f2a9c1d`:
+    /// a changed recipe is a new tag.
+    pub fn tag(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(format!(
+            "v{RECIPE_VERSION}\n{SUITE}\n{}\n{}\n{SANDBOX_USER}:{SANDBOX_UID}",
+            self.packages.join(","),
+            CHANGES.join("\n")
+        ));
+        let hash = hex::encode(h.finalize());
+        format!("{}:{SUITE}-{}", self.name, &hash[..8])
+    }
+}
+
+/// The tag of the default image for the current recipe.
 pub fn default_image_tag() -> String {
-    let mut h = Sha256::new();
-    h.update(format!(
-        "v{RECIPE_VERSION}\n{SUITE}\n{}\n{}\n{SANDBOX_USER}:{SANDBOX_UID}",
-        PACKAGES.join(","),
-        CHANGES.join("\n")
-    ));
-    let hash = hex::encode(h.finalize());
-    format!("backshift-default:{SUITE}-{}", &hash[..8])
+    DEFAULT.tag()
+}
+
+/// The tag of the engine image for the current recipe.
+pub fn engine_image_tag() -> String {
+    ENGINE.tag()
 }
 
 /// The Debian mirror this host's apt uses, read from its sources (classic
@@ -97,7 +144,9 @@ pub fn mirror_from_sources(text: &str) -> Option<String> {
 /// How to build the image.
 #[derive(Debug, Clone)]
 pub struct BootstrapOptions {
-    /// Image tag to create (usually [`default_image_tag`]).
+    /// What goes into it.
+    pub recipe: Recipe,
+    /// Image tag to create (usually the recipe's).
     pub tag: String,
     /// Debian mirror; the host's apt mirror when `None`.
     pub mirror: Option<String>,
@@ -143,9 +192,10 @@ async fn build(
     progress: &mut (dyn FnMut(String) + Send),
 ) -> Result<()> {
     progress(format!(
-        "debootstrap {SUITE} from {mirror} (about a minute)"
+        "debootstrap {SUITE} with {} from {mirror} (a minute or two)",
+        options.recipe.packages.join(", ")
     ));
-    let include = format!("--include={}", PACKAGES.join(","));
+    let include = format!("--include={}", options.recipe.packages.join(","));
     run_streamed(
         Command::new("debootstrap")
             .args(["--variant=minbase", &include, SUITE])

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod engine;
 mod verify;
 
 pub use verify::verifications;
@@ -185,6 +186,7 @@ async fn remove_leftovers(app: &App, attempt: &str) {
             remove_shim_dir(Path::new(dir)).await;
         }
     }
+    engine::remove(app, attempt).await;
 }
 
 /// Removes the attempt's filesystem snapshot, if it has one.
@@ -487,6 +489,7 @@ async fn stop_sandbox(run: &mut Run) {
     let Some((driver, id)) = run.sandbox.take() else {
         return;
     };
+    engine::stop(&run.app, &run.attempt.id).await;
     let short = &id.0[..12.min(id.0.len())];
     match driver.stop(&id).await {
         Ok(()) => {
@@ -949,6 +952,7 @@ async fn resume(run: &mut Run) -> Result<(), Halt> {
         "sandbox {short} started again with its files as they were; what ran in it was ended when it stopped"
     ))
     .await;
+    engine::resume(run).await?;
     run.reopen_note =
         Some("a person paused the task: its sandbox was stopped and started again".into());
     let checkpoint = app
@@ -1005,6 +1009,10 @@ async fn keep_prepared(
 ) -> Option<(backshift_sandbox::SandboxInfo, PathBuf)> {
     let mut kept = None;
     for sb in found {
+        // Its Docker engine goes with it (see `engine`).
+        if sb.labels.get(labels::ROLE).map(String::as_str) == Some(engine::ROLE) {
+            continue;
+        }
         let dir = sb.labels.get(labels::SHIM_DIR).map(PathBuf::from);
         match dir {
             Some(dir) if kept.is_none() && prepared == Some(sb.id.0.as_str()) && usable(&sb) => {
@@ -1310,9 +1318,14 @@ impl Endpoints {
 /// installed packages and caches), otherwise from the configured image.
 async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure> {
     let app = run.app.clone();
+    let with_engine = engine::wanted(run).await;
     let image = match (snapshot, &run.env) {
         (Some(s), _) => s.to_owned(),
         (None, Some(env)) => env.image.clone(),
+        // The engine image is the default one with Docker's CLI too.
+        (None, None) if with_engine && app.config.sandbox.image.is_none() => {
+            engine::ensure_image(run, docker(&app).await?.as_ref()).await?
+        }
         (None, None) => app.config.image(),
     };
     // Images are Docker's (the process driver runs the host's tools).
@@ -1402,6 +1415,9 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
                 read_only: true,
             }),
     );
+    if with_engine {
+        engine::prepare_spec(run, &mut spec).await?;
+    }
     let (driver, id) = create_sandbox(run, &spec, &shim_dir, true).await?;
     let _ = app
         .store
@@ -1419,6 +1435,9 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
     shim_ready(&shim_dir).await?;
     run.progress(format!("sandbox {} is up", &id.0[..12.min(id.0.len())]))
         .await;
+    if with_engine {
+        engine::start(run, &id).await?;
+    }
     Ok(())
 }
 
@@ -1459,6 +1478,22 @@ async fn shim_ready(shim_dir: &Path) -> Result<(), Failure> {
         ))
 }
 
+/// The limits of every sandbox (`[sandbox]`; the disk limit unless the
+/// host refused one).
+fn sandbox_limits(app: &App) -> ResourceLimits {
+    ResourceLimits {
+        memory_bytes: app.config.sandbox.memory_mb * 1024 * 1024,
+        nano_cpus: (app.config.sandbox.cpus * 1e9) as i64,
+        pids: app.config.sandbox.pids,
+        disk_bytes: app
+            .config
+            .sandbox
+            .disk_mb
+            .filter(|_| app.disk_limit_unsupported.get().is_none())
+            .map(|mb| mb * 1024 * 1024),
+    }
+}
+
 /// What every sandbox of the attempt has, whatever it is for (`role`:
 /// `agent` or `verify`): its labels and limits, the non-root user, the
 /// devcontainer's variables, the egress proxy, the custom CAs, and the
@@ -1482,17 +1517,7 @@ fn sandbox_spec(run: &Run, image: &str, shim_dir: &Path, role: &str) -> SandboxS
             (labels::SHIM_DIR.to_owned(), shim_dir.display().to_string()),
             (labels::ROLE.to_owned(), role.to_owned()),
         ]),
-        limits: ResourceLimits {
-            memory_bytes: app.config.sandbox.memory_mb * 1024 * 1024,
-            nano_cpus: (app.config.sandbox.cpus * 1e9) as i64,
-            pids: app.config.sandbox.pids,
-            disk_bytes: app
-                .config
-                .sandbox
-                .disk_mb
-                .filter(|_| app.disk_limit_unsupported.get().is_none())
-                .map(|mb| mb * 1024 * 1024),
-        },
+        limits: sandbox_limits(app),
         user: format!("{SANDBOX_UID}:{SANDBOX_UID}"),
         workdir: WORKDIR.into(),
         // The devcontainer's variables first: backshift's own, after

@@ -395,6 +395,16 @@ async fn remove_strays(app: &App) -> Option<Vec<SandboxInfo>> {
         }
     }
     remove_stray_shim_dirs(app, &kept).await;
+    // Docker engines' data of attempts that ended while no server ran.
+    if let Ok(mut entries) = tokio::fs::read_dir(app.data_dir.join("engines")).await {
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let attempt = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&attempt) {
+                tracing::info!(%attempt, "removing the data of a Docker engine no attempt owns");
+                let _ = tokio::fs::remove_dir_all(entry.path()).await;
+            }
+        }
+    }
     // Filesystem snapshots of attempts that ended while no server ran.
     let snapshots = driver
         .list_snapshots(&[

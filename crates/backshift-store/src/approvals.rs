@@ -221,6 +221,8 @@ pub struct ProjectRow {
     pub egress_rules: String,
     /// Creation time, unix ms.
     pub created_at: i64,
+    /// Whether its sandboxes get a Docker engine of their own.
+    pub docker_engine: bool,
 }
 
 fn project(r: &AnyRow) -> ProjectRow {
@@ -229,6 +231,7 @@ fn project(r: &AnyRow) -> ProjectRow {
         source: r.get(1),
         egress_rules: r.get(2),
         created_at: r.get(3),
+        docker_engine: r.get::<i64, _>(4) != 0,
     }
 }
 
@@ -236,7 +239,7 @@ impl Store {
     /// Every project, oldest first.
     pub async fn projects(&self) -> Result<Vec<ProjectRow>> {
         let rows = sqlx::query(
-            "SELECT id, source, egress_rules, created_at FROM projects ORDER BY created_at, id",
+            "SELECT id, source, egress_rules, created_at, docker_engine FROM projects ORDER BY created_at, id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -246,7 +249,7 @@ impl Store {
     /// One project.
     pub async fn project(&self, id: &str) -> Result<Option<ProjectRow>> {
         let row =
-            sqlx::query("SELECT id, source, egress_rules, created_at FROM projects WHERE id = $1")
+            sqlx::query("SELECT id, source, egress_rules, created_at, docker_engine FROM projects WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
@@ -258,6 +261,18 @@ impl Store {
     pub async fn set_project_egress(&self, id: &str, rules: &str) -> Result<bool> {
         let updated = sqlx::query("UPDATE projects SET egress_rules = $1 WHERE id = $2")
             .bind(rules)
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(updated == 1)
+    }
+
+    /// Turns a project's own Docker engine on or off; false when there is
+    /// no such project.
+    pub async fn set_project_docker(&self, id: &str, on: bool) -> Result<bool> {
+        let updated = sqlx::query("UPDATE projects SET docker_engine = $1 WHERE id = $2")
+            .bind(i64::from(on))
             .bind(id)
             .execute(&self.pool)
             .await?

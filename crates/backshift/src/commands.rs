@@ -473,6 +473,27 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             remove,
             clear,
         } => egress(&client, &project, &add, &remove, clear).await,
+        Command::Docker { project, setting } => {
+            let p = find_project(&client, &project).await?;
+            let p: ProjectView = client
+                .send(
+                    client
+                        .request(Method::PUT, &format!("/api/v1/projects/{}/docker", p.id))
+                        .json(&serde_json::json!({"enabled": setting == "on"})),
+                )
+                .await?;
+            println!(
+                "project {} ({}): {}",
+                p.id,
+                p.source,
+                if p.docker_engine {
+                    "its next sandboxes get a Docker engine of their own (DOCKER_HOST is set in them)"
+                } else {
+                    "its sandboxes have no Docker engine"
+                }
+            );
+            Ok(0)
+        }
         Command::Secrets { command } => secrets(&client, command).await,
         Command::Tokens { command } => tokens(&client, command).await,
         Command::Audit {
@@ -1181,10 +1202,11 @@ async fn docker(purpose: &str) -> anyhow::Result<backshift_sandbox::docker::Dock
 }
 
 async fn image(command: ImageCommand) -> anyhow::Result<i32> {
-    use backshift_sandbox::image::{BootstrapOptions, bootstrap, default_image_tag};
+    use backshift_sandbox::image::{BootstrapOptions, DEFAULT, ENGINE, bootstrap};
+    let recipe = |engine: bool| if engine { ENGINE } else { DEFAULT };
     match command {
-        ImageCommand::Tag => {
-            println!("{}", default_image_tag());
+        ImageCommand::Tag { engine } => {
+            println!("{}", recipe(engine).tag());
             Ok(0)
         }
         ImageCommand::Pull { reference } => {
@@ -1198,14 +1220,20 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
             println!("done in {:.1?}", started.elapsed());
             Ok(0)
         }
-        ImageCommand::Bootstrap { mirror, force } => {
+        ImageCommand::Bootstrap {
+            mirror,
+            force,
+            engine,
+        } => {
             let driver = docker("build the image").await?;
-            let tag = default_image_tag();
+            let recipe = recipe(engine);
+            let tag = recipe.tag();
             if !force && driver.image_exists(&tag).await? {
                 println!("image {tag} already exists (use --force to rebuild)");
                 return Ok(0);
             }
             let options = BootstrapOptions {
+                recipe,
                 tag,
                 mirror,
                 work_dir: std::env::temp_dir(),

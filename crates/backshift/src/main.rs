@@ -214,6 +214,16 @@ enum Command {
         #[arg(long)]
         clear: bool,
     },
+    /// Give a project's sandboxes a Docker engine of their own (or take it
+    /// away): a privileged `dockerd` per sandbox, never the host's socket.
+    /// Read the README's risks first.
+    Docker {
+        /// Project id, or its repository (a path or URL as tasks name it).
+        project: String,
+        /// on or off.
+        #[arg(value_parser = ["on", "off"])]
+        setting: String,
+    },
     /// Secrets: sealed at rest, granted to projects, never shown again.
     Secrets {
         #[command(subcommand)]
@@ -379,6 +389,11 @@ enum ImageCommand {
         /// Rebuild even if the image exists.
         #[arg(long)]
         force: bool,
+        /// The engine image instead (the default image and Debian's
+        /// Docker engine), for projects whose sandboxes have their own
+        /// Docker.
+        #[arg(long)]
+        engine: bool,
     },
     /// Pull an image from its registry, with progress (for `[sandbox] image`).
     Pull {
@@ -386,7 +401,11 @@ enum ImageCommand {
         reference: String,
     },
     /// Print the default image's tag.
-    Tag,
+    Tag {
+        /// The engine image's instead.
+        #[arg(long)]
+        engine: bool,
+    },
 }
 
 fn main() {

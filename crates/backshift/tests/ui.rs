@@ -548,6 +548,9 @@ async fn compare_and_pick_watch_sandboxes_and_change_settings() {
                 type_into(&c, ".project .rule-port", "443").await?;
                 click(&c, ".project form button").await?;
                 wait_for_text(&c, ".project .rules", "allow *.pythonhosted.org:443", 10).await?;
+                // The project's own Docker engine turned on.
+                click(&c, ".project .docker-engine").await?;
+                wait_for_text(&c, ".project", "get a Docker engine of their own", 10).await?;
                 // A token made (shown once) and revoked.
                 type_into(&c, "#token-name", "ci").await?;
                 click(&c, "#make-token").await?;

@@ -34,7 +34,7 @@ use utoipa::OpenApi;
         tasks::create_task, tasks::list_tasks, tasks::get_task, tasks::cancel_task, tasks::pick, tasks::deliver,
         approvals::list_approvals, approvals::get_approval, approvals::answer_approval,
         audit::list_audit, audit::verify_audit,
-        projects::list_projects, projects::get_project, projects::set_egress,
+        projects::list_projects, projects::get_project, projects::set_egress, projects::set_docker,
         secrets::list_secrets, secrets::set_secret, secrets::delete_secret, secrets::grant_secret,
         secrets::revoke_secret, secrets::rotate, sandboxes::list_sandboxes,
         tokens::list_tokens, tokens::create_token, tokens::revoke_token,
@@ -51,7 +51,7 @@ use utoipa::OpenApi;
         backshift_protocol::ApprovalView, backshift_protocol::AnswerApproval,
         backshift_protocol::Decision, backshift_protocol::Scope,
         backshift_protocol::AuditEntry, backshift_protocol::AuditVerification,
-        backshift_protocol::ProjectView, backshift_protocol::SetEgressRules,
+        backshift_protocol::ProjectView, backshift_protocol::SetEgressRules, backshift_protocol::SetDockerEngine,
         backshift_protocol::SecretView, backshift_protocol::SecretGrantView, backshift_protocol::SetSecret,
         backshift_protocol::GrantSecret, backshift_protocol::RotationView, backshift_protocol::SandboxView,
         backshift_core::policy::Rule, backshift_core::policy::Action,
@@ -93,6 +93,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/projects", get(projects::list_projects))
         .route("/api/v1/projects/{id}", get(projects::get_project))
         .route("/api/v1/projects/{id}/egress", put(projects::set_egress))
+        .route("/api/v1/projects/{id}/docker", put(projects::set_docker))
         .route(
             "/api/v1/projects/{id}/secrets/{name}",
             put(secrets::grant_secret).delete(secrets::revoke_secret),

@@ -6,7 +6,7 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
-use backshift_protocol::{ProjectView, SetEgressRules, format_ts};
+use backshift_protocol::{ProjectView, SetDockerEngine, SetEgressRules, format_ts};
 use backshift_store::ProjectRow;
 use std::sync::Arc;
 
@@ -16,6 +16,7 @@ fn view(row: &ProjectRow) -> ProjectView {
         source: row.source.clone(),
         egress_rules: serde_json::from_str(&row.egress_rules).unwrap_or_default(),
         created_at: format_ts(row.created_at),
+        docker_engine: row.docker_engine,
     }
 }
 
@@ -103,6 +104,62 @@ pub async fn set_egress(
             "before": serde_json::from_str::<serde_json::Value>(&before.egress_rules).unwrap_or_default(),
             "after": req.rules,
         }),
+    )
+    .await;
+    let row = app
+        .store
+        .project(&id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(view(&row)))
+}
+
+/// Turns a project's own Docker engine on or off, for its next sandboxes:
+/// each then gets a `dockerd` of its own (a privileged container in the
+/// sandbox's network namespace; never the host's socket) and the engine
+/// image, which has the `docker` CLI. Docker only.
+#[utoipa::path(put, path = "/api/v1/projects/{id}/docker", params(("id" = String, Path, description = "Project id")),
+    request_body = SetDockerEngine,
+    responses((status = 200, body = ProjectView), (status = 400, body = backshift_protocol::ErrorBody),
+        (status = 404, body = backshift_protocol::ErrorBody),
+        (status = 409, description = "This server's sandboxes are not Docker containers", body = backshift_protocol::ErrorBody)))]
+pub async fn set_docker(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<SetDockerEngine>, JsonRejection>,
+) -> Result<Json<ProjectView>, ApiError> {
+    let Json(req) = body.map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!("the request body is not a setting: {}", e.body_text()),
+            Some(r#"send {"enabled": true} or {"enabled": false}"#),
+        )
+    })?;
+    if req.enabled && !app.uses_docker() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_docker",
+            format!(
+                "a sandbox's own Docker engine runs as a Docker container, and this server's sandboxes are not: {}",
+                app.driver_choice
+            ),
+            Some("run the server where Docker is available ([sandbox] driver = \"docker\")"),
+        ));
+    }
+    let before = app
+        .store
+        .project(&id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    if !app.store.set_project_docker(&id, req.enabled).await? {
+        return Err(not_found(&id));
+    }
+    app.audit(
+        &caller.actor(),
+        "project.docker.set",
+        &id,
+        serde_json::json!({"before": before.docker_engine, "after": req.enabled}),
     )
     .await;
     let row = app

@@ -639,9 +639,25 @@ async function settings() {
       if (port.value) r.ports = [parseInt(port.value, 10)];
       save([...p.egress_rules, r]);
     } }, host, port, action, el("button", { type: "submit" }, "Add rule"));
+    const dockerOut = el("div", { "aria-live": "polite" });
+    const dockerBox = el("input", { type: "checkbox", class: "docker-engine", checked: p.docker_engine, onchange: async (ev) => {
+      try {
+        const saved = await api("PUT", `/api/v1/projects/${p.id}/docker`, { enabled: ev.target.checked });
+        ev.target.checked = saved.docker_engine;
+        dockerOut.replaceChildren(el("p", { class: "muted" }, saved.docker_engine
+          ? "Saved: its next sandboxes get a Docker engine of their own."
+          : "Saved: its next sandboxes have no Docker engine."));
+      } catch (e) {
+        ev.target.checked = !ev.target.checked;
+        dockerOut.replaceChildren(errorBox(e));
+      }
+    } });
     return el("div", { class: "card project", "data-project": p.id },
       el("div", { class: "row" }, el("strong", {}, p.id), el("span", { class: "grow muted" }, p.source)),
-      el("h3", {}, "Network rules"), rules, add, out);
+      el("h3", {}, "Network rules"), rules, add, out,
+      el("h3", {}, "Docker"),
+      el("label", {}, dockerBox, " A Docker engine of its own in each sandbox (DOCKER_HOST). It runs with broad privileges on this host: enable it only for repositories you trust."),
+      dockerOut);
   });
   show(el("h1", {}, "Settings"),
     el("p", { class: "muted" }, `Signed in with the token "${me.token}". Server-wide policy and limits are in the server's configuration file.`),

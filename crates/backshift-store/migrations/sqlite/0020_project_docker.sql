@@ -1,0 +1,3 @@
+-- Whether a project's sandboxes get a Docker engine of their own (opt-in:
+-- the engine runs privileged).
+ALTER TABLE projects ADD COLUMN docker_engine INTEGER NOT NULL DEFAULT 0;
