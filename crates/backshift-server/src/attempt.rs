@@ -1416,7 +1416,7 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
             }),
     );
     if with_engine {
-        engine::prepare_spec(run, &mut spec).await?;
+        engine::prepare_spec(run, &mut spec, engine::AGENT).await?;
     }
     let (driver, id) = create_sandbox(run, &spec, &shim_dir, true).await?;
     let _ = app
@@ -1436,7 +1436,7 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
     run.progress(format!("sandbox {} is up", &id.0[..12.min(id.0.len())]))
         .await;
     if with_engine {
-        engine::start(run, &id).await?;
+        engine::start(run, &id, engine::AGENT).await?;
     }
     Ok(())
 }

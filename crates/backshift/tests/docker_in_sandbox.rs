@@ -1,8 +1,8 @@
 //! Docker inside a sandbox, for a project that opts in: the agent builds
 //! a small image from local files and runs it through its sandbox's own
 //! engine; the host's engine never sees it, and the host's socket is not
-//! there to reach. The engine stops and starts with a paused sandbox and
-//! goes with it. Needs the engine image (`cargo xtask setup` builds it).
+//! there to reach. The verification sandbox has an engine too. The
+//! engine stops and starts with a paused sandbox and goes with it. Needs the engine image (`cargo xtask setup` builds it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -61,10 +61,31 @@ async fn a_sandbox_runs_containers_through_its_own_engine_never_the_hosts() {
         .await;
     assert_eq!(p["docker_engine"], true, "{p}");
 
-    let (task, view) = w.run_task("Use Docker", &["--command", SCRIPT]).await;
+    // The tests backshift runs get an engine of their own too.
+    let (task, view) = w
+        .run_task(
+            "Use Docker",
+            &[
+                "--command",
+                SCRIPT,
+                "--verify",
+                "docker info --format 'verify-engine={{.Name}}'",
+            ],
+        )
+        .await;
     assert_eq!(view["state"], "succeeded", "{view}");
+    assert_eq!(
+        view["attempts"][0]["verification"]["passed"], true,
+        "{view}"
+    );
     let attempt = format!("{task}-1");
     let evs = w.events(&attempt).await;
+    let verify_output: String = evs
+        .iter()
+        .filter(|e| e["type"] == "command_output" && e["call_id"] == "verify:1")
+        .map(|e| e["text"].as_str().unwrap_or(""))
+        .collect();
+    assert!(verify_output.contains("verify-engine="), "{verify_output}");
     let output = common::command_output(&evs);
     assert!(output.starts_with("engine "), "{output}");
     assert!(output.contains("backshift "), "the image ran: {output}");

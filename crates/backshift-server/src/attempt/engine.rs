@@ -1,10 +1,12 @@
 //! A sandbox's own Docker engine, for projects that opt in (`backshift
 //! docker PROJECT on`): a `dockerd` container in the sandbox's network
-//! namespace, its data under `<data>/engines/<attempt>/data` (kept across
-//! a rebuilt sandbox: its images stay), its socket in
-//! `<data>/engines/<attempt>/socket`, mounted into the sandbox at
-//! [`SOCKET_DIR`] with `DOCKER_HOST` pointing at it. Never the host's
-//! socket. It stops, starts and goes with the sandbox.
+//! namespace, its data under `<data>/engines/<attempt>/<for>/data` (kept
+//! across a rebuilt sandbox: its images stay), its socket in
+//! `<data>/engines/<attempt>/<for>/socket`, mounted into the sandbox at
+//! [`SOCKET_DIR`] with `DOCKER_HOST` pointing at it. `<for>` is the
+//! sandbox's role: the agent's, or the verification's (the tests
+//! backshift runs get an engine too). Never the host's socket. It stops,
+//! starts and goes with its sandbox.
 
 use super::{Failure, Run, docker};
 use crate::serve::App;
@@ -22,12 +24,26 @@ pub const SOCKET_DIR: &str = "/.backshift/docker";
 /// The role label of an engine container.
 pub const ROLE: &str = "engine";
 
+/// The label saying whose engine it is: the role of its sandbox.
+const FOR: &str = "dev.backshift.engine-for";
+
+/// The agent's sandbox's role.
+pub const AGENT: &str = "agent";
+
+/// The verification sandbox's role.
+pub const VERIFY: &str = "verify";
+
 /// How long a new engine has to open its socket.
 const START: Duration = Duration::from_secs(60);
 
-/// The attempt's engine directory on the host.
-pub fn dir(app: &App, attempt: &str) -> PathBuf {
+/// The attempt's engines' directory on the host.
+fn attempt_dir(app: &App, attempt: &str) -> PathBuf {
     app.data_dir.join("engines").join(attempt)
+}
+
+/// The directory of the engine of the attempt's sandbox of role `of`.
+fn dir(app: &App, attempt: &str, of: &str) -> PathBuf {
+    attempt_dir(app, attempt).join(of)
 }
 
 /// Whether the attempt's sandboxes get an engine: its project asks for
@@ -55,13 +71,13 @@ pub async fn wanted(run: &Run) -> bool {
     asked && app.uses_docker()
 }
 
-/// Makes the agent's sandbox ready for an engine: the socket directory
-/// mounted and `DOCKER_HOST` set; an engine left from an earlier sandbox
-/// of the attempt removed (its data stays).
-pub async fn prepare_spec(run: &Run, spec: &mut SandboxSpec) -> Result<(), Failure> {
+/// Makes a sandbox of role `of` ready for an engine: the socket
+/// directory mounted and `DOCKER_HOST` set; an engine left from an
+/// earlier sandbox of that role removed (its data stays).
+pub async fn prepare_spec(run: &Run, spec: &mut SandboxSpec, of: &str) -> Result<(), Failure> {
     let app = &run.app;
-    remove_engines(app, &run.attempt.id).await;
-    let dir = dir(app, &run.attempt.id);
+    remove_engines(app, &run.attempt.id, Some(of)).await;
+    let dir = dir(app, &run.attempt.id, of);
     let made = (|| {
         for sub in ["data", "socket"] {
             std::fs::create_dir_all(dir.join(sub))?;
@@ -137,23 +153,24 @@ pub async fn ensure_image(run: &Run, driver: &DockerDriver) -> Result<String, Fa
     Ok(tag)
 }
 
-/// Starts the engine of `sandbox` and waits until it answers on its
-/// socket.
-pub async fn start(run: &Run, sandbox: &SandboxId) -> Result<(), Failure> {
+/// Starts the engine of `sandbox` (of role `of`) and waits until it
+/// answers on its socket.
+pub async fn start(run: &Run, sandbox: &SandboxId, of: &str) -> Result<(), Failure> {
     let app = &run.app;
     let driver = docker(app).await?;
     let image = ensure_image(run, &driver).await?;
-    let dir = dir(app, &run.attempt.id);
+    let dir = dir(app, &run.attempt.id, of);
     let spec = EngineSpec {
         sandbox: sandbox.clone(),
         image,
-        name: format!("backshift-{}-engine", run.attempt.id),
+        name: format!("backshift-{}-{of}-engine", run.attempt.id),
         labels: [
             (labels::MANAGED, "true"),
             (labels::INSTANCE, app.instance.as_str()),
             (labels::TASK, run.task.id.as_str()),
             (labels::ATTEMPT, run.attempt.id.as_str()),
             (labels::ROLE, ROLE),
+            (FOR, of),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -175,16 +192,21 @@ pub async fn start(run: &Run, sandbox: &SandboxId) -> Result<(), Failure> {
         .create_engine(&spec)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    wait_for_socket(run, &driver, &id).await.map_err(failed)
+    wait_for_socket(run, &driver, &id, of).await.map_err(failed)
 }
 
-async fn wait_for_socket(run: &Run, driver: &DockerDriver, id: &SandboxId) -> Result<(), String> {
-    let socket = dir(&run.app, &run.attempt.id).join("socket/docker.sock");
+async fn wait_for_socket(
+    run: &Run,
+    driver: &DockerDriver,
+    id: &SandboxId,
+    of: &str,
+) -> Result<(), String> {
+    let socket = dir(&run.app, &run.attempt.id, of).join("socket/docker.sock");
     let until = tokio::time::Instant::now() + START;
     while tokio::time::Instant::now() < until {
         if socket.exists() {
             run.progress(format!(
-                "the sandbox's own Docker engine is up (DOCKER_HOST=unix://{SOCKET_DIR}/docker.sock)"
+                "the {of} sandbox's own Docker engine is up (DOCKER_HOST=unix://{SOCKET_DIR}/docker.sock)"
             ))
             .await;
             return Ok(());
@@ -198,17 +220,21 @@ async fn wait_for_socket(run: &Run, driver: &DockerDriver, id: &SandboxId) -> Re
     ))
 }
 
-/// The attempt's engine containers.
-async fn engines(app: &App, attempt: &str) -> Vec<SandboxId> {
+/// The attempt's engine containers (of its sandbox of role `of`, or all).
+async fn engines(app: &App, attempt: &str, of: Option<&str>) -> Vec<SandboxId> {
     let Ok(driver) = app.driver().await else {
         return Vec::new();
     };
+    let mut wanted = vec![
+        (labels::MANAGED, "true"),
+        (labels::ATTEMPT, attempt),
+        (labels::ROLE, ROLE),
+    ];
+    if let Some(of) = of {
+        wanted.push((FOR, of));
+    }
     driver
-        .list(&[
-            (labels::MANAGED, "true"),
-            (labels::ATTEMPT, attempt),
-            (labels::ROLE, ROLE),
-        ])
+        .list(&wanted)
         .await
         .unwrap_or_default()
         .into_iter()
@@ -216,27 +242,32 @@ async fn engines(app: &App, attempt: &str) -> Vec<SandboxId> {
         .collect()
 }
 
-/// Stops the attempt's engine (before its sandbox: it lives in the
-/// sandbox's network namespace).
+/// Stops the engine of the attempt's agent sandbox (before the sandbox:
+/// it lives in the sandbox's network namespace).
 pub async fn stop(app: &App, attempt: &str) {
     let Ok(driver) = app.driver().await else {
         return;
     };
-    for id in engines(app, attempt).await {
+    for id in engines(app, attempt, Some(AGENT)).await {
         if let Err(e) = driver.stop(&id).await {
             tracing::warn!(%attempt, "cannot stop the Docker engine {id}: {e}");
         }
     }
 }
 
-/// Starts the attempt's stopped engine again (after its sandbox).
+/// Starts the stopped engine of the attempt's agent sandbox again (after
+/// the sandbox).
 pub async fn resume(run: &Run) -> Result<(), Failure> {
     let app = &run.app;
-    let Some(id) = engines(app, &run.attempt.id).await.into_iter().next() else {
+    let Some(id) = engines(app, &run.attempt.id, Some(AGENT))
+        .await
+        .into_iter()
+        .next()
+    else {
         return Ok(());
     };
     let driver = docker(app).await?;
-    let _ = std::fs::remove_file(dir(app, &run.attempt.id).join("socket/docker.sock"));
+    let _ = std::fs::remove_file(dir(app, &run.attempt.id, AGENT).join("socket/docker.sock"));
     let failed = |why: String| {
         Failure(
             FailureReason::SandboxFailed,
@@ -246,22 +277,31 @@ pub async fn resume(run: &Run) -> Result<(), Failure> {
     SandboxDriver::resume(driver.as_ref(), &id)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    wait_for_socket(run, &driver, &id).await.map_err(failed)
+    wait_for_socket(run, &driver, &id, AGENT)
+        .await
+        .map_err(failed)
 }
 
-async fn remove_engines(app: &App, attempt: &str) {
+async fn remove_engines(app: &App, attempt: &str, of: Option<&str>) {
     let Ok(driver) = app.driver().await else {
         return;
     };
-    for id in engines(app, attempt).await {
+    for id in engines(app, attempt, of).await {
         let _ = driver.destroy(&id).await;
     }
 }
 
-/// Removes the attempt's engine and its directory (images included).
+/// Removes the engine of the attempt's sandbox of role `of` (a finished
+/// verification's) and its directory.
+pub async fn remove_of(app: &App, attempt: &str, of: &str) {
+    remove_engines(app, attempt, Some(of)).await;
+    let _ = tokio::fs::remove_dir_all(dir(app, attempt, of)).await;
+}
+
+/// Removes the attempt's engines and their directories (images included).
 pub async fn remove(app: &App, attempt: &str) {
-    remove_engines(app, attempt).await;
-    let dir = dir(app, attempt);
+    remove_engines(app, attempt, None).await;
+    let dir = attempt_dir(app, attempt);
     if let Err(e) = tokio::fs::remove_dir_all(&dir).await
         && e.kind() != std::io::ErrorKind::NotFound
     {

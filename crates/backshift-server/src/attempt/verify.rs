@@ -64,11 +64,16 @@ pub(super) struct Verifier {
     id: SandboxId,
     dir: PathBuf,
     _egress: crate::egress::Egress,
+    /// Its Docker engine, when the project has them: (app, attempt).
+    engine: Option<(Arc<App>, String)>,
 }
 
 impl Verifier {
-    /// Removes the sandbox and its shim directory.
+    /// Removes the sandbox, its engine if any, and its shim directory.
     pub(super) async fn discard(self) {
+        if let Some((app, attempt)) = &self.engine {
+            super::engine::remove_of(app, attempt, super::engine::VERIFY).await;
+        }
         if let Err(e) = self.driver.destroy(&self.id).await {
             tracing::warn!("verification sandbox {} not removed: {e}", self.id);
         }
@@ -368,6 +373,7 @@ async fn run_in_fresh_sandbox(
     let sandbox_failed = |what: &str, e: &dyn std::fmt::Display| {
         Failure(FailureReason::SandboxFailed, format!("{what}: {e}"))
     };
+    let with_engine = super::engine::wanted(run).await;
     // The environment after setup when this attempt saved it.
     let image = match &run.env {
         Some(env) => {
@@ -382,6 +388,10 @@ async fn run_in_fresh_sandbox(
             };
             setup.unwrap_or_else(|| env.image.clone())
         }
+        // The tests get a Docker engine too when the project has them.
+        None if with_engine && app.config.sandbox.image.is_none() => {
+            super::engine::ensure_image(run, docker(&app).await?.as_ref()).await?
+        }
         None => app.config.image(),
     };
     let dir = new_shim_dir(&app, &run.attempt.id).map_err(|e| {
@@ -390,7 +400,10 @@ async fn run_in_fresh_sandbox(
             &e,
         )
     })?;
-    let spec = sandbox_spec(run, &image, &dir, "verify");
+    let mut spec = sandbox_spec(run, &image, &dir, "verify");
+    if with_engine {
+        super::engine::prepare_spec(run, &mut spec, super::engine::VERIFY).await?;
+    }
     let (driver, id) = create_sandbox(run, &spec, &dir, false).await?;
     let egress = match crate::egress::start(app.clone(), &run.attempt.id, &dir) {
         Ok(e) => e,
@@ -405,8 +418,12 @@ async fn run_in_fresh_sandbox(
         id: id.clone(),
         dir: dir.clone(),
         _egress: egress,
+        engine: with_engine.then(|| (app.clone(), run.attempt.id.clone())),
     });
     shim_ready(&dir).await?;
+    if with_engine {
+        super::engine::start(run, &id, super::engine::VERIFY).await?;
+    }
     // The commit's checkout, from the git store.
     let (_scratch, tree) = export_tree(run, &work_ref(run), head).await?;
     let base = run.attempt.base_commit.clone().unwrap_or_default();
