@@ -327,6 +327,34 @@ impl World {
         (id.clone(), self.wait(&id).await)
     }
 
+    /// Submits a task whose agent is `command` and waits (up to 60 s)
+    /// until its first attempt's command output holds `needle`; returns
+    /// (task, attempt).
+    pub async fn run_until_output(
+        &self,
+        prompt: &str,
+        command: &str,
+        needle: &str,
+    ) -> (String, String) {
+        let repo = self.repo.to_string_lossy().into_owned();
+        let (code, out, err) = self
+            .cli(&["run", prompt, "--repo", &repo, "--command", command])
+            .await;
+        assert_eq!(code, 0, "run failed: {out}\n{err}");
+        let task = out.split_whitespace().nth(1).unwrap().to_owned();
+        let attempt = format!("{task}-1");
+        for _ in 0..600 {
+            if command_output(&self.events(&attempt).await).contains(needle) {
+                return (task, attempt);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!(
+            "{attempt}'s output never held {needle:?}: {:?}",
+            self.events(&attempt).await
+        );
+    }
+
     pub async fn wait(&self, task: &str) -> Value {
         for _ in 0..600 {
             let (_, v) = self

@@ -143,23 +143,8 @@ async fn the_engine_pauses_and_resumes_with_its_sandbox_and_never_mounts_the_hos
         )
         .await;
     assert_eq!(status, 200, "{p}");
-    let repo = w.repo.to_string_lossy().into_owned();
     let script = "if [ -e /tmp/mark ]; then docker version --format 'again {{.Server.Version}}' > again.txt; else touch /tmp/mark; docker version --format 'up {{.Server.Version}}'; sleep 600; fi";
-    let (code, out, err) = w
-        .cli(&["run", "Wait", "--repo", &repo, "--command", script])
-        .await;
-    assert_eq!(code, 0, "{out}{err}");
-    let task = out.split_whitespace().nth(1).unwrap().to_owned();
-    let attempt = format!("{task}-1");
-    let mut up = false;
-    for _ in 0..600 {
-        if common::command_output(&w.events(&attempt).await).contains("up ") {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "{:?}", w.events(&attempt).await);
+    let (task, attempt) = w.run_until_output("Wait", script, "up ").await;
     let engine = engines_of(&attempt);
     assert_eq!(engine.lines().count(), 1, "{engine}");
     let mounts = docker(&[

@@ -66,13 +66,9 @@ async fn attempt_view(w: &World, attempt: &str) -> Value {
     view
 }
 
-async fn submit(w: &World, prompt: &str, command: Option<&str>) -> (String, String) {
+async fn submit(w: &World, prompt: &str) -> (String, String) {
     let repo = w.repo.to_string_lossy().into_owned();
-    let mut args = vec!["run", prompt, "--repo", &repo];
-    if let Some(c) = command {
-        args.extend(["--command", c]);
-    }
-    let (code, out, err) = w.cli(&args).await;
+    let (code, out, err) = w.cli(&["run", prompt, "--repo", &repo]).await;
     assert_eq!(code, 0, "{out}{err}");
     let task = out.split_whitespace().nth(1).unwrap().to_owned();
     let attempt = format!("{task}-1");
@@ -82,7 +78,7 @@ async fn submit(w: &World, prompt: &str, command: Option<&str>) -> (String, Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_attempt_keeps_its_sandbox_and_files_and_goes_on_when_resumed() {
     let w = World::start(Some(pausable_script()), "").await;
-    let (task, attempt) = submit(&w, "Write two files", None).await;
+    let (task, attempt) = submit(&w, "Write two files").await;
     wait_for_event(&w, &attempt, "the command's start", |e| {
         e["type"] == "command_output" && e["text"].as_str().unwrap_or("").contains("started")
     })
@@ -232,14 +228,9 @@ async fn a_paused_attempt_keeps_its_sandbox_and_files_and_goes_on_when_resumed()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_attempt_can_be_cancelled_and_times_out_when_left() {
     let w = World::start(None, "[deadlines]\npaused_secs = 6\n").await;
-    let (cancelled, a1) = submit(&w, "Wait", Some("echo waiting; sleep 600")).await;
-    let (left, a2) = submit(&w, "Wait too", Some("echo waiting; sleep 600")).await;
-    for a in [&a1, &a2] {
-        wait_for_event(&w, a, "the command's output", |e| {
-            e["type"] == "command_output" && e["text"] == "waiting\n"
-        })
-        .await;
-    }
+    let script = "echo waiting; sleep 600";
+    let (cancelled, a1) = w.run_until_output("Wait", script, "waiting").await;
+    let (left, a2) = w.run_until_output("Wait too", script, "waiting").await;
     for a in [&a1, &a2] {
         let (status, view) = w
             .api(Method::POST, &format!("/api/v1/attempts/{a}/pause"), None)

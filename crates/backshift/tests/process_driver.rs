@@ -10,7 +10,6 @@ mod common;
 use common::{World, docker, script};
 use reqwest::Method;
 use serde_json::json;
-use std::time::Duration;
 
 const PROCESS: &str = "[sandbox]\ndriver = \"process\"\n";
 
@@ -91,23 +90,8 @@ async fn a_task_runs_in_a_process_sandbox_and_returns_its_branch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_sandbox_pauses_with_its_files_and_resumes() {
     let w = World::start(None, PROCESS).await;
-    let repo = w.repo.to_string_lossy().into_owned();
     let script = "if [ -e /tmp/mark ]; then echo resumed > result.txt; else touch /tmp/mark; echo waiting; sleep 600; fi";
-    let (code, out, err) = w
-        .cli(&["run", "Wait", "--repo", &repo, "--command", script])
-        .await;
-    assert_eq!(code, 0, "{out}{err}");
-    let task = out.split_whitespace().nth(1).unwrap().to_owned();
-    let attempt = format!("{task}-1");
-    let mut waiting = false;
-    for _ in 0..300 {
-        if common::command_output(&w.events(&attempt).await).contains("waiting") {
-            waiting = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(waiting, "{:?}", w.events(&attempt).await);
+    let (task, attempt) = w.run_until_output("Wait", script, "waiting").await;
     let (code, out, err) = w.cli(&["pause", &task]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("is paused"), "{out}");

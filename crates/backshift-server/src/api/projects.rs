@@ -31,6 +31,10 @@ fn not_found(id: &str) -> ApiError {
     )
 }
 
+async fn find(app: &App, id: &str) -> Result<ProjectRow, ApiError> {
+    app.store.project(id).await?.ok_or_else(|| not_found(id))
+}
+
 /// Every project (one per repository), oldest first.
 #[utoipa::path(get, path = "/api/v1/projects", responses((status = 200, body = Vec<ProjectView>)))]
 pub async fn list_projects(
@@ -46,12 +50,7 @@ pub async fn get_project(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
 ) -> Result<Json<ProjectView>, ApiError> {
-    let row = app
-        .store
-        .project(&id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
-    Ok(Json(view(&row)))
+    Ok(Json(view(&find(&app, &id).await?)))
 }
 
 /// Replaces a project's egress rules; they apply to its sandboxes' next
@@ -87,11 +86,7 @@ pub async fn set_egress(
             )
         })?;
     }
-    let before = app
-        .store
-        .project(&id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let before = find(&app, &id).await?;
     let json = serde_json::to_string(&req.rules).map_err(ApiError::internal)?;
     if !app.store.set_project_egress(&id, &json).await? {
         return Err(not_found(&id));
@@ -106,12 +101,7 @@ pub async fn set_egress(
         }),
     )
     .await;
-    let row = app
-        .store
-        .project(&id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
-    Ok(Json(view(&row)))
+    Ok(Json(view(&find(&app, &id).await?)))
 }
 
 /// Turns a project's own Docker engine on or off, for its next sandboxes:
@@ -147,11 +137,7 @@ pub async fn set_docker(
             Some("run the server where Docker is available ([sandbox] driver = \"docker\")"),
         ));
     }
-    let before = app
-        .store
-        .project(&id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let before = find(&app, &id).await?;
     if !app.store.set_project_docker(&id, req.enabled).await? {
         return Err(not_found(&id));
     }
@@ -162,10 +148,5 @@ pub async fn set_docker(
         serde_json::json!({"before": before.docker_engine, "after": req.enabled}),
     )
     .await;
-    let row = app
-        .store
-        .project(&id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
-    Ok(Json(view(&row)))
+    Ok(Json(view(&find(&app, &id).await?)))
 }
