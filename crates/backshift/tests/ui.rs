@@ -197,6 +197,24 @@ pub async fn click(c: &Client, css: &str) -> Result<(), String> {
         .map_err(fail(css))
 }
 
+/// Clicks the element `css` once it is there (up to `secs`), finding it
+/// again when the page redrew it between finding and clicking (a live
+/// page re-renders as events arrive).
+pub async fn click_when_ready(c: &Client, css: &str, secs: u64) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..secs * 10 {
+        match c.find(Locator::Css(css)).await {
+            Ok(e) => match e.click().await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{css} could not be clicked in {secs} s: {last}"))
+}
+
 /// Follows the link reading `text`.
 pub async fn click_link(c: &Client, text: &str) -> Result<(), String> {
     c.find(Locator::LinkText(text))
@@ -298,11 +316,7 @@ async fn sign_in_create_watch_approve_review() {
                 return Err(format!("the task's header shows an empty value: {head:?}"));
             }
             // The diff.
-            wait_for(&c, "#diff-link", 20)
-                .await?
-                .click()
-                .await
-                .map_err(fail("diff"))?;
+            click_when_ready(&c, "#diff-link", 20).await?;
             wait_for_text(&c, "pre.diff", "+print('hello')", 20).await?;
             let add = c
                 .find(Locator::Css("pre.diff .add"))
@@ -480,11 +494,7 @@ async fn compare_and_pick_watch_sandboxes_and_change_settings() {
                     ));
                 }
                 wait_for_text(&c, "#compare", "chosen by auto", 10).await?;
-                wait_for(&c, &format!("button[data-pick='{p2}-2']"), 10)
-                    .await?
-                    .click()
-                    .await
-                    .map_err(fail("pick"))?;
+                click_when_ready(&c, &format!("button[data-pick='{p2}-2']"), 10).await?;
                 wait_for_text(
                     &c,
                     "#compare",
@@ -496,16 +506,8 @@ async fn compare_and_pick_watch_sandboxes_and_change_settings() {
                 c.goto(&format!("{url}/#/task/{b2}"))
                     .await
                     .map_err(fail("open"))?;
-                wait_for(&c, &format!("button[data-pause='{b2}-1']"), 30)
-                    .await?
-                    .click()
-                    .await
-                    .map_err(fail("pause"))?;
-                wait_for(&c, &format!("button[data-resume='{b2}-1']"), 30)
-                    .await?
-                    .click()
-                    .await
-                    .map_err(fail("resume"))?;
+                click_when_ready(&c, &format!("button[data-pause='{b2}-1']"), 30).await?;
+                click_when_ready(&c, &format!("button[data-resume='{b2}-1']"), 30).await?;
                 wait_for(&c, &format!("button[data-pause='{b2}-1']"), 30).await?;
                 // The busy sandbox: measured, paused and resumed, and gone
                 // when its task is cancelled.
@@ -513,23 +515,11 @@ async fn compare_and_pick_watch_sandboxes_and_change_settings() {
                 wait_for_text(&c, &format!("[data-sandbox] a[href*='{b2}']"), &b2, 30).await?;
                 wait_for_text(&c, "#sandboxes .memory", "MiB of", 10).await?;
                 // Stopped with its files kept, then started again.
-                wait_for(&c, &format!("button[data-pause='{b2}-1']"), 10)
-                    .await?
-                    .click()
-                    .await
-                    .map_err(fail("pause"))?;
+                click_when_ready(&c, &format!("button[data-pause='{b2}-1']"), 10).await?;
                 wait_for_text(&c, "#sandboxes", "stopped (paused)", 30).await?;
-                wait_for(&c, &format!("button[data-resume='{b2}-1']"), 10)
-                    .await?
-                    .click()
-                    .await
-                    .map_err(fail("resume"))?;
+                click_when_ready(&c, &format!("button[data-resume='{b2}-1']"), 10).await?;
                 wait_for(&c, &format!("button[data-pause='{b2}-1']"), 30).await?;
-                wait_for(&c, &format!("button[data-cancel='{b2}']"), 10)
-                    .await?
-                    .click()
-                    .await
-                    .map_err(fail("cancel"))?;
+                click_when_ready(&c, &format!("button[data-cancel='{b2}']"), 10).await?;
                 wait_for_text(&c, "#sandboxes", "No sandbox is running", 30).await?;
                 // Settings: the secret's name and grant, never its value; a
                 // project rule added.
