@@ -44,49 +44,43 @@ const CHANGES: &[&str] = &[
     "CMD [\"sleep\", \"infinity\"]",
 ];
 
-/// Packages of the engine image: the default image's and Debian's Docker
-/// engine (`dockerd`, containerd, runc and the `docker` CLI).
-pub const ENGINE_PACKAGES: &[&str] = &[
-    "bash",
-    "ca-certificates",
-    "coreutils",
-    "curl",
-    "git",
-    "procps",
-    "python3",
-    "docker.io",
-];
-
 /// What an image built by [`bootstrap`] holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recipe {
     /// The image's repository name.
     pub name: &'static str,
-    /// Packages beyond `minbase`.
-    pub packages: &'static [&'static str],
+    /// Packages beyond `minbase`: the default image's, then these.
+    pub extra: &'static [&'static str],
 }
 
 /// The default sandbox image.
 pub const DEFAULT: Recipe = Recipe {
     name: "backshift-default",
-    packages: PACKAGES,
+    extra: &[],
 };
 
 /// The image of a sandbox's own Docker engine, which is also the sandbox
 /// image of projects that have one (it has the `docker` CLI).
+/// Its packages are the default image's and Debian's Docker engine
+/// (`dockerd`, containerd, runc and the `docker` CLI).
 pub const ENGINE: Recipe = Recipe {
     name: "backshift-engine",
-    packages: ENGINE_PACKAGES,
+    extra: &["docker.io"],
 };
 
 impl Recipe {
+    /// Every package beyond `minbase`.
+    pub fn packages(&self) -> Vec<&'static str> {
+        PACKAGES.iter().chain(self.extra).copied().collect()
+    }
+
     /// The tag for this recipe, e.g. `backshift-default:bookworm-3f2a9c1d`:
     /// a changed recipe is a new tag.
     pub fn tag(&self) -> String {
         let mut h = Sha256::new();
         h.update(format!(
             "v{RECIPE_VERSION}\n{SUITE}\n{}\n{}\n{SANDBOX_USER}:{SANDBOX_UID}",
-            self.packages.join(","),
+            self.packages().join(","),
             CHANGES.join("\n")
         ));
         let hash = hex::encode(h.finalize());
@@ -193,9 +187,9 @@ async fn build(
 ) -> Result<()> {
     progress(format!(
         "debootstrap {SUITE} with {} from {mirror} (a minute or two)",
-        options.recipe.packages.join(", ")
+        options.recipe.packages().join(", ")
     ));
-    let include = format!("--include={}", options.recipe.packages.join(","));
+    let include = format!("--include={}", options.recipe.packages().join(","));
     run_streamed(
         Command::new("debootstrap")
             .args(["--variant=minbase", &include, SUITE])

@@ -498,17 +498,17 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
 /// Starts queued attempts, and paused ones a person asked to resume
 /// (those first: their sandboxes already hold resources).
 async fn start_queued(app: &Arc<App>) -> anyhow::Result<()> {
-    let resumed = app
+    let (resumed, queued): (Vec<AttemptRow>, Vec<AttemptRow>) = app
         .store
-        .attempts_in_states(&[AttemptState::Paused])
+        .attempts_in_states(&[AttemptState::Paused, AttemptState::Queued])
         .await?
         .into_iter()
-        .filter(|a| a.resume_requested.is_some() && a.cancel_requested.is_none());
-    let queued = app
-        .store
-        .attempts_in_states(&[AttemptState::Queued])
-        .await?;
-    for a in resumed.chain(queued) {
+        .filter(|a| {
+            a.state == AttemptState::Queued
+                || (a.resume_requested.is_some() && a.cancel_requested.is_none())
+        })
+        .partition(|a| a.state == AttemptState::Paused);
+    for a in resumed.into_iter().chain(queued) {
         if app.supervisor.running_count() >= app.config.max_concurrent_attempts {
             break;
         }

@@ -124,9 +124,7 @@ async fn a_killed_server_follows_the_script_already_running_instead_of_starting_
     let view = w.wait(&task).await;
     assert_eq!(view["state"], "succeeded", "{view}");
     let evs = w.events(&attempt).await;
-    for (i, e) in evs.iter().enumerate() {
-        assert_eq!(e["seq"], i as u64 + 1, "gapless, no duplicates: {e}");
-    }
+    common::assert_gapless(&evs);
     let output: String = common::command_output(&evs);
     assert_eq!(output, "start\nend\n", "caught up, nothing twice");
     let calls = evs.iter().filter(|e| e["type"] == "tool_call").count();

@@ -370,6 +370,22 @@ impl World {
     }
 }
 
+/// Checks that events are numbered from 1 without gaps or repeats.
+pub fn assert_gapless(events: &[Value]) {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["seq"], i as u64 + 1, "gapless, no duplicates: {e}");
+    }
+}
+
+/// The states an attempt went through, in order, from its events.
+pub fn states(events: &[Value]) -> Vec<&str> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "state_changed")
+        .filter_map(|e| e["to"].as_str())
+        .collect()
+}
+
 /// The text of every `command_output` event, joined.
 pub fn command_output(events: &[Value]) -> String {
     events

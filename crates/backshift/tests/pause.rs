@@ -136,14 +136,8 @@ async fn a_paused_attempt_keeps_its_sandbox_and_files_and_goes_on_when_resumed()
     assert!(fake.failures().is_empty(), "{:?}", fake.failures());
 
     let evs = w.events(&attempt).await;
-    for (i, e) in evs.iter().enumerate() {
-        assert_eq!(e["seq"], i as u64 + 1, "gapless, no duplicates: {e}");
-    }
-    let states: Vec<&str> = evs
-        .iter()
-        .filter(|e| e["type"] == "state_changed")
-        .map(|e| e["to"].as_str().unwrap())
-        .collect();
+    common::assert_gapless(&evs);
+    let states = common::states(&evs);
     assert_eq!(
         states,
         [

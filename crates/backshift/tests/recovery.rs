@@ -72,14 +72,8 @@ async fn assert_recovered(w: &World, task: &str, attempt: &str, adopted: bool) {
     assert_eq!(view["state"], "succeeded", "{view}");
 
     let evs = w.events(attempt).await;
-    for (i, e) in evs.iter().enumerate() {
-        assert_eq!(e["seq"], i as u64 + 1, "gapless, no duplicates: {e}");
-    }
-    let states: Vec<&str> = evs
-        .iter()
-        .filter(|e| e["type"] == "state_changed")
-        .map(|e| e["to"].as_str().unwrap())
-        .collect();
+    common::assert_gapless(&evs);
+    let states = common::states(&evs);
     assert_eq!(
         states,
         [
