@@ -464,9 +464,14 @@ pub struct SandboxView {
     /// Its attempt's state (`paused`: stopped on request, files kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt_state: Option<backshift_core::AttemptState>,
-    /// What it is for: `agent` (the attempt's own) or `verify`.
+    /// What it is for: `agent` (the attempt's own), `verify`, `engine`
+    /// (an agent's own Docker engine) or `warm` (in the warm pool, no
+    /// attempt's yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+    /// It came from the warm pool (made ahead, claimed by its attempt).
+    #[serde(default)]
+    pub from_pool: bool,
     /// Alive (running, or paused for a moment for a snapshot).
     pub running: bool,
     /// CPU, percent of one CPU, over the last second.
@@ -485,6 +490,52 @@ pub struct SandboxView {
     /// Why there is no disk limit though one is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_limit_note: Option<String>,
+}
+
+/// The warm pool: sandboxes made ahead of demand, per environment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PoolView {
+    /// Ready sandboxes kept per environment (`[sandbox] warm`; 0: off).
+    pub size: usize,
+    /// Environments kept warm besides the default one
+    /// (`[sandbox] warm_environments`): the most recently asked for.
+    pub max_environments: usize,
+    /// Each environment kept warm.
+    pub environments: Vec<PoolEnvironmentView>,
+    /// Attempts that got a warm sandbox, since this server started.
+    pub hits: u64,
+    /// Attempts that could have had one but found none ready.
+    pub misses: u64,
+    /// `hits / (hits + misses)`, when there was any.
+    pub hit_rate: Option<f64>,
+    /// Why the last miss missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_miss: Option<String>,
+    /// When the counts started (this server's start, RFC 3339).
+    pub since: String,
+}
+
+/// One environment of the warm pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PoolEnvironmentView {
+    /// Its key: a hash of everything its sandboxes are made from.
+    pub key: String,
+    /// Their image.
+    pub image: String,
+    /// The server's default environment (kept warm always), rather than
+    /// one an attempt asked for (a devcontainer's, a setup snapshot).
+    pub default: bool,
+    /// Sandboxes ready to be claimed.
+    pub ready: usize,
+    /// Sandboxes being made.
+    pub creating: usize,
+    /// Claims that found one ready.
+    pub hits: u64,
+    /// Claims that found none.
+    pub misses: u64,
+    /// Why the last sandbox could not be made, when the last try failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// One row of the audit log.

@@ -174,8 +174,7 @@ async fn remove_leftovers(app: &App, attempt: &str) {
     let Ok(driver) = app.driver().await else {
         return;
     };
-    let found = driver
-        .list(&[(labels::MANAGED, "true"), (labels::ATTEMPT, attempt)])
+    let found = crate::pool::sandboxes(app, Some(attempt))
         .await
         .unwrap_or_default();
     for sb in found {
@@ -415,8 +414,7 @@ async fn pause(run: &mut Run, stop: &Stop, detail: String) -> Result<bool, Failu
         // Cut short while taking its sandbox up again (a resume): the
         // prepared one is what stops.
         if let (Ok(driver), Ok(Some(row))) = (app.driver().await, app.store.attempt(&id).await) {
-            let found = driver
-                .list(&[(labels::MANAGED, "true"), (labels::ATTEMPT, id.as_str())])
+            let found = crate::pool::sandboxes(&app, Some(&id))
                 .await
                 .unwrap_or_default();
             if let Some((sb, dir)) =
@@ -918,12 +916,7 @@ async fn resume(run: &mut Run) -> Result<(), Halt> {
         .await
         .map_err(|e| internal(&e))?
         .ok_or_else(|| internal(&"the attempt is gone"))?;
-    let found = driver
-        .list(&[
-            (labels::MANAGED, "true"),
-            (labels::INSTANCE, app.instance.as_str()),
-            (labels::ATTEMPT, id.as_str()),
-        ])
+    let found = crate::pool::sandboxes(&app, Some(&id))
         .await
         .map_err(|e| Halt::Lost(format!("cannot list the attempt's sandboxes: {e}")))?;
     let kept = keep_prepared(&driver, found, row.prepared_sandbox.as_deref(), |_| true).await;
@@ -1233,12 +1226,7 @@ async fn adopt(run: &mut Run) -> Result<bool, Halt> {
     };
     let found = match app.supervisor.take_survivors(&run.attempt.id) {
         Some(found) => found,
-        None => driver
-            .list(&[
-                (labels::MANAGED, "true"),
-                (labels::INSTANCE, app.instance.as_str()),
-                (labels::ATTEMPT, run.attempt.id.as_str()),
-            ])
+        None => crate::pool::sandboxes(&app, Some(&run.attempt.id))
             .await
             .unwrap_or_default(),
     };
@@ -1314,8 +1302,11 @@ impl Endpoints {
     }
 }
 
-/// Creates the sandbox, from `snapshot` when given (a rebuild that keeps
-/// installed packages and caches), otherwise from the configured image.
+/// Gives the attempt its agent sandbox: a warm one from the pool when one
+/// is ready for its environment, else a new one, from `snapshot` when
+/// given (a rebuild that keeps installed packages and caches), otherwise
+/// from the environment's image. Either way the sandbox is made the
+/// attempt's through its shim ([`identity_env`]).
 async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure> {
     let app = run.app.clone();
     let with_engine = engine::wanted(run).await;
@@ -1344,81 +1335,73 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
             ensure_pulled(run, &driver, &image).await?;
         }
     }
-    // The project's granted secrets, as the variables its grants name.
-    let secrets = crate::secrets::sandbox_env(&app, &run.task.project_id, false)
-        .await
-        .map_err(|e| {
-            Failure(
-                FailureReason::SandboxFailed,
-                format!("{e}. Fix the key configuration ([secrets] key_file, previous_key_files) or set the secret again (`backshift secrets set`), then submit the task again."),
-            )
-        })?;
-    run.progress(if app.uses_docker() {
-        format!("creating sandbox from {image}")
-    } else {
-        "creating sandbox (process driver: this host's own tools)".to_owned()
-    })
-    .await;
-    let shim_dir = new_shim_dir(&app, &run.attempt.id).map_err(|e| {
-        Failure(
-            FailureReason::SandboxFailed,
-            format!(
-                "cannot create the sandbox's shim directory under {}: {e}",
-                app.data_dir.display()
-            ),
-        )
-    })?;
-    let token = crate::gateway::issue_token(&app, &run.attempt.id)
-        .await
-        .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
-    let gateway = crate::gateway::base_url_in_sandbox();
-    let git_token = token.clone();
-    let mut spec = sandbox_spec(run, &image, &shim_dir, "agent");
-    spec.env.extend(
-        [
-            // The model, through the gateway: this token is the sandbox's
-            // own; the provider's key never enters it.
-            ("OPENAI_BASE_URL".into(), gateway.clone()),
-            ("OPENAI_API_KEY".into(), token.clone()),
-            // Anthropic's SDKs add `/v1/messages` themselves.
-            (
-                "ANTHROPIC_BASE_URL".into(),
-                gateway.trim_end_matches("/v1").to_owned(),
-            ),
-            ("ANTHROPIC_API_KEY".into(), token.clone()),
-            // Gemini's SDK adds `/v1beta/models/...` itself.
-            (
-                "GOOGLE_GEMINI_BASE_URL".into(),
-                gateway.trim_end_matches("/v1").to_owned(),
-            ),
-            ("GEMINI_API_KEY".into(), token.clone()),
-            ("BACKSHIFT_MODEL_URL".into(), gateway),
-            ("BACKSHIFT_MODEL_TOKEN".into(), token.clone()),
-            ("BACKSHIFT_MODEL".into(), app.config.model.model.clone()),
-        ]
-        .into_iter()
-        // Its own branch, through its git endpoint.
-        .chain(crate::sandbox_git::sandbox_env(
-            &run.task.project_id,
-            &run.attempt.branch,
-            &git_token,
-        ))
-        .chain(secrets),
+    let identity = identity_env(run).await?;
+    let placeholder = app.data_dir.join("run").join("unmade");
+    let mut template = base_spec(
+        &app,
+        &image,
+        run.env.as_ref().map(|e| e.env.clone()).unwrap_or_default(),
+        &placeholder,
     );
-    // Installed agents, read-only: installed once per host.
-    spec.mounts.extend(
-        crate::agents::installed(&app.config.agents_dir())
-            .into_iter()
-            .map(|a| Mount {
-                target: a.sandbox_dir(),
-                host: a.dir,
-                read_only: true,
-            }),
-    );
-    if with_engine {
-        engine::prepare_spec(run, &mut spec, engine::AGENT).await?;
-    }
-    let (driver, id) = create_sandbox(run, &spec, &shim_dir, true).await?;
+    template.mounts.extend(agent_mounts(&app));
+    let started = std::time::Instant::now();
+    // A sandbox made ahead cannot have its engine's socket (nor an
+    // attempt's own snapshot).
+    let claimed = match (snapshot, with_engine) {
+        (None, false) => {
+            app.pool
+                .claim(&app, &template, &run.attempt.id, &run.task.id)
+                .await
+        }
+        (Some(_), _) => Err(None),
+        (None, true) => Err(Some(
+            "the project's sandboxes have their own Docker engine".into(),
+        )),
+    };
+    let (driver, id, shim_dir) = match claimed {
+        Ok(warm) => {
+            run.progress(format!(
+                "sandbox {} taken from the warm pool (made {} s ago{})",
+                &warm.id.0[..12.min(warm.id.0.len())],
+                warm.age_ms / 1000,
+                if app.uses_docker() {
+                    format!(" from {image}")
+                } else {
+                    String::new()
+                }
+            ))
+            .await;
+            (driver(&app).await?, warm.id, warm.shim_dir)
+        }
+        Err(miss) => {
+            let made = if app.uses_docker() {
+                format!("creating sandbox from {image}")
+            } else {
+                "creating sandbox (process driver: this host's own tools)".to_owned()
+            };
+            run.progress(match miss {
+                Some(why) => format!("{made}: no warm sandbox ({why})"),
+                None => made,
+            })
+            .await;
+            let shim_dir = new_shim_dir(&app, &run.attempt.id).map_err(|e| {
+                Failure(
+                    FailureReason::SandboxFailed,
+                    format!(
+                        "cannot create the sandbox's shim directory under {}: {e}",
+                        app.data_dir.display()
+                    ),
+                )
+            })?;
+            let mut spec = sandbox_spec(run, &image, &shim_dir, "agent");
+            spec.mounts.extend(agent_mounts(&app));
+            if with_engine {
+                engine::prepare_spec(run, &mut spec, engine::AGENT).await?;
+            }
+            let (driver, id) = create_sandbox(run, &spec, &shim_dir, true).await?;
+            (driver, id, shim_dir)
+        }
+    };
     let _ = app
         .store
         .update_attempt(
@@ -1433,8 +1416,21 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
     run.shim_dir = Some(shim_dir.clone());
     run.endpoints = Some(Endpoints::start(&app, &run.attempt.id, &shim_dir)?);
     shim_ready(&shim_dir).await?;
-    run.progress(format!("sandbox {} is up", &id.0[..12.min(id.0.len())]))
-        .await;
+    ShimClient::new(&shim_dir)
+        .set_env(identity)
+        .await
+        .map_err(|e| {
+            Failure(
+                FailureReason::SandboxFailed,
+                format!("the sandbox's shim did not take the attempt's variables: {e}"),
+            )
+        })?;
+    run.progress(format!(
+        "sandbox {} is up in {} ms",
+        &id.0[..12.min(id.0.len())],
+        started.elapsed().as_millis()
+    ))
+    .await;
     if with_engine {
         engine::start(run, &id, engine::AGENT).await?;
     }
@@ -1495,15 +1491,10 @@ fn sandbox_limits(app: &App) -> ResourceLimits {
 }
 
 /// What every sandbox of the attempt has, whatever it is for (`role`:
-/// `agent` or `verify`): its labels and limits, the non-root user, the
-/// devcontainer's variables, the egress proxy, the custom CAs, and the
-/// shim (backshift's binary, read-only, and its directory). The agent's
-/// sandbox adds the model, its git endpoint, secrets and installed agents.
+/// `agent` or `verify`): its labels (see [`base_spec`] for the rest).
 fn sandbox_spec(run: &Run, image: &str, shim_dir: &Path, role: &str) -> SandboxSpec {
-    let app = &run.app;
     let devcontainer_env = run.env.as_ref().map(|e| e.env.clone()).unwrap_or_default();
     SandboxSpec {
-        image: image.to_owned(),
         name: if role == "agent" {
             format!("backshift-{}", run.attempt.id)
         } else {
@@ -1511,12 +1502,32 @@ fn sandbox_spec(run: &Run, image: &str, shim_dir: &Path, role: &str) -> SandboxS
         },
         labels: BTreeMap::from([
             (labels::MANAGED.to_owned(), "true".to_owned()),
-            (labels::INSTANCE.to_owned(), app.instance.clone()),
+            (labels::INSTANCE.to_owned(), run.app.instance.clone()),
             (labels::TASK.to_owned(), run.task.id.clone()),
             (labels::ATTEMPT.to_owned(), run.attempt.id.clone()),
             (labels::SHIM_DIR.to_owned(), shim_dir.display().to_string()),
             (labels::ROLE.to_owned(), role.to_owned()),
         ]),
+        ..base_spec(&run.app, image, devcontainer_env, shim_dir)
+    }
+}
+
+/// What every sandbox has, whoever it is for (no name or labels yet):
+/// its limits, the non-root user, the devcontainer's variables, the
+/// egress proxy, the custom CAs, and the shim (backshift's binary,
+/// read-only, and its directory). An agent's sandbox adds the installed
+/// agents ([`agent_mounts`]), and later, through its shim, the model,
+/// its git endpoint and secrets ([`identity_env`]).
+pub(crate) fn base_spec(
+    app: &App,
+    image: &str,
+    devcontainer_env: Vec<(String, String)>,
+    shim_dir: &Path,
+) -> SandboxSpec {
+    SandboxSpec {
+        image: image.to_owned(),
+        name: String::new(),
+        labels: BTreeMap::new(),
         limits: sandbox_limits(app),
         user: format!("{SANDBOX_UID}:{SANDBOX_UID}"),
         workdir: WORKDIR.into(),
@@ -1565,6 +1576,67 @@ fn sandbox_spec(run: &Run, image: &str, shim_dir: &Path, role: &str) -> SandboxS
     }
 }
 
+/// The installed agents, read-only (installed once per host): every
+/// agent sandbox has them.
+pub(crate) fn agent_mounts(app: &App) -> impl Iterator<Item = Mount> {
+    crate::agents::installed(&app.config.agents_dir())
+        .into_iter()
+        .map(|a| Mount {
+            target: a.sandbox_dir(),
+            host: a.dir,
+            read_only: true,
+        })
+}
+
+/// What makes an agent's sandbox its attempt's: the model through the
+/// gateway with the sandbox's own token (the provider's key never enters
+/// it), its own branch through its git endpoint, and the project's
+/// granted secrets. Given through the shim once the sandbox is up (a
+/// warm sandbox was made before there was an attempt), never in the
+/// sandbox's definition.
+async fn identity_env(run: &Run) -> Result<Vec<(String, String)>, Failure> {
+    let app = &run.app;
+    let secrets = crate::secrets::sandbox_env(app, &run.task.project_id, false)
+        .await
+        .map_err(|e| {
+            Failure(
+                FailureReason::SandboxFailed,
+                format!("{e}. Fix the key configuration ([secrets] key_file, previous_key_files) or set the secret again (`backshift secrets set`), then submit the task again."),
+            )
+        })?;
+    let token = crate::gateway::issue_token(app, &run.attempt.id)
+        .await
+        .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
+    let gateway = crate::gateway::base_url_in_sandbox();
+    Ok([
+        ("OPENAI_BASE_URL".into(), gateway.clone()),
+        ("OPENAI_API_KEY".into(), token.clone()),
+        // Anthropic's SDKs add `/v1/messages` themselves.
+        (
+            "ANTHROPIC_BASE_URL".into(),
+            gateway.trim_end_matches("/v1").to_owned(),
+        ),
+        ("ANTHROPIC_API_KEY".into(), token.clone()),
+        // Gemini's SDK adds `/v1beta/models/...` itself.
+        (
+            "GOOGLE_GEMINI_BASE_URL".into(),
+            gateway.trim_end_matches("/v1").to_owned(),
+        ),
+        ("GEMINI_API_KEY".into(), token.clone()),
+        ("BACKSHIFT_MODEL_URL".into(), gateway),
+        ("BACKSHIFT_MODEL_TOKEN".into(), token.clone()),
+        ("BACKSHIFT_MODEL".into(), app.config.model.model.clone()),
+    ]
+    .into_iter()
+    .chain(crate::sandbox_git::sandbox_env(
+        &run.task.project_id,
+        &run.attempt.branch,
+        &token,
+    ))
+    .chain(secrets)
+    .collect())
+}
+
 /// Creates a sandbox from `spec` (without the disk limit when the
 /// storage driver cannot apply one; `warn`: say so on the attempt's log).
 /// Removes the shim directory when it fails.
@@ -1576,14 +1648,7 @@ async fn create_sandbox(
 ) -> Result<(Arc<dyn SandboxDriver>, SandboxId), Failure> {
     let app = run.app.clone();
     let driver = driver(&app).await?;
-    let mut created = driver.create(spec).await;
-    if let Err(SandboxError::DiskLimitUnsupported(why)) = &created {
-        // Later sandboxes do not ask again.
-        let _ = app.disk_limit_unsupported.set(why.clone());
-        let mut unlimited = spec.clone();
-        unlimited.limits.disk_bytes = None;
-        created = driver.create(&unlimited).await;
-    }
+    let created = create_limited(&app, driver.as_ref(), spec).await;
     if let (true, Some(_), Some(why)) = (
         warn,
         app.config.sandbox.disk_mb,
@@ -1618,9 +1683,27 @@ async fn create_sandbox(
     Ok((driver, id))
 }
 
-/// A new, empty shim directory for a sandbox of `attempt`, owned by the
-/// sandbox's user (the shim writes its socket and journal there).
-fn new_shim_dir(app: &App, attempt: &str) -> std::io::Result<PathBuf> {
+/// Creates a sandbox from `spec`, without its disk limit when the host
+/// cannot apply one (found out once: later sandboxes do not ask again).
+pub(crate) async fn create_limited(
+    app: &App,
+    driver: &dyn SandboxDriver,
+    spec: &SandboxSpec,
+) -> Result<SandboxId, SandboxError> {
+    let created = driver.create(spec).await;
+    if let Err(SandboxError::DiskLimitUnsupported(why)) = &created {
+        let _ = app.disk_limit_unsupported.set(why.clone());
+        let mut unlimited = spec.clone();
+        unlimited.limits.disk_bytes = None;
+        return driver.create(&unlimited).await;
+    }
+    created
+}
+
+/// A new, empty shim directory for a sandbox of `attempt` (or, for a
+/// warm one, `warm`), owned by the sandbox's user (the shim writes its
+/// socket and journal there).
+pub(crate) fn new_shim_dir(app: &App, attempt: &str) -> std::io::Result<PathBuf> {
     let suffix: u32 = rand::random();
     let dir = app
         .data_dir
@@ -1946,7 +2029,7 @@ async fn prepare(
         }
     }
     if let Err(e) = driver.copy_in(&id, "/", tar.into()).await {
-        if !checkpoint::sandbox_alive(driver.as_ref(), &run.attempt.id, &id).await {
+        if !checkpoint::sandbox_alive(driver.as_ref(), &id).await {
             return Err(Halt::Lost(format!("while copying the checkout in: {e}")));
         }
         return Err(clone_failed("cannot copy the checkout into the sandbox", &e).into());
@@ -2294,7 +2377,7 @@ async fn commit_work(run: &mut Run, summary: &str) -> Result<String, Halt> {
     let out = match driver.exec_collect(&id, &spec).await {
         Ok(o) if o.exit_code == 0 => o,
         other => {
-            if !checkpoint::sandbox_alive(driver.as_ref(), &run.attempt.id, &id).await {
+            if !checkpoint::sandbox_alive(driver.as_ref(), &id).await {
                 return Err(Halt::Lost("the sandbox stopped while publishing".into()));
             }
             other.map_err(|e| publish_failed("cannot run git in the sandbox", &e))?

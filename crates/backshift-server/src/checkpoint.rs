@@ -48,12 +48,10 @@ git bundle create --quiet "$BUNDLE" "$CKPT_REF" "^$parent"
 echo "NEW $commit"
 "#;
 
-/// Whether sandbox `id` of `attempt` still exists and runs.
-pub async fn sandbox_alive(driver: &dyn SandboxDriver, attempt: &str, id: &SandboxId) -> bool {
-    match driver
-        .list(&[(labels::MANAGED, "true"), (labels::ATTEMPT, attempt)])
-        .await
-    {
+/// Whether sandbox `id` still exists and runs (a warm
+/// sandbox an attempt claimed has no attempt label: the id decides).
+pub async fn sandbox_alive(driver: &dyn SandboxDriver, id: &SandboxId) -> bool {
+    match driver.list(&[(labels::MANAGED, "true")]).await {
         Ok(found) => found.iter().any(|s| &s.id == id && s.running),
         // The daemon not answering is not proof of loss.
         Err(_) => true,
@@ -177,7 +175,7 @@ impl AttemptJournal {
                     ),
                     Err(e) => e.to_string(),
                 };
-                return if sandbox_alive(self.driver.as_ref(), &self.attempt, &self.sandbox).await {
+                return if sandbox_alive(self.driver.as_ref(), &self.sandbox).await {
                     Snapshot::Failed(why)
                 } else {
                     Snapshot::Gone(format!("the sandbox stopped ({why})"))

@@ -415,6 +415,13 @@ pub struct SandboxConfig {
     /// apply one (overlay2 on xfs with project quotas); where it cannot,
     /// each attempt says so in a warning and runs without.
     pub disk_mb: Option<u64>,
+    /// Sandboxes kept ready per environment, made ahead of demand (the
+    /// warm pool; 0: off). Each holds its memory while it waits.
+    pub warm: usize,
+    /// Environments kept warm besides the default one: the ones attempts
+    /// asked for most recently (a devcontainer's image, a setup
+    /// snapshot).
+    pub warm_environments: usize,
 }
 
 /// `[sandbox] driver`.
@@ -557,6 +564,8 @@ impl Default for SandboxConfig {
             build_network: false,
             ca_certificates: None,
             disk_mb: None,
+            warm: 1,
+            warm_environments: 3,
         }
     }
 }

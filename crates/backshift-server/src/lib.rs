@@ -23,6 +23,7 @@ pub mod events;
 pub mod gateway;
 pub mod notes;
 pub mod origin;
+pub mod pool;
 pub mod report;
 pub mod results;
 pub mod sandbox_git;

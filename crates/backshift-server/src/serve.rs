@@ -41,6 +41,8 @@ pub struct App {
     _replica_lock: std::fs::File,
     /// Running attempts.
     pub supervisor: Supervisor,
+    /// Sandboxes made ahead of demand.
+    pub pool: crate::pool::Pool,
     /// This binary: mounted read-only into every sandbox as its shim.
     pub shim_binary: PathBuf,
     /// Woken whenever an approval is answered (its waiters re-read it).
@@ -364,6 +366,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         store,
         instance,
         supervisor: Supervisor::default(),
+        pool: crate::pool::Pool::default(),
         shim_binary: std::env::current_exe().map_err(|e| {
             anyhow::anyhow!("cannot find this program's own binary (the sandboxes' shim): {e}")
         })?,
@@ -392,6 +395,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(supervisor::run(app.clone(), shutdown.clone()));
     tasks.spawn(supervisor::watch_sandboxes(app.clone(), shutdown.clone()));
+    tasks.spawn(crate::pool::run(app.clone(), shutdown.clone()));
     // Deliveries a stop cut short are done again.
     tasks.spawn(crate::deliver::resume(app.clone()));
     let router = crate::api::router(app.clone());

@@ -357,11 +357,7 @@ async fn heartbeat(app: &Arc<App>) {
 
 /// The sandboxes of this installation (`None` when Docker does not answer).
 async fn list_sandboxes(app: &App) -> Option<Vec<SandboxInfo>> {
-    let driver = app.driver().await.ok()?;
-    driver
-        .list(&[(labels::MANAGED, "true"), (labels::INSTANCE, &app.instance)])
-        .await
-        .ok()
+    crate::pool::sandboxes(app, None).await.ok()
 }
 
 /// Removes this installation's sandboxes whose attempt is finished or
@@ -385,7 +381,13 @@ async fn remove_strays(app: &App) -> Option<Vec<SandboxInfo>> {
     let mut kept = Vec::new();
     for sb in found {
         let attempt = sb.labels.get(labels::ATTEMPT).cloned().unwrap_or_default();
-        if keep.contains(&attempt) {
+        let role = sb.labels.get(labels::ROLE).map(String::as_str);
+        // Unclaimed warm sandboxes: another replica's pool's, or one
+        // this pool holds, stay; the rest were left by an earlier run.
+        let warm_kept = role == Some(crate::pool::ROLE)
+            && (sb.labels.get(crate::pool::POOL_LABEL) != Some(&app.replica)
+                || app.pool.holds(&sb));
+        if keep.contains(&attempt) || warm_kept {
             kept.push(sb);
         } else {
             tracing::info!(sandbox = %sb.id, %attempt, "removing a sandbox no attempt owns");

@@ -150,6 +150,12 @@ impl ShimClient {
         .map(|_| ())
     }
 
+    /// Sets the variables every command started from now on gets
+    /// (replacing those set before); see [`Request::SetEnv`].
+    pub async fn set_env(&self, env: Vec<(String, String)>) -> Result<()> {
+        self.request(&Request::SetEnv { env }).await.map(|_| ())
+    }
+
     /// Kills command `id`'s process group.
     pub async fn kill(&self, id: &str) -> Result<()> {
         self.request(&Request::Kill { id: id.to_owned() })

@@ -18,6 +18,9 @@ pub const SANDBOX_BINARY: &str = "/.backshift/bin/backshift";
 pub const SOCKET: &str = "shim.sock";
 /// The journal's file name in the shim's directory.
 pub const JOURNAL: &str = "journal.jsonl";
+/// The session's variables (see [`Request::SetEnv`]) in the shim's
+/// directory, readable by the sandbox's user only.
+pub const SESSION_ENV: &str = "session-env.json";
 /// The model gateway's socket in the shim's directory (the control plane
 /// listens on it).
 pub const GATEWAY_SOCKET: &str = "gateway.sock";
@@ -74,6 +77,16 @@ pub enum Request {
     },
     /// The shim's version, journal position and running commands.
     Status,
+    /// Variables every command started from now on gets (before its own
+    /// `env`), replacing those set before: what makes a sandbox an
+    /// attempt's (its tokens, its git remote, its secrets) when it was
+    /// created without them (a warm one, claimed). Kept in the shim's
+    /// directory ([`SESSION_ENV`]), so a shim started again (a stopped
+    /// sandbox resumed) has them too.
+    SetEnv {
+        /// Name and value of each variable.
+        env: Vec<(String, String)>,
+    },
 }
 
 /// A command to start.

@@ -9,7 +9,8 @@
 //! a client being connected.
 
 use crate::proto::{
-    DRAIN_MS, Entry, JOURNAL, KILL_GRACE_MS, Reply, Request, SOCKET, SpawnRequest, Stream, VERSION,
+    DRAIN_MS, Entry, JOURNAL, KILL_GRACE_MS, Reply, Request, SESSION_ENV, SOCKET, SpawnRequest,
+    Stream, VERSION,
 };
 use base64::Engine;
 use std::collections::HashMap;
@@ -63,6 +64,9 @@ struct Shared {
     writer: Mutex<Writer>,
     pos: watch::Sender<Pos>,
     commands: Mutex<HashMap<String, Command>>,
+    /// The session's variables (`set_env`), given to every command.
+    session_env: Mutex<Vec<(String, String)>>,
+    dir: PathBuf,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -165,7 +169,14 @@ pub async fn serve_commands(dir: &Path) -> std::io::Result<()> {
     let listener = UnixListener::bind(&socket)?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     let (pos, _) = watch::channel(Pos::default());
+    // Set before a stop: the sandbox is still the same attempt's.
+    let session_env = std::fs::read(dir.join(SESSION_ENV))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
     let shared = Arc::new(Shared {
+        session_env: Mutex::new(session_env),
+        dir: dir.to_owned(),
         journal_path,
         writer: Mutex::new(Writer {
             file,
@@ -252,7 +263,40 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> std::io::Result<()> 
             id,
             until_now,
         } => follow(&shared, after, id, until_now, &mut write).await,
+        Request::SetEnv { env } => {
+            let reply = match keep_session_env(&shared.dir, &env) {
+                Ok(()) => {
+                    *lock(&shared.session_env) = env;
+                    Reply {
+                        ok: true,
+                        ..Default::default()
+                    }
+                }
+                Err(e) => Reply {
+                    error: Some(format!("cannot keep the session's variables: {e}")),
+                    ..Default::default()
+                },
+            };
+            send(&mut write, &reply).await
+        }
     }
+}
+
+/// Writes the session's variables to their file in `dir` (mode 0600,
+/// replaced whole, so a shim started again never reads half of it).
+fn keep_session_env(dir: &Path, env: &[(String, String)]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let json = serde_json::to_vec(env).map_err(std::io::Error::other)?;
+    let partial = dir.join(format!("{SESSION_ENV}.partial"));
+    let _ = std::fs::remove_file(&partial);
+    let mut file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&partial)?;
+    file.write_all(&json)?;
+    file.sync_all()?;
+    std::fs::rename(&partial, dir.join(SESSION_ENV))
 }
 
 async fn send(write: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> std::io::Result<()> {
@@ -430,6 +474,7 @@ fn spawn(shared: &Arc<Shared>, req: SpawnRequest) -> Reply {
     }
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
+        .envs(lock(&shared.session_env).iter().map(|(k, v)| (k, v)))
         .envs(req.env.iter().map(|(k, v)| (k, v)))
         .stdin(if stdin.is_some() || req.stdin_open {
             Stdio::piped()

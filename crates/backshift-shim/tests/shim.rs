@@ -378,3 +378,52 @@ async fn a_command_with_open_stdin_is_spoken_to_and_its_input_journaled() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn session_variables_reach_every_later_command_and_outlive_the_shim() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, client) = shim().await;
+    let echo = "echo \"${TOKEN:-none} ${MINE:-none}\"";
+    let (entries, _, _) = collect(&client, bash("before", echo), 0).await;
+    assert_eq!(text(&entries, Stream::Stdout), "none none\n");
+    client
+        .set_env(vec![
+            ("TOKEN".into(), "t-1".into()),
+            ("MINE".into(), "session".into()),
+        ])
+        .await
+        .unwrap();
+    // A command's own variables win over the session's.
+    let req = SpawnRequest {
+        env: vec![("MINE".into(), "own".into())],
+        ..bash("after", echo)
+    };
+    let (entries, _, _) = collect(&client, req, 0).await;
+    assert_eq!(text(&entries, Stream::Stdout), "t-1 own\n");
+    let file = dir.path().join(backshift_shim::proto::SESSION_ENV);
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the session's variables are private");
+    // Replaced whole, not merged.
+    client
+        .set_env(vec![("TOKEN".into(), "t-2".into())])
+        .await
+        .unwrap();
+    // A shim started again in the same directory (a resumed sandbox)
+    // still has them.
+    let path = dir.path().to_owned();
+    let _ = std::fs::remove_file(path.join(SOCKET));
+    tokio::spawn(async move { backshift_shim::server::serve_commands(&path).await });
+    let again = ShimClient::new(dir.path());
+    let started = Instant::now();
+    while !path_is_socket(&dir.path().join(SOCKET)) && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    again.wait_ready(Duration::from_secs(5)).await.unwrap();
+    let (entries, _, _) = collect(&again, bash("restarted", echo), 0).await;
+    assert_eq!(text(&entries, Stream::Stdout), "t-2 none\n");
+}
+
+fn path_is_socket(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}

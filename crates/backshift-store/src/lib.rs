@@ -9,6 +9,7 @@
 
 mod approvals;
 mod audit;
+mod claims;
 pub mod redact;
 mod rows;
 mod secrets;
@@ -16,6 +17,7 @@ mod writer;
 
 pub use approvals::{Answer, ApprovalRow, NewGrant, ProjectRow};
 pub use audit::{AuditRow, GENESIS, NewAudit, chain_hash};
+pub use claims::SandboxClaim;
 pub use rows::{AttemptRow, CheckpointRow, NewAttempt, NewTask, TaskRow};
 pub use secrets::{SecretGrant, SecretRow};
 

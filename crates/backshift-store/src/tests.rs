@@ -749,7 +749,28 @@ async fn secret_values_never_reach_the_tables(store: Store) {
     );
 }
 
+async fn a_warm_sandbox_is_claimed_once(store: Store) {
+    let claim = |sandbox: &str, attempt: &str| SandboxClaim {
+        sandbox_id: sandbox.into(),
+        attempt_id: attempt.into(),
+        task_id: "t1".into(),
+        claimed_at: 5,
+    };
+    assert!(store.claim_sandbox(&claim("s1", "a1")).await.unwrap());
+    assert!(
+        !store.claim_sandbox(&claim("s1", "a2")).await.unwrap(),
+        "a sandbox has one attempt"
+    );
+    assert!(store.claim_sandbox(&claim("s2", "a2")).await.unwrap());
+    let ids: Vec<String> = (0..450).map(|i| format!("s{i}")).collect();
+    let mut found = store.sandbox_claims(&ids).await.unwrap();
+    found.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
+    assert_eq!(found, vec![claim("s1", "a1"), claim("s2", "a2")]);
+    assert!(store.sandbox_claims(&[]).await.unwrap().is_empty());
+}
+
 on_both!(
+    a_warm_sandbox_is_claimed_once,
     secrets_are_stored_sealed_and_granted_per_project,
     secret_values_never_reach_the_tables,
     the_audit_log_is_a_gapless_hash_chain_even_with_concurrent_writers,

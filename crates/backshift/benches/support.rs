@@ -14,15 +14,34 @@ pub struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // Stopped as a service manager would (its warm sandboxes go with
+        // it), killed if it does not stop within 20 s.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
 pub fn start_server(dir: &Path, config: &Path) -> BenchResult<(Server, String)> {
+    // No warm pool unless the bench asks for one (it would take part in
+    // what the others measure).
+    let warm = if std::fs::read_to_string(config)?.contains("warm =") {
+        None
+    } else {
+        Some(("BACKSHIFT_SANDBOX__WARM", "0"))
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_backshift"))
         .args(["serve", "--config"])
         .arg(config)
+        .envs(warm)
         .env("BACKSHIFT_CONFIG_DIR", dir.join("config"))
         .env("BACKSHIFT_LOG", "warn")
         .stdout(Stdio::piped())
@@ -274,6 +293,8 @@ pub fn ts_ms(e: &Value) -> BenchResult<f64> {
 /// A server started on a scratch setup (see [`bench_setup`]), with its
 /// API token and a client: what most benches begin with.
 pub struct Served {
+    /// Stopped before its directory goes (fields drop in this order).
+    _server: Server,
     /// The scratch directory (data, config, repository).
     pub dir: tempfile::TempDir,
     /// The one-commit repository tasks run on.
@@ -284,7 +305,6 @@ pub struct Served {
     pub token: String,
     /// A client.
     pub http: reqwest::Client,
-    _server: Server,
 }
 
 /// Starts a server whose model is at `model_url`, with `extra` config.

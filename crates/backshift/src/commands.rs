@@ -9,8 +9,8 @@ use backshift_core::policy::{Action, Rule};
 use backshift_core::{AttemptId, AttemptState};
 use backshift_protocol::{
     AnswerApproval, ApprovalView, AttemptView, AuditEntry, AuditVerification, CreateTaskRequest,
-    Decision, Event, GrantSecret, ProjectView, RotationView, SandboxView, Scope, SecretView,
-    SetEgressRules, SetSecret, TaskCreated, TaskView,
+    Decision, Event, GrantSecret, PoolView, ProjectView, RotationView, SandboxView, Scope,
+    SecretView, SetEgressRules, SetSecret, TaskCreated, TaskView,
 };
 use futures::StreamExt;
 use reqwest::Method;
@@ -437,7 +437,9 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
                             "  (paused: `backshift resume` starts it again)".to_owned(),
                         (false, _) => "  (stopped)".to_owned(),
                         (true, _) => match s.role.as_deref() {
+                            Some("warm") => "  (warm: ready for the next task)".to_owned(),
                             Some(role) if role != "agent" => format!("  ({role})"),
+                            _ if s.from_pool => "  (from the warm pool)".to_owned(),
                             _ => String::new(),
                         },
                     }
@@ -446,6 +448,13 @@ async fn client_command(server: &str, command: Command) -> anyhow::Result<i32> {
             if let Some(note) = list.iter().find_map(|s| s.disk_limit_note.as_deref()) {
                 println!("no disk limit is applied: {note}");
             }
+            Ok(0)
+        }
+        Command::Pool => {
+            let pool: PoolView = client
+                .send(client.request(Method::GET, "/api/v1/pool"))
+                .await?;
+            print!("{}", crate::render::pool(&pool));
             Ok(0)
         }
         Command::Projects => {

@@ -196,6 +196,9 @@ enum Command {
     /// List this server's sandboxes with what each uses now (CPU, memory,
     /// processes, disk).
     Sandboxes,
+    /// Show the warm pool: sandboxes made ahead of demand, per
+    /// environment, and how often a task found one ready.
+    Pool,
     /// List projects (one per repository) with their egress rules.
     Projects,
     /// Show or change a project's own egress rules (decided before the

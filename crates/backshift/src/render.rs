@@ -435,6 +435,47 @@ pub fn verification_line(r: &backshift_protocol::VerificationResult) -> String {
     )
 }
 
+/// The warm pool, as `backshift pool` prints it.
+pub fn pool(p: &backshift_protocol::PoolView) -> String {
+    if p.size == 0 {
+        return "the warm pool is off: every task's sandbox is made when the task starts. Set [sandbox] warm = N (sandboxes kept ready per environment) in the server's config to have them made ahead\n".into();
+    }
+    let mut out = format!(
+        "{} ready per environment, the default one and up to {} more that tasks asked for\n",
+        p.size, p.max_environments
+    );
+    let rate = p
+        .hit_rate
+        .map_or("no task yet".to_owned(), |r| format!("{:.0}%", r * 100.0));
+    out.push_str(&format!(
+        "since {}: {} tasks started on a warm sandbox, {} waited for a new one (hit rate {rate})\n",
+        p.since, p.hits, p.misses
+    ));
+    if let Some(why) = &p.last_miss {
+        out.push_str(&format!("last miss: {why}\n"));
+    }
+    out.push_str(&format!(
+        "{:<14} {:>5} {:>8} {:>5} {:>6}  {}\n",
+        "ENVIRONMENT", "READY", "MAKING", "HITS", "MISSES", "IMAGE"
+    ));
+    for e in &p.environments {
+        out.push_str(&format!(
+            "{:<14} {:>5} {:>8} {:>5} {:>6}  {}{}\n",
+            e.key,
+            e.ready,
+            e.creating,
+            e.hits,
+            e.misses,
+            e.image,
+            if e.default { " (default)" } else { "" }
+        ));
+        if let Some(err) = &e.last_error {
+            out.push_str(&format!("  cannot make its sandboxes: {err}\n"));
+        }
+    }
+    out
+}
+
 fn short_args(name: &str, args: &serde_json::Value) -> String {
     let get = |k: &str| args.get(k).and_then(|v| v.as_str()).unwrap_or("");
     match name {

@@ -92,9 +92,18 @@ pub async fn spawn_server_with(
     level: &str,
     env: &[(&str, &str)],
 ) -> (tokio::process::Child, String) {
+    // No warm pool unless the test's config asks for one: the tests
+    // count and name the sandboxes they make.
+    let config = std::fs::read_to_string(config_path).unwrap_or_default();
+    let warm = if config.contains("warm =") {
+        None
+    } else {
+        Some("0")
+    };
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_backshift"))
         .args(["serve", "--config"])
         .arg(config_path)
+        .envs(warm.map(|w| ("BACKSHIFT_SANDBOX__WARM", w)))
         .env("BACKSHIFT_CONFIG_DIR", dir.join("config"))
         .env("BACKSHIFT_LOG", level)
         .env(PROVIDER_KEY_ENV, PROVIDER_KEY)

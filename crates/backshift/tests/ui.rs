@@ -521,6 +521,8 @@ async fn compare_and_pick_watch_sandboxes_and_change_settings() {
                 wait_for(&c, &format!("button[data-pause='{b2}-1']"), 30).await?;
                 click_when_ready(&c, &format!("button[data-cancel='{b2}']"), 10).await?;
                 wait_for_text(&c, "#sandboxes", "No sandbox is running", 30).await?;
+                // This server keeps no warm pool, and says how to have one.
+                wait_for_text(&c, "#pool", "Warm pool: off", 10).await?;
                 // Settings: the secret's name and grant, never its value; a
                 // project rule added.
                 click_link(&c, "Settings").await?;

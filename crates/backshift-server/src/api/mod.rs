@@ -36,7 +36,7 @@ use utoipa::OpenApi;
         audit::list_audit, audit::verify_audit,
         projects::list_projects, projects::get_project, projects::set_egress, projects::set_docker,
         secrets::list_secrets, secrets::set_secret, secrets::delete_secret, secrets::grant_secret,
-        secrets::revoke_secret, secrets::rotate, sandboxes::list_sandboxes,
+        secrets::revoke_secret, secrets::rotate, sandboxes::list_sandboxes, sandboxes::pool,
         tokens::list_tokens, tokens::create_token, tokens::revoke_token,
         attempts::get_attempt, attempts::pause_attempt, attempts::resume_attempt, attempts::list_events, attempts::stream_events, attempts::get_diff,
         health::healthz, health::readyz,
@@ -53,7 +53,7 @@ use utoipa::OpenApi;
         backshift_protocol::AuditEntry, backshift_protocol::AuditVerification,
         backshift_protocol::ProjectView, backshift_protocol::SetEgressRules, backshift_protocol::SetDockerEngine,
         backshift_protocol::SecretView, backshift_protocol::SecretGrantView, backshift_protocol::SetSecret,
-        backshift_protocol::GrantSecret, backshift_protocol::RotationView, backshift_protocol::SandboxView,
+        backshift_protocol::GrantSecret, backshift_protocol::RotationView, backshift_protocol::SandboxView, backshift_protocol::PoolView, backshift_protocol::PoolEnvironmentView,
         backshift_core::policy::Rule, backshift_core::policy::Action,
     )),
     modifiers(&BearerAuth),
@@ -99,6 +99,7 @@ pub fn router(app: Arc<App>) -> Router {
             put(secrets::grant_secret).delete(secrets::revoke_secret),
         )
         .route("/api/v1/sandboxes", get(sandboxes::list_sandboxes))
+        .route("/api/v1/pool", get(sandboxes::pool))
         .route(
             "/api/v1/tokens",
             get(tokens::list_tokens).post(tokens::create_token),

@@ -24,8 +24,7 @@ pub async fn list_sandboxes(
             Some("start the Docker daemon (`cargo xtask up` does)"),
         )
     })?;
-    let sandboxes = driver
-        .list(&[(labels::MANAGED, "true"), (labels::INSTANCE, &app.instance)])
+    let sandboxes = crate::pool::sandboxes(&app, None)
         .await
         .map_err(ApiError::internal)?;
     let states: std::collections::HashMap<String, backshift_core::AttemptState> = app
@@ -61,6 +60,7 @@ pub async fn list_sandboxes(
                 task_id: s.labels.get(labels::TASK).cloned(),
                 attempt_state,
                 role: s.labels.get(labels::ROLE).cloned(),
+                from_pool: s.labels.contains_key(crate::pool::POOL_LABEL),
                 running: usage.running,
                 cpu_percent: usage.cpu_percent,
                 memory_bytes: usage.memory_bytes,
@@ -74,4 +74,11 @@ pub async fn list_sandboxes(
     }))
     .await;
     Ok(Json(views))
+}
+
+/// The warm pool: its environments, what is ready, and how often an
+/// attempt found a sandbox ready.
+#[utoipa::path(get, path = "/api/v1/pool", responses((status = 200, body = backshift_protocol::PoolView)))]
+pub async fn pool(State(app): State<Arc<App>>) -> Json<backshift_protocol::PoolView> {
+    Json(app.pool.view(&app))
 }

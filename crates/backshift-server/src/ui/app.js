@@ -539,10 +539,12 @@ const mib = (b) => `${Math.round(b / 1048576)} MiB`;
 async function sandboxes() {
   const list = el("div", { id: "sandboxes", "aria-live": "polite" }, el("p", { class: "muted" }, "Measuring…"));
   const status = el("p", { class: "status-line" });
-  show(el("h1", {}, "Sandboxes"), list, status);
+  const pool = el("p", { id: "pool", class: "muted" });
+  show(el("h1", {}, "Sandboxes"), pool, list, status);
   const load = async () => {
     try {
-      const boxes = await api("GET", "/api/v1/sandboxes");
+      const [boxes, p] = await Promise.all([api("GET", "/api/v1/sandboxes"), api("GET", "/api/v1/pool")]);
+      pool.textContent = poolText(p);
       if (boxes.length === 0) {
         list.replaceChildren(el("p", { class: "muted" }, "No sandbox is running: none of the tasks is at work."));
       } else {
@@ -550,7 +552,7 @@ async function sandboxes() {
           el("div", { class: "row" },
             el("strong", { class: "grow" }, b.attempt_id ? el("a", { href: `#/task/${b.task_id}?attempt=${b.attempt_id}` }, b.attempt_id) : b.id.slice(0, 12)),
             el("span", { class: `state ${b.running ? "running" : b.attempt_state === "paused" ? "paused" : "cancelled"}` },
-              b.running ? (b.role && b.role !== "agent" ? `running (${b.role})` : "running") : b.attempt_state === "paused" ? "stopped (paused)" : "stopped")),
+              b.running ? (b.role === "warm" ? "ready (warm pool)" : b.role && b.role !== "agent" ? `running (${b.role})` : b.from_pool ? "running (from the warm pool)" : "running") : b.attempt_state === "paused" ? "stopped (paused)" : "stopped")),
           el("div", { class: "row muted" },
             el("span", {}, `CPU ${b.cpu_percent === null || b.cpu_percent === undefined ? "–" : b.cpu_percent.toFixed(1) + " %"}`),
             el("span", { class: "memory" }, `memory ${mib(b.memory_bytes)} of ${mib(b.memory_limit_bytes)}`),
@@ -572,6 +574,15 @@ async function sandboxes() {
   await load();
   const timer = setInterval(load, 5000);
   onLeave(() => clearInterval(timer));
+}
+
+function poolText(p) {
+  if (p.size === 0) return "Warm pool: off. Every task's sandbox is made when it starts ([sandbox] warm = N keeps N ready).";
+  const ready = p.environments.reduce((n, e) => n + e.ready, 0);
+  const rate = p.hit_rate === null || p.hit_rate === undefined ? "no task yet" : `${Math.round(p.hit_rate * 100)} % of tasks started on one`;
+  const trouble = p.environments.find((e) => e.last_error);
+  return `Warm pool: ${ready} ready across ${p.environments.length} environment${p.environments.length === 1 ? "" : "s"} (${p.size} each); ${rate} (${p.hits} of ${p.hits + p.misses}).`
+    + (trouble ? ` Cannot make sandboxes for ${trouble.image}: ${trouble.last_error}` : "");
 }
 
 // ---- settings ----------------------------------------------------------
