@@ -349,3 +349,26 @@ async fn an_environment_a_task_asked_for_is_kept_warm_after_its_first_miss() {
         (Some(1), Some(1))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_driver_keeps_a_warm_pool_too() {
+    let w = World::start(None, "[sandbox]\ndriver = \"process\"\nwarm = 1\n").await;
+    let first = warm_ready(&w, default_env).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    let (task, view) = w.run_task("Who am I", &["--command", WHO_AM_I]).await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let events = w.events(&format!("{task}-1")).await;
+    let said = progress(&events);
+    assert!(
+        said.contains(&format!(
+            "sandbox {} taken from the warm pool",
+            &first[0][..12]
+        )),
+        "{said}"
+    );
+    let output = common::command_output(&events);
+    assert!(output.contains("token-set"), "{output}");
+    assert!(output.contains("git-endpoint-ok"), "{output}");
+    let second = warm_ready(&w, default_env).await;
+    assert_ne!(second, first, "refilled");
+}
