@@ -379,6 +379,67 @@ impl GitStore {
         Ok(found)
     }
 
+    /// How many files `commit`'s tree holds (every blob and link, in
+    /// every directory).
+    pub async fn file_count(&self, project: &str, commit: &str) -> Result<usize> {
+        let repo = self.repo_path(project);
+        let listing = git(
+            Some(&repo),
+            &["ls-tree", "-r", "-z", "--name-only", "--full-tree", commit],
+            None,
+        )
+        .await?;
+        Ok(listing.bytes().filter(|b| *b == 0).count())
+    }
+
+    /// Whether `ancestor` is `commit` or one of its ancestors.
+    pub async fn is_ancestor(&self, project: &str, ancestor: &str, commit: &str) -> Result<bool> {
+        let repo = self.repo_path(project);
+        let args = ["merge-base", "--is-ancestor", ancestor, commit];
+        let out = base_command(Some(&repo))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(GitError::Spawn)?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(GitError::Failed {
+                args: args.join(" "),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            }),
+        }
+    }
+
+    /// Writes a bundle of `pin_ref` (pointing at the commit wanted) without
+    /// what `since` already has: what a checkout at `since` needs to move
+    /// to it.
+    pub async fn bundle_since(
+        &self,
+        project: &str,
+        pin_ref: &str,
+        since: &str,
+        dest: &Path,
+    ) -> Result<()> {
+        let repo = self.repo_path(project);
+        let since = format!("^{since}");
+        git(
+            Some(&repo),
+            &[
+                "bundle",
+                "create",
+                "--quiet",
+                &dest.to_string_lossy(),
+                pin_ref,
+                &since,
+            ],
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
     /// The unified diff from `base` to `head`.
     pub async fn diff(&self, project: &str, base: &str, head: &str) -> Result<String> {
         let repo = self.repo_path(project);

@@ -34,17 +34,6 @@ pub use verify::verifications;
 
 const WORKDIR: &str = "/workspace";
 
-/// Clears a snapshot's checkout before the checkpoint's is copied in:
-/// tracked and untracked files and `.git` go, ignored files stay.
-const SCRUB_SCRIPT: &str = r#"set -e
-cd /workspace 2>/dev/null || exit 0
-if [ -d .git ]; then
-  git ls-files -z | xargs -0 rm -f --
-  git clean -fdq
-fi
-rm -rf .git
-"#;
-
 /// An attempt-ending failure: reason and explanation.
 struct Failure(FailureReason, String);
 
@@ -112,6 +101,9 @@ struct Run {
     /// Why an installed agent's session is reopened, when not after a
     /// restart or a lost sandbox (a person paused the attempt).
     reopen_note: Option<String>,
+    /// The checkout image the sandbox was made from (its checkout is in
+    /// it already), when it was.
+    checkout_image: Option<String>,
 }
 
 impl Run {
@@ -258,6 +250,7 @@ pub async fn run(app: Arc<App>, attempt: AttemptRow, stop: Arc<Stop>) {
         iteration: 1,
         feedback: None,
         reopen_note: None,
+        checkout_image: None,
     };
     // A runner told to stop before it began only ends the attempt (one
     // cancelled or out of time while nobody drove it: a paused one).
@@ -779,7 +772,7 @@ async fn drive(run: &mut Run) -> Result<(), Failure> {
 async fn fresh(run: &mut Run) -> Result<(), Halt> {
     fetch_base(run).await?;
     resolve_environment(run).await?;
-    provision(run, None).await?;
+    provision(run, None, true).await?;
     run.step(Transition::SandboxReady, None).await?;
     let from_setup = run.env.as_ref().is_some_and(|e| e.setup_cached);
     prepare(run, None, from_setup).await?;
@@ -812,7 +805,7 @@ async fn recover(run: &mut Run) -> Result<(), Halt> {
         snapshot = usable_snapshot(run).await;
         fetch_base(run).await?;
         resolve_environment(run).await?;
-        provision(run, snapshot.as_deref()).await?;
+        provision(run, snapshot.as_deref(), checkpoint.is_none()).await?;
         let from_setup = run.env.as_ref().is_some_and(|e| e.setup_cached);
         prepare(run, checkpoint.as_ref(), snapshot.is_some() || from_setup).await?;
         setup(run, snapshot.is_some()).await?;
@@ -1306,8 +1299,10 @@ impl Endpoints {
 /// is ready for its environment, else a new one, from `snapshot` when
 /// given (a rebuild that keeps installed packages and caches), otherwise
 /// from the environment's image. Either way the sandbox is made the
-/// attempt's through its shim ([`identity_env`]).
-async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure> {
+/// attempt's through its shim ([`identity_env`]). `checkout`: the
+/// sandbox gets the base commit's checkout (not a checkpoint's), so a
+/// large repository's may come in its image ([`checkout_image`]).
+async fn provision(run: &mut Run, snapshot: Option<&str>, checkout: bool) -> Result<(), Failure> {
     let app = run.app.clone();
     let with_engine = engine::wanted(run).await;
     let image = match (snapshot, &run.env) {
@@ -1335,6 +1330,17 @@ async fn provision(run: &mut Run, snapshot: Option<&str>) -> Result<(), Failure>
             ensure_pulled(run, &driver, &image).await?;
         }
     }
+    run.checkout_image = None;
+    let image = match (snapshot, checkout) {
+        (None, true) => match checkout_image(run, &image).await {
+            Some(prepared) => {
+                run.checkout_image = Some(prepared.clone());
+                prepared
+            }
+            None => image,
+        },
+        _ => image,
+    };
     let identity = identity_env(run).await?;
     let placeholder = app.data_dir.join("run").join("unmade");
     let mut template = base_spec(
@@ -1979,6 +1985,11 @@ async fn prepare(
     };
     let pin = base_pin(run);
     let base = fetch_base(run).await?;
+    if restore.is_none()
+        && let Some(image) = run.checkout_image.clone()
+    {
+        return checkout_from_image(run, &driver, &id, &image, &base).await;
+    }
     run.progress(format!(
         "checking out {} on branch {}",
         &base[..12],
@@ -2009,7 +2020,11 @@ async fn prepare(
         // (tracked or not) and its .git go, ignored files (dependencies,
         // build output) stay.
         let scrub = ExecSpec {
-            argv: vec!["bash".into(), "-c".into(), SCRUB_SCRIPT.into()],
+            argv: vec![
+                "bash".into(),
+                "-c".into(),
+                crate::checkout_image::SCRUB_SCRIPT.into(),
+            ],
             ..Default::default()
         };
         match driver.exec_collect(&id, &scrub).await {
@@ -2049,6 +2064,148 @@ async fn prepare(
     run.progress(format!("repository in the sandbox ({} KiB)", size / 1024))
         .await;
     Ok(())
+}
+
+/// The checkout is in the sandbox's image already: its branch becomes the
+/// attempt's.
+async fn checkout_from_image(
+    run: &mut Run,
+    driver: &Arc<dyn SandboxDriver>,
+    id: &SandboxId,
+    image: &str,
+    base: &str,
+) -> Result<(), Halt> {
+    let spec = ExecSpec {
+        argv: vec![
+            "git".into(),
+            "-c".into(),
+            "core.hooksPath=/dev/null".into(),
+            "branch".into(),
+            "-m".into(),
+            crate::checkout_image::BRANCH.into(),
+            run.attempt.branch.clone(),
+        ],
+        workdir: Some(WORKDIR.into()),
+        ..Default::default()
+    };
+    match driver.exec_collect(id, &spec).await {
+        Ok(o) if o.exit_code == 0 => {}
+        Ok(o) => {
+            return Err(Failure(
+                FailureReason::CloneFailed,
+                format!(
+                    "cannot name the checkout's branch: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+            )
+            .into());
+        }
+        Err(e) => {
+            if !checkpoint::sandbox_alive(driver.as_ref(), id).await {
+                return Err(Halt::Lost(format!(
+                    "while naming the checkout's branch: {e}"
+                )));
+            }
+            return Err(Failure(
+                FailureReason::CloneFailed,
+                format!("cannot name the checkout's branch: {e}"),
+            )
+            .into());
+        }
+    }
+    run.app
+        .store
+        .update_attempt(
+            &run.attempt.id,
+            &AttemptUpdate {
+                prepared_sandbox: Some(&id.0),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
+    run.attempt.prepared_sandbox = Some(id.0.clone());
+    run.progress(format!(
+        "{} checked out on branch {}: the sandbox's image {image} holds it",
+        &base[..12],
+        run.attempt.branch
+    ))
+    .await;
+    Ok(())
+}
+
+/// A large repository's checkout of the base commit as an image on top
+/// of `image` (made from the mirror when missing, see
+/// [`crate::checkout_image`]); `None` when the repository is small, the
+/// sandboxes are not Docker's, or it could not be made (a warning says
+/// why: the checkout is then copied in as usual).
+async fn checkout_image(run: &Run, image: &str) -> Option<String> {
+    let app = &run.app;
+    let threshold = app.config.sandbox.checkout_image_files;
+    if threshold == 0 || !app.uses_docker() {
+        return None;
+    }
+    let base = run.attempt.base_commit.clone()?;
+    let files = app.git.file_count(&run.task.project_id, &base).await.ok()?;
+    if files < threshold {
+        return None;
+    }
+    let driver = app.docker().await.ok()?;
+    // One at a time: parallel attempts on one commit make it once.
+    let _one = app.checkout_images.lock().await;
+    let started = std::time::Instant::now();
+    let pin = base_pin(run);
+    let source = crate::checkout_image::Source {
+        git: &app.git,
+        project: &run.task.project_id,
+        pin: &pin,
+        commit: &base,
+    };
+    run.progress(format!(
+        "{files} files at {}: the checkout comes in an image layer of {image}",
+        &base[..12.min(base.len())]
+    ))
+    .await;
+    match crate::checkout_image::ensure(
+        &driver,
+        &source,
+        image,
+        sandbox_limits(app),
+        (&app.instance, &app.replica),
+    )
+    .await
+    {
+        Ok(p) => {
+            use crate::checkout_image::Made;
+            let how = match &p.made {
+                Made::Existing => "made before".to_owned(),
+                Made::Advanced { from } => format!(
+                    "made in {} ms: a layer of what changed since {}",
+                    started.elapsed().as_millis(),
+                    &from[..12.min(from.len())]
+                ),
+                Made::Whole => format!(
+                    "made in {} ms from the mirror",
+                    started.elapsed().as_millis()
+                ),
+            };
+            run.progress(format!("checkout image {} {how}", p.image))
+                .await;
+            Some(p.image)
+        }
+        Err(e) => {
+            let _ = app
+                .hub
+                .emit(
+                    &run.attempt.id,
+                    EventKind::Warning {
+                        message: format!("the checkout could not be made as an image ({e}); it is copied into the sandbox instead"),
+                    },
+                )
+                .await;
+            None
+        }
+    }
 }
 
 /// A checkout of `commit` (fetched from the store's ref `pin`) on the

@@ -422,6 +422,11 @@ pub struct SandboxConfig {
     /// asked for most recently (a devcontainer's image, a setup
     /// snapshot).
     pub warm_environments: usize,
+    /// Repositories with at least this many files get their checkout as
+    /// an image layer, made once per commit from the mirror and shared by
+    /// every sandbox on that commit, instead of copied into each sandbox
+    /// (0: never). Docker only.
+    pub checkout_image_files: usize,
 }
 
 /// `[sandbox] driver`.
@@ -566,6 +571,7 @@ impl Default for SandboxConfig {
             disk_mb: None,
             warm: 1,
             warm_environments: 3,
+            checkout_image_files: 5000,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod attempt;
 pub mod audit;
 pub mod auth;
 pub mod certs;
+pub mod checkout_image;
 pub mod checkpoint;
 pub mod config;
 pub mod deliver;

@@ -43,6 +43,8 @@ pub struct App {
     pub supervisor: Supervisor,
     /// Sandboxes made ahead of demand.
     pub pool: crate::pool::Pool,
+    /// Held while a checkout image is made (one at a time).
+    pub checkout_images: tokio::sync::Mutex<()>,
     /// This binary: mounted read-only into every sandbox as its shim.
     pub shim_binary: PathBuf,
     /// Woken whenever an approval is answered (its waiters re-read it).
@@ -367,6 +369,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         instance,
         supervisor: Supervisor::default(),
         pool: crate::pool::Pool::default(),
+        checkout_images: tokio::sync::Mutex::new(()),
         shim_binary: std::env::current_exe().map_err(|e| {
             anyhow::anyhow!("cannot find this program's own binary (the sandboxes' shim): {e}")
         })?,

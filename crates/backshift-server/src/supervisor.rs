@@ -387,7 +387,13 @@ async fn remove_strays(app: &App) -> Option<Vec<SandboxInfo>> {
         let warm_kept = role == Some(crate::pool::ROLE)
             && (sb.labels.get(crate::pool::POOL_LABEL) != Some(&app.replica)
                 || app.pool.holds(&sb));
-        if keep.contains(&attempt) || warm_kept {
+        // One making a checkout image is left to its maker: another
+        // replica, or this one while it builds (one at a time: while one
+        // runs, the lock is held).
+        let building = role == Some(crate::checkout_image::ROLE)
+            && (sb.labels.get(crate::checkout_image::REPLICA) != Some(&app.replica)
+                || app.checkout_images.try_lock().is_err());
+        if keep.contains(&attempt) || warm_kept || building {
             kept.push(sb);
         } else {
             tracing::info!(sandbox = %sb.id, %attempt, "removing a sandbox no attempt owns");

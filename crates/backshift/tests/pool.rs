@@ -100,6 +100,18 @@ fn exists(id: &str) -> bool {
     !docker(&["ps", "-aq", "--no-trunc", "--filter", &format!("id={id}")]).is_empty()
 }
 
+/// Whether container `id` is gone within 10 s (an attempt's sandbox goes
+/// just after its end is recorded).
+async fn gone(id: &str) -> bool {
+    for _ in 0..100 {
+        if !exists(id) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 async fn attempt_view(w: &World, attempt: &str) -> Value {
     let (status, v) = w
         .api(Method::GET, &format!("/api/v1/attempts/{attempt}"), None)
@@ -154,7 +166,7 @@ async fn a_task_starts_on_a_warm_sandbox_that_held_no_identity_until_it_was_clai
     assert!(output.contains("git-endpoint-ok"), "{output}");
     // Gone with its attempt.
     assert!(
-        !exists(&first[0]),
+        gone(&first[0]).await,
         "the claimed sandbox outlived its attempt"
     );
 
@@ -207,14 +219,8 @@ async fn a_task_starts_on_a_warm_sandbox_that_held_no_identity_until_it_was_clai
     let (code, out, err) = w.cli(&["cancel", &task2]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(w.wait(&task2).await["state"], "cancelled");
-    for _ in 0..100 {
-        if !exists(&second[0]) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert!(
-        !exists(&second[0]),
+        gone(&second[0]).await,
         "the cancelled attempt's sandbox stayed"
     );
 
@@ -263,14 +269,8 @@ async fn a_claimed_sandbox_is_its_attempts_across_a_restart_and_a_pause() {
     );
     assert!(exists(&first[0]));
     let after = warm_ready(&w, default_env).await;
-    for _ in 0..100 {
-        if !exists(&refill[0]) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert!(
-        !exists(&refill[0]),
+        gone(&refill[0]).await,
         "the spare of the run before the restart stayed"
     );
     assert_ne!(after, refill);
@@ -296,7 +296,10 @@ async fn a_claimed_sandbox_is_its_attempts_across_a_restart_and_a_pause() {
         2,
         "both runs had the token: {output}"
     );
-    assert!(!exists(&first[0]));
+    assert!(
+        gone(&first[0]).await,
+        "the claimed sandbox outlived its attempt"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
