@@ -131,6 +131,81 @@ impl DockerDriver {
         Ok(())
     }
 
+    /// Makes image `reference` of `base` plus one layer, `layer_tar` (an
+    /// uncompressed tar of the files it adds), with `labels` added to the
+    /// base's, through `docker load`: the engine already has the base's
+    /// layers, so it registers only the new one (one extraction, no
+    /// container, no commit).
+    pub async fn add_layer(
+        &self,
+        base: &str,
+        layer_tar: Vec<u8>,
+        reference: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        use sha2::Digest;
+        let image = self
+            .docker
+            .inspect_image(base)
+            .await
+            .map_err(|e| backend("inspect image", e))?;
+        let mut config = image.config.unwrap_or_default();
+        let mut all = config.labels.take().unwrap_or_default();
+        all.extend(labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        config.labels = Some(all);
+        let mut diff_ids = image.root_fs.and_then(|r| r.layers).unwrap_or_default();
+        diff_ids.push(format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(&layer_tar))
+        ));
+        let config_json = serde_json::json!({
+            "architecture": image.architecture.unwrap_or_else(|| "amd64".into()),
+            "os": image.os.unwrap_or_else(|| "linux".into()),
+            "config": config,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        // Layers the engine has are not read: only the last file exists.
+        let layers: Vec<String> = (0..diff_ids.len())
+            .map(|i| format!("{i}/layer.tar"))
+            .collect();
+        let manifest = serde_json::json!([{
+            "Config": "config.json",
+            "RepoTags": [reference],
+            "Layers": layers,
+        }]);
+        let mut archive = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, data: &[u8]| {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_mode(0o644);
+            header.set_size(data.len() as u64);
+            archive.append_data(&mut header, name, data)
+        };
+        let io = |e: std::io::Error| SandboxError::Io(e);
+        add("config.json", config_json.to_string().as_bytes()).map_err(io)?;
+        add("manifest.json", manifest.to_string().as_bytes()).map_err(io)?;
+        add(&format!("{}/layer.tar", diff_ids.len() - 1), &layer_tar).map_err(io)?;
+        let body = archive.into_inner().map_err(io)?;
+        let mut load = self.docker.import_image(
+            bollard::query_parameters::ImportImageOptions {
+                quiet: true,
+                ..Default::default()
+            },
+            bollard::body_full(Bytes::from(body)),
+            None,
+        );
+        while let Some(said) = load.next().await {
+            said.map_err(|e| backend("load image", e))?;
+        }
+        if !self.image_exists(reference).await? {
+            return Err(SandboxError::Backend {
+                op: "load image",
+                message: format!("{reference} was not made"),
+            });
+        }
+        Ok(())
+    }
+
     /// The id of `image` when it exists locally.
     pub async fn image_id(&self, image: &str) -> Result<Option<String>> {
         match self.docker.inspect_image(image).await {
@@ -687,8 +762,24 @@ impl SandboxDriver for DockerDriver {
             .filter(|e| !base_env.contains(e))
             .filter_map(|e| e.split_once('=').map(|(k, _)| format!("{k}=")))
             .collect();
+        // A commit keeps the container's labels too: backshift's own that
+        // the snapshot is not given (the sandbox's attempt, task, shim
+        // directory) are blanked, or every sandbox made from it would
+        // claim them.
+        let mut image_labels: HashMap<String, String> = labels.clone().into_iter().collect();
+        for key in container
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.as_ref())
+            .into_iter()
+            .flat_map(|l| l.keys())
+        {
+            if key.starts_with("dev.backshift.") && !labels.contains_key(key) {
+                image_labels.insert(key.clone(), String::new());
+            }
+        }
         let config = bollard::models::ContainerConfig {
-            labels: Some(labels.clone().into_iter().collect()),
+            labels: Some(image_labels),
             env: Some(blanked),
             ..Default::default()
         };

@@ -15,7 +15,9 @@ pub struct Owner {
 
 /// Archives directory `src` under the name `prefix` (e.g. `workspace`),
 /// including hidden files such as `.git`, with every entry owned by
-/// `owner`. Symlinks are stored as symlinks, never followed.
+/// `owner`. Symlinks are stored as symlinks, never followed. Files keep
+/// their modification times (whole seconds): a git checkout's index
+/// then still matches its files, and git need not read them all again.
 pub fn archive_dir(src: &Path, prefix: &str, owner: Owner) -> std::io::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     builder.follow_symlinks(false);
@@ -38,6 +40,7 @@ pub fn archive_dir(src: &Path, prefix: &str, owner: Owner) -> std::io::Result<Ve
                 builder.append_link(&mut header, &entry_name, &target)?;
             } else if ft.is_file() {
                 let mut header = header(tar::EntryType::Regular, mode_of(&meta), meta.len(), owner);
+                header.set_mtime(mtime_of(&meta));
                 let file = std::fs::File::open(&path)?;
                 builder.append_data(&mut header, &entry_name, file)?;
             }
@@ -99,6 +102,11 @@ fn header(kind: tar::EntryType, mode: u32, size: u64, owner: Owner) -> tar::Head
     h
 }
 
+fn mtime_of(meta: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    u64::try_from(meta.mtime()).unwrap_or(0)
+}
+
 fn mode_of(meta: &std::fs::Metadata) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     meta.permissions().mode() & 0o7777
@@ -146,6 +154,24 @@ mod tests {
                 "{want} missing from {names:?}"
             );
         }
+    }
+
+    #[test]
+    fn files_keep_their_modification_times() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "a").unwrap();
+        let mtime = std::fs::metadata(dir.path().join("a.txt")).unwrap().mtime();
+        assert!(mtime > 0);
+        let bytes = archive_dir(dir.path(), "w", Owner { uid: 1, gid: 1 }).unwrap();
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let entry = ar
+            .entries()
+            .unwrap()
+            .map(Result::unwrap)
+            .find(|e| e.path().unwrap().ends_with("a.txt"))
+            .unwrap();
+        assert_eq!(entry.header().mtime().unwrap(), mtime as u64);
     }
 
     #[test]

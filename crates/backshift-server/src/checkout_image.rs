@@ -165,6 +165,28 @@ pub async fn ensure(
         ),
         None => (base_image.to_owned(), 1, None),
     };
+    let image_labels = BTreeMap::from([
+        (labels::MANAGED.to_owned(), "true".to_owned()),
+        (KIND.to_owned(), "checkout".to_owned()),
+        (PROJECT.to_owned(), source.project.to_owned()),
+        (BASE.to_owned(), base_id.clone()),
+        (COMMIT.to_owned(), source.commit.to_owned()),
+        (DEPTH.to_owned(), depth.to_string()),
+        (MADE_AT.to_owned(), now_ms().to_string()),
+    ]);
+    // The whole tree onto an image without a checkout: one layer, loaded.
+    if from_commit.is_none() && !has_checkout(driver, base_image).await {
+        let tar = export_tar(source).await?;
+        driver
+            .add_layer(base_image, tar, &image, &image_labels)
+            .await
+            .map_err(|e| format!("cannot load the checkout as a layer: {e}"))?;
+        prune(driver, source.project, &base_id).await;
+        return Ok(Prepared {
+            image,
+            made: Made::Whole,
+        });
+    }
     let spec = SandboxSpec {
         image: from_image,
         name: format!("backshift-checkout-{:08x}", rand::random::<u32>()),
@@ -193,15 +215,6 @@ pub async fn ensure(
                 Made::Whole
             }
         };
-        let image_labels = BTreeMap::from([
-            (labels::MANAGED.to_owned(), "true".to_owned()),
-            (KIND.to_owned(), "checkout".to_owned()),
-            (PROJECT.to_owned(), source.project.to_owned()),
-            (BASE.to_owned(), base_id.clone()),
-            (COMMIT.to_owned(), source.commit.to_owned()),
-            (DEPTH.to_owned(), depth.to_string()),
-            (MADE_AT.to_owned(), now_ms().to_string()),
-        ]);
         driver
             .snapshot(&id, &image, &image_labels)
             .await
@@ -271,17 +284,22 @@ async fn run_script(
     }
 }
 
-/// From the base image: whatever checkout it has (a setup image's) goes,
-/// the whole tree from the mirror comes in.
-async fn whole(driver: &DockerDriver, id: &SandboxId, source: &Source<'_>) -> Result<(), String> {
-    run_script(
-        driver,
-        id,
-        "clearing the image's checkout",
-        SCRUB_SCRIPT,
-        Vec::new(),
-    )
-    .await?;
+/// Whether `image` holds a checkout already (a setup image: the sandbox
+/// committed after its setup ran in the checkout).
+async fn has_checkout(driver: &DockerDriver, image: &str) -> bool {
+    driver
+        .client()
+        .inspect_image(image)
+        .await
+        .ok()
+        .and_then(|i| i.config)
+        .and_then(|c| c.labels)
+        .is_none_or(|l| l.get(KIND).map(String::as_str) == Some("setup"))
+}
+
+/// The commit's checkout from the mirror, on branch [`BRANCH`], as a tar
+/// of `workspace/` owned by the sandbox's user.
+async fn export_tar(source: &Source<'_>) -> Result<Vec<u8>, String> {
     let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
     let tree = scratch.path().join("workspace");
     source
@@ -302,7 +320,7 @@ async fn whole(driver: &DockerDriver, id: &SandboxId, source: &Source<'_>) -> Re
         }
     }
     let _ = tokio::fs::remove_file(tree.join(".git/FETCH_HEAD")).await;
-    let tar = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         archive_dir(
             &tree,
             "workspace",
@@ -314,7 +332,21 @@ async fn whole(driver: &DockerDriver, id: &SandboxId, source: &Source<'_>) -> Re
     })
     .await
     .map_err(|e| e.to_string())?
-    .map_err(|e| format!("cannot archive the checkout: {e}"))?;
+    .map_err(|e| format!("cannot archive the checkout: {e}"))
+}
+
+/// From an image with a checkout (a setup image's): it goes (its ignored
+/// files stay), the whole tree from the mirror comes in.
+async fn whole(driver: &DockerDriver, id: &SandboxId, source: &Source<'_>) -> Result<(), String> {
+    run_script(
+        driver,
+        id,
+        "clearing the image's checkout",
+        SCRUB_SCRIPT,
+        Vec::new(),
+    )
+    .await?;
+    let tar = export_tar(source).await?;
     driver
         .copy_in(id, "/", tar.into())
         .await

@@ -426,7 +426,13 @@ async fn remove_strays(app: &App) -> Option<Vec<SandboxInfo>> {
             .get(labels::ATTEMPT)
             .cloned()
             .unwrap_or_default();
-        if !keep.contains(&attempt) {
+        // Setup and checkout images are no attempt's (an older setup
+        // image may still carry the labels of the sandbox it was made
+        // from).
+        let shared = image_labels
+            .get("dev.backshift.kind")
+            .is_some_and(|k| k == "setup" || k == "checkout");
+        if !shared && !keep.contains(&attempt) {
             tracing::info!(%image, %attempt, "removing a snapshot no attempt owns");
             let _ = driver.remove_snapshot(&image).await;
         }

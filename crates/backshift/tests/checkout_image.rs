@@ -152,7 +152,7 @@ async fn a_checkout_copied_onto_a_setup_image_keeps_what_setup_installed() {
 
 async fn on_a_setup_image(layered: bool) {
     let files = if layered { 1 } else { 0 };
-    let w = World::start(
+    let mut w = World::start(
         None,
         &format!("[sandbox]\ncheckout_image_files = {files}\n"),
     )
@@ -170,6 +170,38 @@ async fn on_a_setup_image(layered: bool) {
     let _images = ProjectImages(project.clone());
     assert!(said.contains("setup saved as"), "{said}");
     assert!(out.contains("status=[]"), "{out}");
+    // The setup image is no attempt's: a restart's sweep of what no
+    // attempt owns leaves it, and it names none.
+    w.stop_server().await;
+    w.restart_server().await;
+    let setup = docker(&[
+        "images",
+        "--format",
+        "{{.Repository}}:{{.Tag}}",
+        "--filter",
+        "label=dev.backshift.kind=setup",
+        "--filter",
+        &format!("label=dev.backshift.project={project}"),
+    ]);
+    assert!(!setup.is_empty(), "the setup image is gone");
+    let labels = docker(&[
+        "inspect",
+        "--format",
+        "{{json .Config.Labels}}",
+        setup.trim(),
+    ]);
+    let labels: Value = serde_json::from_str(&labels).unwrap();
+    for key in [
+        "dev.backshift.attempt",
+        "dev.backshift.task",
+        "dev.backshift.instance",
+    ] {
+        assert_eq!(
+            labels.get(key).and_then(Value::as_str).unwrap_or(""),
+            "",
+            "{labels}"
+        );
+    }
     assert!(
         out.lines().any(|l| l.trim() == "1"),
         "the setup's ignored file is there: {out}\n{said}"
