@@ -10,7 +10,10 @@
 //! (from the mirror), fetched and checked out in a container of it, then
 //! committed — a layer of what changed. Otherwise (the first time, or
 //! after [`MAX_DEPTH`] such layers) from the base image: the tree exported
-//! from the mirror and copied in, as an attempt's checkout is. Images are
+//! from the mirror, loaded as one layer on top of it (`docker load` of that
+//! layer alone), or, on a setup image (which holds an older checkout),
+//! copied into a container of it whose old checkout was cleared, then
+//! committed. Images are
 //! content-addressed (project, base image id, commit); the newest
 //! [`KEEP`] per project and base image are kept.
 //!
@@ -41,9 +44,9 @@ const COMMIT: &str = "dev.backshift.commit";
 const DEPTH: &str = "dev.backshift.depth";
 const MADE_AT: &str = "dev.backshift.made-at";
 /// Layers of changes stacked before the next image starts afresh from
-/// the base image (overlay's lower directories are limited, and every
-/// layer costs a little at each container start).
-pub const MAX_DEPTH: u32 = 20;
+/// the base image (overlay2 takes at most 128 layers in all, base image
+/// included, and every layer costs a little at each container start).
+pub const MAX_DEPTH: u32 = 50;
 /// Checkout images kept per project and base image.
 pub const KEEP: usize = 3;
 
@@ -294,7 +297,7 @@ async fn has_checkout(driver: &DockerDriver, image: &str) -> bool {
         .ok()
         .and_then(|i| i.config)
         .and_then(|c| c.labels)
-        .is_none_or(|l| l.get(KIND).map(String::as_str) == Some("setup"))
+        .is_some_and(|l| l.get(KIND).map(String::as_str) == Some("setup"))
 }
 
 /// The commit's checkout from the mirror, on branch [`BRANCH`], as a tar
