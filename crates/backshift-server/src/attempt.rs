@@ -2049,8 +2049,17 @@ async fn prepare(
         }
         return Err(clone_failed("cannot copy the checkout into the sandbox", &e).into());
     }
-    // From here on the sandbox can be adopted as it is after a restart.
-    app.store
+    mark_prepared(run, &id).await?;
+    run.progress(format!("repository in the sandbox ({} KiB)", size / 1024))
+        .await;
+    Ok(())
+}
+
+/// The sandbox's checkout is complete: from here on it can be adopted as
+/// it is after a restart.
+async fn mark_prepared(run: &mut Run, id: &SandboxId) -> Result<(), Failure> {
+    run.app
+        .store
         .update_attempt(
             &run.attempt.id,
             &AttemptUpdate {
@@ -2061,8 +2070,6 @@ async fn prepare(
         .await
         .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
     run.attempt.prepared_sandbox = Some(id.0.clone());
-    run.progress(format!("repository in the sandbox ({} KiB)", size / 1024))
-        .await;
     Ok(())
 }
 
@@ -2113,18 +2120,7 @@ async fn checkout_from_image(
             .into());
         }
     }
-    run.app
-        .store
-        .update_attempt(
-            &run.attempt.id,
-            &AttemptUpdate {
-                prepared_sandbox: Some(&id.0),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| Failure(FailureReason::Internal, e.to_string()))?;
-    run.attempt.prepared_sandbox = Some(id.0.clone());
+    mark_prepared(run, id).await?;
     run.progress(format!(
         "{} checked out on branch {}: the sandbox's image {image} holds it",
         &base[..12],

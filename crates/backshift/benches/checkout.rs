@@ -136,6 +136,37 @@ fn change(source: &std::path::Path, files: usize, i: usize) -> BenchResult<()> {
     Ok(())
 }
 
+/// The checkout image of `commit` on the default image, as an attempt
+/// asks for it.
+async fn ensure(
+    driver: &DockerDriver,
+    store: &backshift_git::GitStore,
+    project: &str,
+    pin: &str,
+    commit: &str,
+) -> BenchResult<checkout_image::Prepared> {
+    let limits = ResourceLimits {
+        memory_bytes: 2 * 1024 * 1024 * 1024,
+        nano_cpus: 2_000_000_000,
+        pids: 512,
+        disk_bytes: None,
+    };
+    let source = checkout_image::Source {
+        git: store,
+        project,
+        pin,
+        commit,
+    };
+    Ok(checkout_image::ensure(
+        driver,
+        &source,
+        &default_image_tag(),
+        limits,
+        ("bench", "bench"),
+    )
+    .await?)
+}
+
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
@@ -187,7 +218,6 @@ async fn run() -> BenchResult<()> {
     };
     let (mut copied, mut clone, mut whole, mut layer, mut sandbox) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut made = Vec::new();
     for i in 0..runs {
         // The baseline: a plain clone.
         let dest = scratch.path().join(format!("clone-{i}"));
@@ -231,19 +261,7 @@ async fn run() -> BenchResult<()> {
             driver.remove_snapshot(&image).await?;
         }
         let t = Instant::now();
-        let p = checkout_image::ensure(
-            &driver,
-            &checkout_image::Source {
-                git: &store,
-                project: &project,
-                pin,
-                commit: &base,
-            },
-            &default_image_tag(),
-            limits,
-            ("bench", "bench"),
-        )
-        .await?;
+        let p = ensure(&driver, &store, &project, pin, &base).await?;
         whole.push(ms(t));
         if p.made != checkout_image::Made::Whole {
             return Err(format!("expected a whole-tree image, got {:?}", p.made).into());
@@ -252,24 +270,11 @@ async fn run() -> BenchResult<()> {
         change(&source, files, i)?;
         base = store.fetch_source(&project, &url, None, pin).await?;
         let t = Instant::now();
-        let p = checkout_image::ensure(
-            &driver,
-            &checkout_image::Source {
-                git: &store,
-                project: &project,
-                pin,
-                commit: &base,
-            },
-            &default_image_tag(),
-            limits,
-            ("bench", "bench"),
-        )
-        .await?;
+        let p = ensure(&driver, &store, &project, pin, &base).await?;
         layer.push(ms(t));
         if !matches!(p.made, checkout_image::Made::Advanced { .. }) {
             return Err(format!("expected a layer, got {:?}", p.made).into());
         }
-        made.push(p.image.clone());
         // Each attempt on that commit: a sandbox from the image, its
         // branch named, a first command.
         let t = Instant::now();
