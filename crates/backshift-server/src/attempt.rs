@@ -135,6 +135,21 @@ impl Run {
             .await;
     }
 
+    /// A `warning` event on the attempt's log: something did not go as
+    /// configured, and the attempt goes on without it.
+    async fn warn(&self, message: impl Into<String>) {
+        let _ = self
+            .app
+            .hub
+            .emit(
+                &self.attempt.id,
+                EventKind::Warning {
+                    message: message.into(),
+                },
+            )
+            .await;
+    }
+
     fn sandbox(&self) -> Result<(Arc<dyn SandboxDriver>, SandboxId), Failure> {
         self.sandbox
             .clone()
@@ -1660,18 +1675,10 @@ async fn create_sandbox(
         app.config.sandbox.disk_mb,
         app.disk_limit_unsupported.get(),
     ) {
-        let _ = app
-            .hub
-            .emit(
-                &run.attempt.id,
-                EventKind::Warning {
-                    message: format!(
+        run.warn(format!(
                         "the disk limit ([sandbox] disk_mb) is not applied: {} cannot limit a sandbox's disk ({why}); sandboxes run without one (their disk use is in GET /api/v1/sandboxes)",
                         if app.uses_docker() { "Docker's storage driver here" } else { "the process driver" }
-                    ),
-                },
-            )
-            .await;
+                    )).await;
     }
     if created.is_err() {
         remove_shim_dir(shim_dir).await;
@@ -1873,15 +1880,10 @@ async fn setup(run: &mut Run, on_snapshot: bool) -> Result<(), Halt> {
                     .await;
                 }
                 Err(e) => {
-                    let _ = app
-                        .hub
-                        .emit(
-                            &run.attempt.id,
-                            EventKind::Warning {
-                                message: format!("the setup could not be saved ({e}); the next attempt runs it again"),
-                            },
-                        )
-                        .await;
+                    run.warn(format!(
+                        "the setup could not be saved ({e}); the next attempt runs it again"
+                    ))
+                    .await;
                 }
             }
         }
@@ -2190,15 +2192,7 @@ async fn checkout_image(run: &Run, image: &str) -> Option<String> {
             Some(p.image)
         }
         Err(e) => {
-            let _ = app
-                .hub
-                .emit(
-                    &run.attempt.id,
-                    EventKind::Warning {
-                        message: format!("the checkout could not be made as an image ({e}); it is copied into the sandbox instead"),
-                    },
-                )
-                .await;
+            run.warn(format!("the checkout could not be made as an image ({e}); it is copied into the sandbox instead")).await;
             None
         }
     }

@@ -11,7 +11,6 @@
 use super::{Failure, Run, docker};
 use crate::serve::App;
 use backshift_core::FailureReason;
-use backshift_protocol::EventKind;
 use backshift_sandbox::docker::{DockerDriver, EngineSpec};
 use backshift_sandbox::image::{BootstrapOptions, ENGINE, SANDBOX_UID};
 use backshift_sandbox::{Mount, SandboxDriver, SandboxId, SandboxSpec, labels};
@@ -55,18 +54,10 @@ pub async fn wanted(run: &Run) -> bool {
         Ok(Some(p)) if p.docker_engine
     );
     if asked && !app.uses_docker() {
-        let _ = app
-            .hub
-            .emit(
-                &run.attempt.id,
-                EventKind::Warning {
-                    message: format!(
+        run.warn(format!(
                         "the project asks for a Docker engine in its sandboxes, which needs Docker; this server runs {}: the sandbox has none",
                         app.driver_choice
-                    ),
-                },
-            )
-            .await;
+                    )).await;
     }
     asked && app.uses_docker()
 }

@@ -436,18 +436,10 @@ async fn run_in_fresh_sandbox(
             )
         })?;
     if !set_aside.is_empty() {
-        let _ = app
-            .hub
-            .emit(
-                &run.attempt.id,
-                EventKind::Warning {
-                    message: format!(
+        run.warn(format!(
                         "the agent changed protected paths ([verify] protect in {REPO_FILE}); verification uses the base commit's: {}",
                         set_aside.join(", ")
-                    ),
-                },
-            )
-            .await;
+                    )).await;
     }
     let tar = workspace_tar(tree).await?;
     driver.copy_in(&id, "/", tar.into()).await.map_err(|e| {
